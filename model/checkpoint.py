@@ -1,0 +1,139 @@
+"""Build, save and load whole pipelines in diffusers format.
+
+A pipeline folder is what ``Lumina2Pipeline.save_pretrained`` writes (transformer, vae,
+text_encoder, tokenizer, scheduler, model_index.json), so the released
+``Alpha-VLLM/Lumina-Image-2.0`` folder loads unchanged from a hub id or a local path.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, Lumina2Pipeline, Lumina2Transformer2DModel
+
+from model.errors import WeightsNotFoundError
+from model.profiles import ModelProfile, get_profile
+from model.text import build_text_encoder, train_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+def zero_init_(transformer: Lumina2Transformer2DModel) -> None:
+    """Zero the adaLN modulations and the final projection, as the official initialisation does.
+
+    With these zeros every modulated block starts as the identity (tanh(0) gates) and the model
+    predicts zero velocity until training moves them.
+    """
+    blocks = [*transformer.noise_refiner, *transformer.layers]
+    for block in blocks:
+        torch.nn.init.zeros_(block.norm1.linear.weight)
+        torch.nn.init.zeros_(block.norm1.linear.bias)
+    norm_out = transformer.norm_out
+    for linear in (norm_out.linear_1, norm_out.linear_2):
+        torch.nn.init.zeros_(linear.weight)
+        if linear.bias is not None:
+            torch.nn.init.zeros_(linear.bias)
+
+
+def build_transformer(profile: ModelProfile, seed: int = 0, zero_init: bool = True) -> Lumina2Transformer2DModel:
+    """A ``Lumina2Transformer2DModel`` of the profile's size, deterministic for a seed.
+
+    ``zero_init=False`` keeps the default random init of the zeroed layers, which makes an
+    untrained model produce non-trivial outputs (used by sampler tests and benchmarks).
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        transformer = Lumina2Transformer2DModel(**profile.transformer.model_dump())
+    if zero_init:
+        zero_init_(transformer)
+    return transformer.eval()
+
+
+def build_vae(profile: ModelProfile, seed: int = 0) -> AutoencoderKL:
+    """The profile's 16-channel ``AutoencoderKL`` with FLUX scaling/shift, random weights."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        vae = AutoencoderKL(**profile.vae.diffusers_kwargs())
+    return vae.eval()
+
+
+def build_scheduler(profile: ModelProfile) -> FlowMatchEulerDiscreteScheduler:
+    """The flow-matching scheduler config saved with the pipeline (static time shift)."""
+    return FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000, shift=profile.scheduler_shift, use_dynamic_shifting=False
+    )
+
+
+def build_pipeline(profile: str | ModelProfile, seed: int = 0, zero_init: bool = True) -> Lumina2Pipeline:
+    """Build a complete random-weight pipeline for a profile, offline and deterministically.
+
+    The tokenizer is trained locally; the ``full`` profile is meant to be loaded from the released
+    weights instead (building it allocates 2.6B + 2.6B parameters).
+    """
+    profile = get_profile(profile) if isinstance(profile, str) else profile
+    tokenizer = train_tokenizer(profile.text_encoder.tokenizer_vocab_size, seed=0)
+    text_encoder = build_text_encoder(profile.text_encoder, vocab_size=len(tokenizer), seed=seed + 1)
+    return Lumina2Pipeline(
+        transformer=build_transformer(profile, seed=seed, zero_init=zero_init),
+        scheduler=build_scheduler(profile),
+        vae=build_vae(profile, seed=seed + 2),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+    )
+
+
+def save_pipeline(pipe: Lumina2Pipeline, path: str | Path) -> Path:
+    """Write the pipeline folder in diffusers format (safetensors)."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    pipe.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def _looks_like_path(source: str) -> bool:
+    return source.startswith(("/", ".", "~")) or Path(source).exists() or source.count("/") != 1
+
+
+def load_pipeline(
+    source: str | Path,
+    *,
+    torch_dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
+) -> Lumina2Pipeline:
+    """Load a diffusers-format Lumina2 pipeline from a local folder or a hub id.
+
+    Raises :class:`WeightsNotFoundError` with a one-line message when the folder is missing or
+    incomplete, or when the hub id cannot be resolved (e.g. offline without a cached copy).
+    """
+    source = str(source)
+    kwargs = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
+    if _looks_like_path(source):
+        folder = Path(source).expanduser()
+        if not folder.is_dir():
+            raise WeightsNotFoundError(f"model folder not found: {folder}")
+        if not (folder / "model_index.json").is_file():
+            raise WeightsNotFoundError(
+                f"{folder} is not a diffusers pipeline folder (no model_index.json)"
+            )
+        try:
+            pipe = Lumina2Pipeline.from_pretrained(folder, **kwargs)
+        except (OSError, ValueError, EnvironmentError) as exc:
+            raise WeightsNotFoundError(f"cannot load pipeline from {folder}: {_first_line(exc)}") from exc
+    else:
+        try:
+            pipe = Lumina2Pipeline.from_pretrained(source, **kwargs)
+        except (OSError, ValueError) as exc:
+            raise WeightsNotFoundError(
+                f"cannot resolve hub id {source!r} (offline or not cached?): {_first_line(exc)}"
+            ) from exc
+    if device is not None:
+        pipe.to(device)
+    pipe.tokenizer.padding_side = "right"
+    return pipe
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
