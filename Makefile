@@ -13,15 +13,25 @@ export PYTHONUNBUFFERED := 1
 .PHONY: setup test test-fast lint format bench pipeline-run clean help
 
 help:
-	@echo "make pipeline-run   run the whole pipeline on the embedded default (tiny profile)"
+	@echo "make pipeline-run   run the main job on the embedded default (tiny profile)"
 	@echo "make test           run the test suite (sets itself up)"
 	@echo "make bench          run the benchmarks in bench/ (JSON under bench/results/)"
 	@echo "make lint           ruff"
 
+# GPU=1 TORCH_INDEX_URL=<CUDA wheel index>: install a CUDA build of the same torch release first
+# and constrain everything else as usual (the CPU pin is dropped from the constraints).
+GPU ?= 0
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade "pip==25.3"
+ifeq ($(GPU),1)
+	@test -n "$(TORCH_INDEX_URL)" || { echo "error: GPU=1 needs TORCH_INDEX_URL (a CUDA wheel index for torch 2.13.0)"; exit 2; }
+	$(BIN)/python -m pip install --quiet "torch==2.13.0" --index-url "$(TORCH_INDEX_URL)"
+	grep -v '^torch==' constraints.txt > $(VENV)/constraints-gpu.txt
+	$(BIN)/python -m pip install --quiet -c $(VENV)/constraints-gpu.txt -e ".[dev]"
+else
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev]"
+endif
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -41,10 +51,18 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix .
 
 bench: $(STAMP)
+	mkdir -p bench/results
 	$(BIN)/python -m bench.sampler --out bench/results/sampler.json
 
+# Until the Kubeflow pipeline lands (issue #6), the main job runs the model stage that exists:
+# build the tiny pipeline offline, calibrate its TeaCache and sample images with our sampler.
+PIPELINE_OUT ?= outputs
 pipeline-run: $(STAMP)
-	$(BIN)/python -m model.cli smoke
+	$(BIN)/lumina build --profile tiny --random-init --out $(PIPELINE_OUT)/models/tiny
+	$(BIN)/lumina calibrate-teacache --model $(PIPELINE_OUT)/models/tiny --height 64 --width 64 --steps 20
+	$(BIN)/lumina sample --model $(PIPELINE_OUT)/models/tiny --height 64 --width 64 --steps 20 \
+		--teacache 0.05 --out $(PIPELINE_OUT)/samples \
+		--prompt "a red cat on the left of a blue car" --prompt "three yellow apples on a table"
 
 clean:
 	rm -rf $(VENV) .cache build *.egg-info

@@ -11,7 +11,12 @@ import logging
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, Lumina2Pipeline, Lumina2Transformer2DModel
+from diffusers import (
+    AutoencoderKL,
+    FlowMatchEulerDiscreteScheduler,
+    Lumina2Pipeline,
+    Lumina2Transformer2DModel,
+)
 
 from model.errors import WeightsNotFoundError
 from model.profiles import ModelProfile, get_profile
@@ -37,7 +42,9 @@ def zero_init_(transformer: Lumina2Transformer2DModel) -> None:
             torch.nn.init.zeros_(linear.bias)
 
 
-def build_transformer(profile: ModelProfile, seed: int = 0, zero_init: bool = True) -> Lumina2Transformer2DModel:
+def build_transformer(
+    profile: ModelProfile, seed: int = 0, zero_init: bool = True
+) -> Lumina2Transformer2DModel:
     """A ``Lumina2Transformer2DModel`` of the profile's size, deterministic for a seed.
 
     ``zero_init=False`` keeps the default random init of the zeroed layers, which makes an
@@ -101,6 +108,7 @@ def load_pipeline(
     *,
     torch_dtype: torch.dtype | None = None,
     device: str | torch.device | None = None,
+    cache_dir: str | Path | None = None,
 ) -> Lumina2Pipeline:
     """Load a diffusers-format Lumina2 pipeline from a local folder or a hub id.
 
@@ -108,18 +116,18 @@ def load_pipeline(
     incomplete, or when the hub id cannot be resolved (e.g. offline without a cached copy).
     """
     source = str(source)
-    kwargs = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
+    kwargs: dict = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
+    if cache_dir is not None:
+        kwargs["cache_dir"] = str(cache_dir)
     if _looks_like_path(source):
         folder = Path(source).expanduser()
         if not folder.is_dir():
             raise WeightsNotFoundError(f"model folder not found: {folder}")
         if not (folder / "model_index.json").is_file():
-            raise WeightsNotFoundError(
-                f"{folder} is not a diffusers pipeline folder (no model_index.json)"
-            )
+            raise WeightsNotFoundError(f"{folder} is not a diffusers pipeline folder (no model_index.json)")
         try:
             pipe = Lumina2Pipeline.from_pretrained(folder, **kwargs)
-        except (OSError, ValueError, EnvironmentError) as exc:
+        except (OSError, ValueError) as exc:
             raise WeightsNotFoundError(f"cannot load pipeline from {folder}: {_first_line(exc)}") from exc
     else:
         try:

@@ -23,9 +23,7 @@ class SystemPrompt(StrEnum):
 
 
 TEMPLATES: dict[SystemPrompt, str] = {
-    SystemPrompt.A: (
-        "You are an assistant designed to generate high-quality images based on user prompts. "
-    ),
+    SystemPrompt.A: ("You are an assistant designed to generate high-quality images based on user prompts. "),
     SystemPrompt.B: (
         "You are an assistant designed to generate superior images with the superior degree of "
         "image-text alignment based on textual prompts or user prompts. "

@@ -19,27 +19,27 @@ MAX_TEXT_TOKENS = 256
 SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"]
 BYTE_TOKENS = [f"<0x{i:02X}>" for i in range(256)]
 
-_COLORS = "red orange yellow green blue purple pink brown black white gray silver gold cyan".split()
-_OBJECTS = (
-    "person bicycle car motorcycle airplane bus train truck boat bird cat dog horse sheep cow "
-    "elephant bear zebra giraffe backpack umbrella handbag tie suitcase frisbee skis snowboard ball "
-    "kite bottle cup fork knife spoon bowl banana apple sandwich orange broccoli carrot pizza donut "
-    "cake chair couch bed table toilet tv laptop mouse remote keyboard phone microwave oven sink "
-    "book clock vase scissors teddy toothbrush circle square triangle star heart cube sphere"
-).split()
-_COUNTS = "one two three four five six seven eight a an the some many several".split()
-_RELATIONS = (
-    "on the left of|on the right of|above|below|next to|in front of|behind|near|inside|on top of"
-).split("|")
-_STYLES = (
-    "photo painting illustration sketch watercolor render cartoon minimalist realistic detailed "
-    "close-up portrait landscape background scene image picture bright dark soft sharp vivid"
-).split()
-_ZH = (
-    "红色 橙色 黄色 绿色 蓝色 紫色 粉色 棕色 黑色 白色 灰色 一个 两个 三个 四个 五个 的 在 左边 右边 "
-    "上面 下面 旁边 图片 照片 画 风格 背景 猫 狗 鸟 马 汽车 飞机 苹果 香蕉 杯子 桌子 椅子 书 花 树 天空 "
-    "人 房子 圆形 方形 三角形 星星 简单 详细 明亮 柔和"
-).split()
+_COLORS = """red orange yellow green blue purple pink brown black white gray silver gold cyan""".split()
+_OBJECTS = """
+person bicycle car motorcycle airplane bus train truck boat bird cat dog horse sheep cow elephant
+bear zebra giraffe backpack umbrella handbag tie suitcase frisbee skis snowboard ball kite bottle
+cup fork knife spoon bowl banana apple sandwich orange broccoli carrot pizza donut cake chair couch
+bed table toilet tv laptop mouse remote keyboard phone microwave oven sink book clock vase scissors
+teddy toothbrush circle square triangle star heart cube sphere
+""".split()
+_COUNTS = """one two three four five six seven eight a an the some many several""".split()
+_RELATIONS = """
+on the left of|on the right of|above|below|next to|in front of|behind|near|inside|on top of
+""".strip().split("|")
+_STYLES = """
+photo painting illustration sketch watercolor render cartoon minimalist realistic detailed close-up
+portrait landscape background scene image picture bright dark soft sharp vivid
+""".split()
+_ZH = """
+红色 橙色 黄色 绿色 蓝色 紫色 粉色 棕色 黑色 白色 灰色 一个 两个 三个 四个 五个 的 在 左边 右边 上面 下面
+旁边 图片 照片 画 风格 背景 猫 狗 鸟 马 汽车 飞机 苹果 香蕉 杯子 桌子 椅子 书 花 树 天空 人 房子 圆形 方形
+三角形 星星 简单 详细 明亮 柔和
+""".split()
 
 
 def tokenizer_corpus(n_sentences: int = 4000, seed: int = 0) -> list[str]:

@@ -54,10 +54,14 @@ class TeaCache:
     prev_modulated: torch.Tensor | None = None
     residual: torch.Tensor | None = None
     skipped: int = 0
+    record: bool = False  # calibration: always compute and log (input change, output change)
     history: list[tuple[float, float]] = field(default_factory=list)
+    last_rel: float | None = None
+    prev_output: torch.Tensor | None = None
 
     def rescale(self, rel_l1: float) -> float:
-        return float(np.polyval(self.coefficients, rel_l1))
+        """Predicted output change for an input change (never negative)."""
+        return max(0.0, float(np.polyval(self.coefficients, rel_l1)))
 
     def should_compute(self, modulated: torch.Tensor) -> bool:
         """Decide for this step and update the accumulator (call once per forward)."""
@@ -65,9 +69,10 @@ class TeaCache:
         compute = True
         if not first_or_last and self.residual is not None:
             prev = self._fit(self.prev_modulated, modulated)
-            rel = ((modulated - prev).abs().mean() / prev.abs().mean().clamp_min(1e-12)).item()
+            rel = _rel_l1(modulated, prev)
+            self.last_rel = rel
             self.accumulated += self.rescale(rel)
-            compute = self.accumulated >= self.threshold
+            compute = self.record or self.accumulated >= self.threshold
         if compute:
             self.accumulated = 0.0
         else:
@@ -75,6 +80,13 @@ class TeaCache:
         self.prev_modulated = modulated
         self.step += 1
         return compute
+
+    def observe_output(self, output: torch.Tensor) -> None:
+        """Calibration: pair the last input change with the blocks' output change."""
+        if self.prev_output is not None and self.last_rel is not None:
+            self.history.append((self.last_rel, _rel_l1(output, self._fit(self.prev_output, output))))
+        self.prev_output = output
+        self.last_rel = None
 
     @staticmethod
     def _fit(cached: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -87,6 +99,10 @@ class TeaCache:
         return self._fit(self.residual, like)
 
 
+def _rel_l1(new: torch.Tensor, old: torch.Tensor) -> float:
+    return ((new - old).abs().mean() / old.abs().mean().clamp_min(1e-12)).item()
+
+
 class Lumina2Denoiser:
     """Callable velocity model over a prepared :class:`DenoiserContext`."""
 
@@ -95,15 +111,20 @@ class Lumina2Denoiser:
         self.patch = transformer.config.patch_size
         self.out_channels = transformer.out_channels
         self.forward_calls = 0
+        self.forward_rows = 0
 
     # ----------------------------------------------------------------- preparation (once)
     @torch.no_grad()
-    def prepare(self, cap_embeds: torch.Tensor, cap_mask: torch.Tensor, height: int, width: int) -> DenoiserContext:
+    def prepare(
+        self, cap_embeds: torch.Tensor, cap_mask: torch.Tensor, height: int, width: int
+    ) -> DenoiserContext:
         """Refine captions and lay out the joint sequence for latents of ``height x width``."""
         tr = self.transformer
         dtype = next(tr.parameters()).dtype
         cap_mask = cap_mask.to(cap_embeds.device)
-        dummy = torch.zeros(cap_embeds.shape[0], tr.config.in_channels, height, width, device=cap_embeds.device)
+        dummy = torch.zeros(
+            cap_embeds.shape[0], tr.config.in_channels, height, width, device=cap_embeds.device
+        )
         _, cap_freqs, img_freqs, joint_freqs, cap_lens, seq_lens = tr.rope_embedder(dummy, cap_mask)
 
         cap_states = tr.time_caption_embed.caption_embedder(cap_embeds.to(dtype))
@@ -157,8 +178,9 @@ class Lumina2Denoiser:
     ) -> torch.Tensor:
         """Velocity ``v = x1 - x0`` for latents ``x`` (B, C, H, W) at model time ``t``."""
         tr = self.transformer
-        self.forward_calls += 1
         batch, _, height, width = x.shape
+        self.forward_calls += 1
+        self.forward_rows += batch
         p = self.patch
         dtype = ctx.cap_states.dtype
         timestep = torch.full((batch,), float(t), device=x.device, dtype=x.dtype)
@@ -184,6 +206,8 @@ class Lumina2Denoiser:
                 for layer in tr.layers:
                     hidden = layer(hidden, ctx.joint_mask, ctx.joint_freqs, temb)
                 cache.residual = hidden - start
+                if cache.record:
+                    cache.observe_output(hidden)
             else:
                 hidden = hidden + cache.cached_residual(hidden)
         else:

@@ -39,7 +39,10 @@ class SamplerConfig(BaseModel):
     steps: int = Field(30, ge=1, le=1000)
     guidance_scale: float = Field(4.0, ge=0.0, le=50.0)
     cfg_trunc: float = Field(
-        0.25, ge=0.0, le=1.0, description="guidance only while model time t < cfg_trunc (0 = noise); 1 = never cut"
+        0.25,
+        ge=0.0,
+        le=1.0,
+        description="guidance only while model time t < cfg_trunc (0 = noise); 1 = never cut",
     )
     renorm: float = Field(1.0, ge=0.0, description="cap guided norm at renorm x conditional norm; 0 = off")
     solver: Solver = Solver.EULER
@@ -54,7 +57,8 @@ class GenerationResult:
 
     images: Any
     latents: torch.Tensor
-    forward_calls: int
+    forward_calls: int  # transformer calls (a guided step batches cond + uncond into one call)
+    model_rows: int  # batch rows through the transformer (what separate CFG calls would cost)
     teacache_skipped: int
     guided_steps: int
 
@@ -154,13 +158,19 @@ class LuminaSampler:
         config: SamplerConfig | None = None,
         output_type: str = "pil",
         progress: bool = False,
+        cache: TeaCache | None = None,
     ) -> GenerationResult:
-        """Generate one image per prompt (deterministic for ``seed``)."""
+        """Generate one image per prompt (deterministic for ``seed``).
+
+        ``cache`` overrides the TeaCache built from ``config.teacache`` (used by calibration).
+        """
         config = config or SamplerConfig()
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
             raise ConfigError("at least one prompt is required")
-        negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+        negatives = (
+            [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+        )
         if len(negatives) != len(prompts):
             raise ConfigError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
         check_size(height, width, self.transformer)
@@ -181,10 +191,9 @@ class LuminaSampler:
 
         sigmas = self.sigmas(config, (lat_h, lat_w))
         n_calls = config.steps * calls_per_step(config.solver)
-        cache = (
-            TeaCache(config.teacache, self.teacache_coefficients, num_steps=n_calls) if config.teacache > 0 else None
-        )
-        calls_before = self.denoiser.forward_calls
+        if cache is None and config.teacache > 0:
+            cache = TeaCache(config.teacache, self.teacache_coefficients, num_steps=n_calls)
+        calls_before, rows_before = self.denoiser.forward_calls, self.denoiser.forward_rows
         guided = 0
 
         def velocity(x: torch.Tensor, t: float, step: int) -> torch.Tensor:
@@ -205,6 +214,7 @@ class LuminaSampler:
             images=images,
             latents=latents,
             forward_calls=self.denoiser.forward_calls - calls_before,
+            model_rows=self.denoiser.forward_rows - rows_before,
             teacache_skipped=cache.skipped if cache else 0,
             guided_steps=guided // calls_per_step(config.solver),
         )

@@ -35,7 +35,9 @@ def euler(v: VelocityFn, x: torch.Tensor, sigmas: torch.Tensor, progress: Callab
     return x
 
 
-def midpoint(v: VelocityFn, x: torch.Tensor, sigmas: torch.Tensor, progress: Callable[[], None]) -> torch.Tensor:
+def midpoint(
+    v: VelocityFn, x: torch.Tensor, sigmas: torch.Tensor, progress: Callable[[], None]
+) -> torch.Tensor:
     for i in range(len(sigmas) - 1):
         t, t_next = 1.0 - float(sigmas[i]), 1.0 - float(sigmas[i + 1])
         dt = t_next - t

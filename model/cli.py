@@ -1,0 +1,145 @@
+"""``lumina`` command line: build, inspect, sample and calibrate models.
+
+Errors a user can fix (bad profile, bad size, missing weights) end with one line on stderr and
+exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from pydantic import ValidationError
+
+from model.errors import LuminaError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Lumina-Image 2.0 model tools.")
+log = logging.getLogger("lumina")
+
+
+@app.command()
+def info(profile: Annotated[str, typer.Option(help="tiny | small | full")] = "tiny") -> None:
+    """Print a profile's configuration and transformer parameter count (built on the meta device)."""
+    from model.params import count_transformer_params
+    from model.profiles import get_profile
+
+    spec = get_profile(profile)
+    result = {"profile": spec.name, "transformer_params": count_transformer_params(spec), **spec.model_dump()}
+    typer.echo(json.dumps(result, indent=2))
+
+
+@app.command()
+def build(
+    out: Annotated[Path, typer.Option(help="folder to write the diffusers pipeline to")],
+    profile: Annotated[str, typer.Option(help="tiny | small")] = "tiny",
+    seed: int = 0,
+    random_init: Annotated[bool, typer.Option(help="keep random adaLN/final layers (no zero-init)")] = False,
+) -> None:
+    """Build a random-weight pipeline for a profile (offline) and save it in diffusers format."""
+    from model.checkpoint import build_pipeline, save_pipeline
+
+    pipe = build_pipeline(profile, seed=seed, zero_init=not random_init)
+    typer.echo(str(save_pipeline(pipe, out)))
+
+
+@app.command()
+def sample(
+    model: Annotated[str, typer.Option(help="diffusers pipeline folder or hub id")],
+    prompt: Annotated[list[str], typer.Option(help="prompt (repeat for a batch)")],
+    out: Annotated[Path, typer.Option(help="output folder for PNGs")] = Path("outputs/samples"),
+    negative_prompt: str = "",
+    height: int = 1024,
+    width: int = 1024,
+    steps: int = 30,
+    guidance: float = 4.0,
+    cfg_trunc: float = 0.25,
+    renorm: float = 1.0,
+    solver: str = "euler",
+    shift: float | None = None,
+    teacache: float = 0.0,
+    system_prompt: str = "A",
+    seed: int = 0,
+    device: str = "cpu",
+) -> None:
+    """Generate images with our sampler."""
+    from model.sampler import LuminaSampler, SamplerConfig
+
+    config = SamplerConfig(
+        steps=steps,
+        guidance_scale=guidance,
+        cfg_trunc=cfg_trunc,
+        renorm=renorm,
+        solver=solver,
+        shift=shift,
+        teacache=teacache,
+        system_prompt=system_prompt,
+    )
+    sampler = LuminaSampler.load(model, device=device)
+    result = sampler.generate(
+        prompt,
+        negative_prompt=negative_prompt,
+        height=height,
+        width=width,
+        seed=seed,
+        config=config,
+        progress=True,
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    for i, image in enumerate(result.images):
+        path = out / f"{seed:06d}_{i:02d}.png"
+        image.save(path)
+        typer.echo(str(path))
+    typer.echo(
+        f"model calls: {result.forward_calls}, guided steps: {result.guided_steps}, "
+        f"teacache skipped: {result.teacache_skipped}"
+    )
+
+
+@app.command("calibrate-teacache")
+def calibrate_teacache(
+    model: Annotated[str, typer.Option(help="diffusers pipeline folder (teacache.json is written there)")],
+    height: int = 1024,
+    width: int = 1024,
+    steps: int = 30,
+    device: str = "cpu",
+) -> None:
+    """Fit TeaCache's rescale polynomial for a model and store it beside the weights."""
+    from model.sampler import LuminaSampler, SamplerConfig
+    from model.sampler.calibrate import calibrate
+
+    sampler = LuminaSampler.load(model, device=device)
+    folder = Path(model) if Path(model).is_dir() else None
+    result = calibrate(sampler, height=height, width=width, config=SamplerConfig(steps=steps), out_dir=folder)
+    typer.echo(json.dumps(result, indent=2))
+
+
+def main() -> None:
+    """Entry point: run the app, turning user errors into one line on stderr."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    try:
+        app(standalone_mode=False)
+    except LuminaError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "value"
+        typer.echo(f"error: invalid {where}: {first['msg']}", err=True)
+        sys.exit(2)
+    except (typer.Exit, typer.Abort) as exc:
+        sys.exit(getattr(exc, "exit_code", 1))
+    except Exception as exc:  # click usage errors
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,33 @@
+"""Shared fixtures: tiny random-weight pipelines built offline once per session."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest
+import torch
+
+from model.checkpoint import build_pipeline, save_pipeline
+from model.sampler import LuminaSampler
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def tiny_pipe():
+    """Tiny pipeline with random (not zeroed) adaLN/final layers, so outputs are non-trivial."""
+    return build_pipeline("tiny", seed=0, zero_init=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_sampler(tiny_pipe) -> LuminaSampler:
+    return LuminaSampler.from_pipeline(tiny_pipe)
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tiny_pipe, tmp_path_factory):
+    """The tiny pipeline saved in diffusers format."""
+    return save_pipeline(tiny_pipe, tmp_path_factory.mktemp("tiny") / "pipeline")

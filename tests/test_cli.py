@@ -1,0 +1,81 @@
+import json
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from model.sampler import LuminaSampler
+
+
+def lumina(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "model", *args], capture_output=True, text=True, timeout=300)
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, pattern: str) -> None:
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and pattern in errors[0], proc.stderr
+
+
+def test_bad_profile(tmp_path):
+    assert_one_line_error(lumina("info", "--profile", "giant"), "unknown model profile 'giant'")
+    assert_one_line_error(
+        lumina("build", "--out", str(tmp_path / "x"), "--profile", "giant"), "unknown model"
+    )
+
+
+def test_missing_weights_path(tmp_path):
+    proc = lumina("sample", "--model", str(tmp_path / "missing"), "--prompt", "a cat")
+    assert_one_line_error(proc, "model folder not found")
+
+
+@pytest.mark.parametrize(
+    ("args", "pattern"),
+    [
+        (["--height", "50"], "height 50 must be a positive multiple of 16"),
+        (["--solver", "rk9"], "invalid solver"),
+        (["--steps", "0"], "invalid steps"),
+    ],
+)
+def test_bad_sampling_options(tiny_folder, tmp_path, args, pattern):
+    proc = lumina("sample", "--model", str(tiny_folder), "--prompt", "a cat", "--out", str(tmp_path), *args)
+    assert_one_line_error(proc, pattern)
+
+
+def test_build_sample_and_calibrate(tmp_path):
+    folder = tmp_path / "tiny"
+    proc = lumina("build", "--out", str(folder), "--profile", "tiny", "--random-init")
+    assert proc.returncode == 0, proc.stderr
+    assert (folder / "model_index.json").is_file()
+
+    out = tmp_path / "samples"
+    proc = lumina(
+        "sample",
+        "--model",
+        str(folder),
+        "--prompt",
+        "a red cat",
+        "--prompt",
+        "a dog",
+        "--height",
+        "32",
+        "--width",
+        "48",
+        "--steps",
+        "3",
+        "--out",
+        str(out),
+    )
+    assert proc.returncode == 0, proc.stderr
+    pngs = sorted(out.glob("*.png"))
+    assert len(pngs) == 2 and Image.open(pngs[0]).size == (48, 32)
+
+    proc = lumina(
+        "calibrate-teacache", "--model", str(folder), "--height", "32", "--width", "32", "--steps", "8"
+    )
+    assert proc.returncode == 0, proc.stderr
+    saved = json.loads((folder / "teacache.json").read_text())
+    assert len(saved["coefficients"]) == 5 and saved["pairs"] > 5
+    assert LuminaSampler.load(folder).teacache_coefficients == tuple(saved["coefficients"])

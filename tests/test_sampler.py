@@ -1,0 +1,181 @@
+import numpy as np
+import pytest
+import torch
+
+from model.errors import ConfigError
+from model.sampler import LuminaSampler, SamplerConfig, Solver
+from model.sampler.denoiser import Lumina2Denoiser
+from model.sampler.guidance import cfg_active, renorm_guided
+from model.sampler.schedule import flow_sigmas
+from model.sampler.solvers import SOLVERS
+
+PROMPTS = ["a red cat on the left of a blue car", "three yellow apples"]
+
+
+class OracleDenoiser(Lumina2Denoiser):
+    """Returns the exact velocity towards a fixed target: (target - x) / (1 - t)."""
+
+    def __init__(self, transformer, target):
+        super().__init__(transformer)
+        self.target = target
+
+    def __call__(self, x, t, ctx, cache=None):
+        self.forward_calls += 1
+        self.forward_rows += x.shape[0]
+        target = self.target.repeat(x.shape[0] // self.target.shape[0], 1, 1, 1)
+        return (target - x) / (1.0 - t)
+
+
+@pytest.mark.parametrize("solver", list(Solver))
+def test_solvers_reach_target_with_exact_velocity(solver):
+    target, noise = torch.randn(2, 16, 4, 4), torch.randn(2, 16, 4, 4)
+    sigmas = flow_sigmas(12, shift=6.0)
+    out = SOLVERS[solver](lambda x, t, i: (target - x) / (1.0 - t), noise, sigmas, lambda: None)
+    torch.testing.assert_close(out, target, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("solver", list(Solver))
+def test_sampler_loop_reaches_target_with_exact_velocity(tiny_pipe, solver):
+    target = torch.randn(2, 16, 8, 8)
+    sampler = LuminaSampler.from_pipeline(tiny_pipe)
+    sampler.denoiser = OracleDenoiser(tiny_pipe.transformer, target)
+    res = sampler.generate(
+        PROMPTS, height=64, width=64, config=SamplerConfig(steps=8, solver=solver), output_type="latent"
+    )
+    torch.testing.assert_close(res.images, target, atol=1e-4, rtol=1e-4)
+
+
+def test_a_non_trivial_velocity_is_not_reached_by_chance(tiny_pipe):
+    """Control for the oracle tests: a wrong velocity field does not land on the target."""
+    target = torch.randn(2, 16, 8, 8)
+    sampler = LuminaSampler.from_pipeline(tiny_pipe)
+    sampler.denoiser = OracleDenoiser(tiny_pipe.transformer, target)
+    sampler.denoiser.target = target * 0.5
+    res = sampler.generate(PROMPTS, height=64, width=64, config=SamplerConfig(steps=8), output_type="latent")
+    assert (res.images - target).abs().max() > 0.1
+
+
+def test_cfg_trunc_cuts_unconditional_rows_as_scheduled(tiny_sampler):
+    steps, batch = 10, len(PROMPTS)
+    sigmas = flow_sigmas(steps, shift=6.0)
+    for trunc in (1.0, 0.25, 0.0):
+        expected_guided = sum(1 for i in range(steps) if 1 - float(sigmas[i]) < trunc)
+        res = tiny_sampler.generate(
+            PROMPTS,
+            height=32,
+            width=32,
+            config=SamplerConfig(steps=steps, cfg_trunc=trunc),
+            output_type="latent",
+        )
+        assert res.guided_steps == expected_guided
+        assert res.forward_calls == steps  # one batched call per step, guided or not
+        assert res.model_rows == 2 * batch * expected_guided + batch * (steps - expected_guided)
+    assert 0 < sum(1 for i in range(steps) if 1 - float(sigmas[i]) < 0.25) < steps
+    assert not cfg_active(0.1, 1.0, 1.0)  # scale 1 never needs the unconditional branch
+
+
+def test_midpoint_uses_two_calls_per_step(tiny_sampler):
+    res = tiny_sampler.generate(
+        "a cat", height=32, width=32, config=SamplerConfig(steps=5, solver="midpoint"), output_type="latent"
+    )
+    assert res.forward_calls == 10
+
+
+def test_renorm_caps_norm_at_multiple_of_conditional_norm():
+    cond = torch.randn(3, 16, 4, 4)
+    guided = torch.stack([cond[0] * 5.0, cond[1] * 0.5, -cond[2] * 3.0])
+    out = renorm_guided(guided, cond, 1.0)
+    norms = torch.linalg.vector_norm(out.flatten(1), dim=1)
+    cond_norms = torch.linalg.vector_norm(cond.flatten(1), dim=1)
+    torch.testing.assert_close(norms[[0, 2]], cond_norms[[0, 2]])  # capped to 1x
+    torch.testing.assert_close(out[1], guided[1])  # under the cap: untouched (official semantics)
+    torch.testing.assert_close(
+        torch.linalg.vector_norm(renorm_guided(guided, cond, 2.0)[0]), 2.0 * cond_norms[0]
+    )
+    assert torch.equal(renorm_guided(guided, cond, 0.0), guided)
+
+
+def test_renorm_limits_guided_samples_in_the_sampler(tiny_sampler):
+    cfg = dict(steps=6, guidance_scale=30.0, cfg_trunc=1.0)
+    raw = tiny_sampler.generate(
+        "a cat", height=32, width=32, config=SamplerConfig(renorm=0.0, **cfg), output_type="latent"
+    )
+    capped = tiny_sampler.generate(
+        "a cat", height=32, width=32, config=SamplerConfig(renorm=1.0, **cfg), output_type="latent"
+    )
+    assert capped.images.norm() < raw.images.norm()
+
+
+def test_teacache_skips_steps_within_stated_error(tiny_sampler):
+    cfg = dict(steps=20, cfg_trunc=0.25)
+    ref = tiny_sampler.generate(
+        PROMPTS, height=64, width=64, config=SamplerConfig(**cfg), output_type="latent"
+    )
+    never = tiny_sampler.generate(
+        PROMPTS, height=64, width=64, config=SamplerConfig(teacache=1e-12, **cfg), output_type="latent"
+    )
+    assert never.teacache_skipped == 0
+    torch.testing.assert_close(never.images, ref.images, atol=1e-5, rtol=1e-5)
+    cached = tiny_sampler.generate(
+        PROMPTS, height=64, width=64, config=SamplerConfig(teacache=0.05, **cfg), output_type="latent"
+    )
+    assert cached.teacache_skipped >= 5
+    rel = ((cached.images - ref.images).norm() / ref.images.norm()).item()
+    assert rel < 0.05  # stated bound: under 5% relative L2 error in latent space at 20 steps
+
+
+def test_seeded_determinism_batch_and_non_square(tiny_sampler):
+    cfg = SamplerConfig(steps=4)
+    a = tiny_sampler.generate(PROMPTS, height=48, width=80, seed=7, config=cfg, output_type="np").images
+    b = tiny_sampler.generate(PROMPTS, height=48, width=80, seed=7, config=cfg, output_type="np").images
+    c = tiny_sampler.generate(PROMPTS, height=48, width=80, seed=8, config=cfg, output_type="np").images
+    assert a.shape == (2, 48, 80, 3)
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+    pil = tiny_sampler.generate("a cat", height=32, width=48, config=cfg).images
+    assert pil[0].size == (48, 32)
+
+
+@pytest.mark.parametrize("size", [(50, 64), (64, 0), (64, 8), (4096, 64)])
+def test_bad_sizes_are_clear_errors(tiny_sampler, size):
+    with pytest.raises(ConfigError, match=r"multiple of 16|RoPE range"):
+        tiny_sampler.generate("a cat", height=size[0], width=size[1], config=SamplerConfig(steps=1))
+
+
+def test_bad_sampler_settings_are_rejected():
+    with pytest.raises(ValueError):
+        SamplerConfig(steps=0)
+    with pytest.raises(ValueError):
+        SamplerConfig(solver="rk45")
+    with pytest.raises(ValueError):
+        SamplerConfig(cfg_trunc=1.5)
+
+
+def test_matches_diffusers_pipeline_without_renorm(tiny_pipe, tiny_sampler):
+    """Plain Euler + full CFG equals diffusers' Lumina2Pipeline on the same weights."""
+    system = (
+        "You are an assistant designed to generate superior images with the superior degree of "
+        "image-text alignment based on textual prompts or user prompts."
+    )
+    ours = tiny_sampler.generate(
+        PROMPTS,
+        height=64,
+        width=64,
+        seed=0,
+        output_type="np",
+        config=SamplerConfig(steps=8, cfg_trunc=1.0, renorm=0.0, system_prompt="B"),
+    ).images
+    tiny_pipe.set_progress_bar_config(disable=True)
+    peer = tiny_pipe(
+        PROMPTS,
+        height=64,
+        width=64,
+        num_inference_steps=8,
+        guidance_scale=4.0,
+        output_type="np",
+        generator=torch.Generator().manual_seed(0),
+        cfg_normalization=False,
+        cfg_trunc_ratio=1.0,
+        system_prompt=system,
+    ).images
+    assert np.abs(ours - peer).max() < 1e-4
+    assert ours.std() > 0.01  # the comparison is not between two blank images
