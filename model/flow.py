@@ -158,3 +158,23 @@ def drop_captions(captions: Sequence[str], prob: float, rng: random.Random) -> l
     if not 0.0 <= prob <= 1.0:
         raise ConfigError(f"caption dropout probability must be in [0, 1], got {prob}")
     return ["" if rng.random() < prob else c for c in captions]
+
+
+@torch.no_grad()
+def validation_loss(
+    model: VelocityFn,
+    latents: torch.Tensor,
+    cap_feats: torch.Tensor,
+    cap_mask: torch.Tensor,
+    *,
+    times: Sequence[float] = (0.25, 0.5, 0.75),
+    seed: int = 0,
+) -> float:
+    """Flow-matching loss at fixed times and fixed noise: comparable across checkpoints."""
+    gen = torch.Generator().manual_seed(seed)
+    total = 0.0
+    for t in times:
+        x0 = torch.randn(latents.shape, generator=gen).to(latents.device, latents.dtype)
+        tt = torch.full((latents.shape[0],), float(t), device=latents.device)
+        total += velocity_loss(model, latents, cap_feats, cap_mask, tt, x0).mean().item()
+    return total / len(times)

@@ -54,8 +54,8 @@ def apply_system_prompt(
 ) -> str:
     """Prepend the system prompt ``template`` to ``caption``.
 
-    The empty caption (unconditional branch of CFG) also gets the template, as in the official
-    sampler, so conditional and unconditional inputs differ only in the caption.
+    As in the official sampler and diffusers, the negative / unconditional prompt of CFG is used
+    without a template (the sampler does not call this for it).
     """
     kind = parse_system_prompt(template)
     if kind is SystemPrompt.NONE:

@@ -1,0 +1,1 @@
+"""Pipeline steps: each a plain, importable function with a thin KFP component wrapper."""

@@ -1,0 +1,161 @@
+"""Training configuration for one stage, with per-profile defaults from the paper's Table 3."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from model.errors import ConfigError
+from model.prompts import SystemPrompt
+
+
+class Stage(StrEnum):
+    LOWRES = "lowres"
+    HIGHRES = "highres"
+    HQ = "hq"
+
+
+# Paper Table 3 (full profile, 32 A100s): resolution, steps, global batch, LR; the auxiliary
+# 4x-pooled loss is used in the high-resolution stages.
+PAPER_STAGES: dict[Stage, dict[str, Any]] = {
+    Stage.LOWRES: {"resolution": 256, "steps": 144_000, "global_batch": 1024, "lr": 2e-4, "aux_weight": 0.0},
+    Stage.HIGHRES: {"resolution": 1024, "steps": 40_000, "global_batch": 512, "lr": 2e-4, "aux_weight": 1.0},
+    Stage.HQ: {"resolution": 1024, "steps": 15_000, "global_batch": 512, "lr": 2e-4, "aux_weight": 1.0},
+}
+
+# Scaled down so all three stages finish on 2 CPU cores in a few minutes.
+TINY_STAGES: dict[Stage, dict[str, Any]] = {
+    Stage.LOWRES: {
+        "resolution": 64,
+        "steps": 200,
+        "global_batch": 16,
+        "lr": 1e-3,
+        "aux_weight": 0.0,
+        "ema_decay": 0.95,
+    },
+    Stage.HIGHRES: {
+        "resolution": 128,
+        "steps": 60,
+        "global_batch": 8,
+        "lr": 5e-4,
+        "aux_weight": 1.0,
+        "ema_decay": 0.95,
+    },
+    Stage.HQ: {
+        "resolution": 128,
+        "steps": 30,
+        "global_batch": 8,
+        "lr": 2e-4,
+        "aux_weight": 1.0,
+        "ema_decay": 0.95,
+    },
+}
+
+SMALL_STAGES: dict[Stage, dict[str, Any]] = {
+    Stage.LOWRES: {"resolution": 128, "steps": 2000, "global_batch": 64, "lr": 5e-4, "aux_weight": 0.0},
+    Stage.HIGHRES: {"resolution": 256, "steps": 1000, "global_batch": 32, "lr": 2e-4, "aux_weight": 1.0},
+    Stage.HQ: {"resolution": 256, "steps": 500, "global_batch": 32, "lr": 2e-4, "aux_weight": 1.0},
+}
+
+STAGE_DEFAULTS = {"tiny": TINY_STAGES, "small": SMALL_STAGES, "full": PAPER_STAGES}
+
+
+class TrainConfig(BaseModel):
+    """Everything one stage run needs. Unknown keys are an error."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    stage: Stage = Stage.LOWRES
+    profile: str = "tiny"
+    manifest: Path
+    output_dir: Path
+    init_from: Path | None = Field(None, description="diffusers folder of the previous stage")
+    cache_dir: Path | None = Field(None, description="latent/text cache; default output_dir/../cache")
+    resolution: int = Field(64, ge=64)
+    steps: int = Field(100, ge=1)
+    global_batch: int = Field(16, ge=1)
+    micro_batch: int = Field(4, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    grad_clip: float = 2.0
+    ema_decay: float = Field(0.99, ge=0.0, lt=1.0)
+    caption_dropout: float = Field(0.1, ge=0.0, le=1.0)
+    aux_weight: float = Field(0.0, ge=0.0)
+    system_prompts: dict[str, SystemPrompt] = {"real": SystemPrompt.A, "synthetic": SystemPrompt.B}
+    granularity_weights: dict[str, float] = {"detailed": 1.0, "medium": 1.0, "short": 1.0, "tag": 0.5}
+    language_weights: dict[str, float] = {"en": 1.0, "zh": 0.5}
+    timestep_sampling: Literal["lognorm", "uniform"] = "lognorm"
+    seed: int = 0
+    zero_stage: int = Field(1, ge=0, le=3)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    gradient_checkpointing: bool = False
+    checkpoint_every: int = Field(50, ge=1)
+    log_every: int = Field(10, ge=1)
+    sample_every: int = Field(0, ge=0, description="0: one sample grid at the end")
+    sample_prompts: list[str] = ["a red circle on the left of a blue square", "two yellow stars"]
+
+    @model_validator(mode="after")
+    def _check_batches(self) -> TrainConfig:
+        if self.resolution % 64:
+            raise ValueError(f"resolution {self.resolution} must be a multiple of 64")
+        return self
+
+    def gradient_accumulation(self, world_size: int) -> int:
+        """Micro-steps per optimiser step so that micro x accumulation x world = global batch."""
+        per_step = self.micro_batch * world_size
+        if self.global_batch % per_step:
+            raise ConfigError(
+                f"global batch {self.global_batch} is not divisible by micro batch {self.micro_batch}"
+                f" x {world_size} processes"
+            )
+        return self.global_batch // per_step
+
+    @property
+    def resolved_cache_dir(self) -> Path:
+        return self.cache_dir or self.output_dir.parent / "cache"
+
+
+def stage_config(stage: str | Stage, profile: str = "tiny", **overrides: Any) -> TrainConfig:
+    """The stage's defaults for a profile, with overrides (e.g. manifest, output_dir)."""
+    from model.profiles import get_profile
+
+    get_profile(profile)
+    try:
+        stage = Stage(stage)
+    except ValueError:
+        raise ConfigError(
+            f"unknown stage {stage!r}; choose one of: {', '.join(s.value for s in Stage)}"
+        ) from None
+    values = {"stage": stage, "profile": profile, **STAGE_DEFAULTS[profile][stage], **overrides}
+    values.setdefault("micro_batch", min(4, values["global_batch"]))
+    return _validated(values)
+
+
+def load_config(path: str | Path, **overrides: Any) -> TrainConfig:
+    """Read a YAML stage config (``stage`` and ``profile`` select the defaults)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must contain a mapping of settings")
+    raw.update(overrides)
+    return stage_config(raw.pop("stage", Stage.LOWRES), raw.pop("profile", "tiny"), **raw)
+
+
+def _validated(values: dict[str, Any]) -> TrainConfig:
+    try:
+        return TrainConfig(**values)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "config"
+        raise ConfigError(f"invalid training config {where}: {first['msg']}") from None
