@@ -180,3 +180,71 @@ def test_killed_run_resumes_with_identical_losses(tmp_path, manifest):
     sa = load_pipeline(tmp_path / "straight" / "pipeline").transformer.state_dict()
     sb = load_pipeline(tmp_path / "resumed" / "pipeline").transformer.state_dict()
     assert all(torch.allclose(sa[k], sb[k], atol=1e-6) for k in sa)
+
+
+@pytest.mark.slow
+def test_stage_logs_to_a_real_mlflow_server(tmp_path, manifest):
+    from mlflow.tracking import MlflowClient
+
+    from tests.mlflow_server import mlflow_server
+
+    with mlflow_server(tmp_path / "mlflow") as uri:
+        os.environ["MLFLOW_TRACKING_URI"] = uri
+        try:
+            cfg = stage_config(
+                "lowres",
+                manifest=manifest,
+                output_dir=tmp_path / "run",
+                steps=6,
+                global_batch=4,
+                micro_batch=2,
+                log_every=2,
+                sample_every=3,
+            )
+            train_stage(cfg)
+        finally:
+            del os.environ["MLFLOW_TRACKING_URI"]
+        client = MlflowClient(uri)
+        (run,) = client.search_runs([client.get_experiment_by_name("lumina-train").experiment_id])
+        assert run.data.params["lr"] == str(cfg.lr) and run.data.tags["stage"] == "lowres"
+        assert len(run.data.tags["dataset_sha256"]) == 64
+        history = client.get_metric_history(run.info.run_id, "loss")
+        assert [m.step for m in history] == [2, 4, 6]
+        assert {"aux_loss", "grad_norm", "lr", "images_per_s"} <= set(run.data.metrics)
+        names = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"config.json", "loss_curve.png", "samples.png", "losses.jsonl", "samples"} <= names
+
+
+@pytest.mark.slow
+def test_two_processes_with_torchrun(tmp_path, manifest):
+    config = tmp_path / "stage.yaml"
+    config.write_text(
+        "steps: 6\nglobal_batch: 4\nmicro_batch: 1\nzero_stage: 2\ncheckpoint_every: 3\ntrack: false\n"
+    )
+    port = str(29900 + os.getpid() % 90)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        port,
+        "-m",
+        "components.train",
+        "--manifest",
+        str(manifest),
+        "--output-dir",
+        str(tmp_path / "ddp"),
+        "--config",
+        str(config),
+    ]
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")
+    }
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(read_losses(tmp_path / "ddp")) == 6
+    assert (tmp_path / "ddp" / "pipeline" / "model_index.json").is_file()
+    states = list((tmp_path / "ddp" / "checkpoints" / "step6").glob("*optim_states.pt"))
+    assert len(states) == 2  # ZeRO-2 partitions optimizer state across the two ranks

@@ -97,7 +97,8 @@ class TrainConfig(BaseModel):
     gradient_checkpointing: bool = False
     checkpoint_every: int = Field(50, ge=1)
     log_every: int = Field(10, ge=1)
-    sample_every: int = Field(0, ge=0, description="0: one sample grid at the end")
+    sample_every: int = Field(0, ge=0, description="sample grid every K steps (0: only at the end)")
+    track: bool = Field(True, description="log to MLflow (MLFLOW_TRACKING_URI or sqlite beside outputs)")
     sample_prompts: list[str] = ["a red circle on the left of a blue square", "two yellow stars"]
 
     @model_validator(mode="after")

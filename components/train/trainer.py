@@ -13,9 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 from components.train.config import TrainConfig
 from components.train.data import FeatureCache, build_cache, choose_caption, read_manifest
+from components.train.tracking import MlflowTracker, default_tracking_uri, file_sha256, git_sha
 from model.checkpoint import build_pipeline, load_pipeline, save_pipeline
 from model.errors import ConfigError
 from model.flow import TimestepSampler, flow_matching_loss
@@ -95,8 +97,12 @@ class Ema:
                 param.copy_(self.shadow[name].to(param.dtype))
 
 
-def train_stage(cfg: TrainConfig, tracker=None) -> StageResult:
-    """Run one stage; resumes from ``output_dir/checkpoints`` when a checkpoint is there."""
+def train_stage(cfg: TrainConfig, tracker: MlflowTracker | None = None) -> StageResult:
+    """Run one stage; resumes from ``output_dir/checkpoints`` when a checkpoint is there.
+
+    With ``cfg.track`` (default) rank 0 opens an MLflow run (tracking URI from
+    ``MLFLOW_TRACKING_URI``, else sqlite beside the outputs) unless a tracker is passed in.
+    """
     ensure_distributed_env()
     import deepspeed  # imported late: it initialises its accelerator on import
 
@@ -104,16 +110,26 @@ def train_stage(cfg: TrainConfig, tracker=None) -> StageResult:
         raise ConfigError("zero_stage 3 is not supported yet (EMA needs whole parameters); use 0-2")
     torch.manual_seed(cfg.seed)
     records = read_manifest(cfg.manifest)
+    cfg.output_dir.mkdir(parents=True, exist_ok=True)
     pipe = load_pipeline(cfg.init_from) if cfg.init_from else build_pipeline(cfg.profile, seed=cfg.seed)
-    cache = build_cache(
-        records,
-        resolution=cfg.resolution,
-        vae=pipe.vae,
-        text_encoder=pipe.text_encoder,
-        tokenizer=pipe.tokenizer,
-        system_prompts=cfg.system_prompts,
-        cache_dir=cfg.resolved_cache_dir,
-    )
+    deepspeed.init_distributed()
+    import torch.distributed as dist
+
+    def cache() -> FeatureCache:
+        return build_cache(
+            records,
+            resolution=cfg.resolution,
+            vae=pipe.vae,
+            text_encoder=pipe.text_encoder,
+            tokenizer=pipe.tokenizer,
+            system_prompts=cfg.system_prompts,
+            cache_dir=cfg.resolved_cache_dir,
+        )
+
+    # rank 0 fills the shared cache; the others read it after the barrier
+    features = cache() if dist.get_rank() == 0 else None
+    dist.barrier()
+    features = features or cache()
     by_id = {r.id: r for r in records}
 
     use_cuda = torch.cuda.is_available()
@@ -130,6 +146,20 @@ def train_stage(cfg: TrainConfig, tracker=None) -> StageResult:
     )
     rank = engine.global_rank
     ema = Ema(transformer, cfg.ema_decay)
+    if tracker is None and cfg.track and rank == 0:
+        tracker = MlflowTracker(default_tracking_uri(cfg.output_dir), run_name=f"{cfg.stage}-{cfg.profile}")
+    if tracker is not None:
+        tracker.log_params(cfg.model_dump(mode="json"))
+        tracker.set_tags(
+            {
+                "stage": str(cfg.stage),
+                "profile": cfg.profile,
+                "git_sha": git_sha(),
+                "dataset_sha256": file_sha256(cfg.manifest),
+                "init_from": str(cfg.init_from or "scratch"),
+                "world_size": str(world),
+            }
+        )
 
     ckpt_dir = cfg.output_dir / CKPT_DIR
     start = 0
@@ -151,8 +181,8 @@ def train_stage(cfg: TrainConfig, tracker=None) -> StageResult:
     for step in range(start, cfg.steps):
         step_loss = step_aux = 0.0
         for micro in range(accum):
-            latents, texts, gen = micro_batch(cfg, cache, by_id, step, micro, rank)
-            feats, mask = cache.batch_text(texts)
+            latents, texts, gen = micro_batch(cfg, features, by_id, step, micro, rank)
+            feats, mask = features.batch_text(texts)
             dev = engine.device
             out = flow_matching_loss(
                 velocity, latents.to(dev), feats.to(dev), mask.to(dev),
@@ -178,6 +208,15 @@ def train_stage(cfg: TrainConfig, tracker=None) -> StageResult:
                 step=done,
             )
             tick = time.perf_counter()
+        if tracker is not None and cfg.sample_every and done % cfg.sample_every == 0 and done < cfg.steps:
+            snapshot = copy.deepcopy(transformer).eval()
+            ema.copy_to(snapshot)
+            grid_pipe = copy.copy(pipe)
+            grid_pipe.register_modules(transformer=snapshot)
+            tracker.log_artifact(
+                sample_grid(cfg, grid_pipe, cfg.output_dir / f"samples-{done:06d}.png"), "samples"
+            )
+            transformer.train()
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
             engine.save_checkpoint(str(ckpt_dir), tag=f"step{done}", client_state={"step": done})
             if rank == 0:
@@ -186,13 +225,59 @@ def train_stage(cfg: TrainConfig, tracker=None) -> StageResult:
                 start, losses = done, []
 
     export = cfg.output_dir / EXPORT_DIR
+    all_losses = read_losses(cfg.output_dir)
     if rank == 0:
         final = copy.deepcopy(transformer).eval()
         ema.copy_to(final)
         pipe.register_modules(transformer=final)
         save_pipeline(pipe, export)
-    all_losses = read_losses(cfg.output_dir)
+        artifacts = write_artifacts(cfg, pipe, all_losses)
+        if tracker is not None:
+            for path in artifacts:
+                tracker.log_artifact(path)
+            tracker.finish()
     return StageResult(export, cfg.steps, all_losses[-1] if all_losses else float("nan"), all_losses)
+
+
+def write_artifacts(cfg: TrainConfig, pipe, losses: list[float]) -> list[Path]:
+    """Config, loss curve and a sample grid on fixed prompts and seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = cfg.output_dir
+    config_path = out / "config.json"
+    config_path.write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
+    curve = out / "loss_curve.png"
+    fig, ax = plt.subplots(figsize=(5, 3))
+    ax.plot(range(1, len(losses) + 1), losses)
+    ax.set(xlabel="step", ylabel="loss", title=f"{cfg.stage} ({cfg.profile})")
+    fig.tight_layout()
+    fig.savefig(curve)
+    plt.close(fig)
+    grid_path = sample_grid(cfg, pipe, out / "samples.png")
+    return [config_path, curve, grid_path, out / "losses.jsonl"]
+
+
+def sample_grid(cfg: TrainConfig, pipe, path: Path, transformer: torch.nn.Module | None = None) -> Path:
+    """One row of images for the fixed sample prompts and seed (``transformer`` overrides the
+    pipeline's, e.g. an EMA snapshot)."""
+    from model.sampler import LuminaSampler, SamplerConfig
+
+    sampler = LuminaSampler(
+        transformer or pipe.transformer, pipe.vae, pipe.text_encoder, pipe.tokenizer,
+        scheduler_config=dict(pipe.scheduler.config),
+    )  # fmt: skip
+    images = sampler.generate(
+        cfg.sample_prompts, height=cfg.resolution, width=cfg.resolution, seed=cfg.seed,
+        config=SamplerConfig(steps=20),
+    ).images  # fmt: skip
+    grid = Image.new("RGB", (cfg.resolution * len(images), cfg.resolution))
+    for i, image in enumerate(images):
+        grid.paste(image, (i * cfg.resolution, 0))
+    grid.save(path)
+    return path
 
 
 def _append_losses(output_dir: Path, start: int, losses: list[float]) -> None:
