@@ -53,6 +53,7 @@ format: $(STAMP)
 bench: $(STAMP)
 	mkdir -p bench/results
 	$(BIN)/python -m bench.sampler --out bench/results/sampler.json
+	$(BIN)/python -m bench.train --out bench/results/train.json
 
 # Until the Kubeflow pipeline lands (issue #6), the main job runs the model stage that exists:
 # build the tiny pipeline offline, calibrate its TeaCache and sample images with our sampler.
