@@ -1,7 +1,5 @@
 """Stage training on the real DeepSpeed engine (CPU, gloo) with the tiny profile."""
 
-from __future__ import annotations
-
 import json
 import os
 import signal
@@ -210,7 +208,7 @@ def test_stage_logs_to_a_real_mlflow_server(tmp_path, manifest):
         assert len(run.data.tags["dataset_sha256"]) == 64
         history = client.get_metric_history(run.info.run_id, "loss")
         assert [m.step for m in history] == [2, 4, 6]
-        assert {"aux_loss", "grad_norm", "lr", "images_per_s"} <= set(run.data.metrics)
+        assert {"aux_loss", "grad_norm", "lr", "images_per_s", "tokens_per_s"} <= set(run.data.metrics)
         names = {a.path for a in client.list_artifacts(run.info.run_id)}
         assert {"config.json", "loss_curve.png", "samples.png", "losses.jsonl", "samples"} <= names
 
@@ -248,3 +246,20 @@ def test_two_processes_with_torchrun(tmp_path, manifest):
     assert (tmp_path / "ddp" / "pipeline" / "model_index.json").is_file()
     states = list((tmp_path / "ddp" / "checkpoints" / "step6").glob("*optim_states.pt"))
     assert len(states) == 2  # ZeRO-2 partitions optimizer state across the two ranks
+
+
+def test_kfp_component_compiles(tmp_path):
+    from kfp import compiler, dsl
+
+    from components.train.component import train_stage_op
+
+    @dsl.pipeline(name="train-stages")
+    def stages(manifest_uri: str = "s3://bucket/tier.parquet"):
+        data = dsl.importer(artifact_uri=manifest_uri, artifact_class=dsl.Dataset)
+        low = train_stage_op(manifest=data.output, stage="lowres")
+        train_stage_op(manifest=data.output, stage="highres", init_from=low.outputs["pipeline"])
+
+    out = tmp_path / "train.yaml"
+    compiler.Compiler().compile(stages, str(out))
+    text = out.read_text()
+    assert "train-stage-op" in text and "lumina-pipeline:latest" in text and "init_from" in text

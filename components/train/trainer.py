@@ -177,7 +177,8 @@ def train_stage(cfg: TrainConfig, tracker: MlflowTracker | None = None) -> Stage
         return engine(x.to(dtype), t.to(dtype), c.to(dtype), m).sample.float()
 
     losses: list[float] = []
-    tick = time.perf_counter()
+    tick, images, tokens = time.perf_counter(), 0, 0
+    patch = transformer.config.patch_size
     for step in range(start, cfg.steps):
         step_loss = step_aux = 0.0
         for micro in range(accum):
@@ -192,6 +193,9 @@ def train_stage(cfg: TrainConfig, tracker: MlflowTracker | None = None) -> Stage
             engine.step()
             step_loss += out.loss.item() / accum
             step_aux += out.aux.item() / accum
+            images += latents.shape[0]
+            tokens += latents.shape[0] * (latents.shape[-2] // patch) * (latents.shape[-1] // patch)
+            tokens += int(mask.sum())
         ema.update(transformer)
         losses.append(step_loss)
         done = step + 1
@@ -203,11 +207,13 @@ def train_stage(cfg: TrainConfig, tracker: MlflowTracker | None = None) -> Stage
                     "aux_loss": step_aux,
                     "grad_norm": float(engine.get_global_grad_norm() or 0.0),
                     "lr": optimizer.param_groups[0]["lr"],
-                    "images_per_s": cfg.global_batch * cfg.log_every / max(elapsed, 1e-9),
+                    # this rank's throughput (multiply by the world size for the job's)
+                    "images_per_s": images / max(elapsed, 1e-9),
+                    "tokens_per_s": tokens / max(elapsed, 1e-9),
                 },
                 step=done,
             )
-            tick = time.perf_counter()
+            tick, images, tokens = time.perf_counter(), 0, 0
         if tracker is not None and cfg.sample_every and done % cfg.sample_every == 0 and done < cfg.steps:
             snapshot = copy.deepcopy(transformer).eval()
             ema.copy_to(snapshot)

@@ -1,0 +1,1 @@
+"""Benchmarks (run by ``make bench``): ratios against a peer measured in the same process."""

@@ -1,0 +1,61 @@
+"""KFP wrapper for one training stage: a thin shell over :func:`train_stage`.
+
+(No ``from __future__ import annotations``: KFP reads the real annotation objects.)
+
+The container image (issue #7) has the project installed, so nothing is pip-installed at run
+time. On a cluster the pipeline gives this task GPUs; with several GPUs in the pod the wrapper
+starts ``torchrun`` over all of them.
+"""
+
+from kfp import dsl
+from kfp.dsl import Dataset, Input, Metrics, Model, Output
+
+BASE_IMAGE = "lumina-pipeline:latest"
+
+
+@dsl.component(base_image=BASE_IMAGE)
+def train_stage_op(
+    manifest: Input[Dataset],
+    pipeline: Output[Model],
+    metrics: Output[Metrics],
+    stage: str = "lowres",
+    profile: str = "tiny",
+    steps: int = 0,
+    seed: int = 0,
+    config_yaml: str = "",
+    init_from: Input[Model] = None,
+) -> str:
+    """Train one stage; returns the exported diffusers folder (``pipeline.path``)."""
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    import torch
+
+    work = Path(tempfile.mkdtemp(prefix=f"train-{stage}-"))
+    cmd = ["-m", "components.train", "--manifest", manifest.path, "--output-dir", str(work / stage),
+           "--stage", stage, "--profile", profile, "--seed", str(seed)]  # fmt: skip
+    if steps:
+        cmd += ["--steps", str(steps)]
+    if init_from is not None:
+        cmd += ["--init-from", init_from.path]
+    if config_yaml:
+        (work / "stage.yaml").write_text(config_yaml)
+        cmd += ["--config", str(work / "stage.yaml")]
+    gpus = torch.cuda.device_count()
+    launcher = (
+        [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={gpus}"]
+        if gpus > 1
+        else [sys.executable]
+    )
+    subprocess.run(launcher + cmd, check=True, env=os.environ.copy())
+    shutil.copytree(work / stage / "pipeline", pipeline.path, dirs_exist_ok=True)
+    losses = [json.loads(line)["loss"] for line in (work / stage / "losses.jsonl").read_text().splitlines()]
+    metrics.log_metric("final_loss", losses[-1])
+    metrics.log_metric("steps", len(losses))
+    pipeline.metadata.update({"stage": stage, "profile": profile, "final_loss": losses[-1]})
+    return pipeline.path
