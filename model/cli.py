@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from pydantic import ValidationError
 
-from model.errors import LuminaError
+from model.cli_errors import run_cli
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Lumina-Image 2.0 model tools.")
 log = logging.getLogger("lumina")
@@ -118,27 +116,8 @@ def calibrate_teacache(
 
 
 def main() -> None:
-    """Entry point: run the app, turning user errors into one line on stderr."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    try:
-        app(standalone_mode=False)
-    except LuminaError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        sys.exit(2)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "value"
-        typer.echo(f"error: invalid {where}: {first['msg']}", err=True)
-        sys.exit(2)
-    except (typer.Exit, typer.Abort) as exc:
-        sys.exit(getattr(exc, "exit_code", 1))
-    except Exception as exc:  # click usage errors
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        raise
+    """Entry point of the ``lumina`` command."""
+    run_cli(app)
 
 
 if __name__ == "__main__":

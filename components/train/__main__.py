@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-import logging
-import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from model.errors import LuminaError
+from model.cli_errors import run_cli
 
 app = typer.Typer(add_completion=False, help="DeepSpeed stage training of Unified Next-DiT.")
 
@@ -46,12 +44,7 @@ def run(
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    try:
-        app(standalone_mode=False)
-    except LuminaError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        sys.exit(2)
+    run_cli(app)
 
 
 if __name__ == "__main__":
