@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from model.errors import ConfigError
 from model.sampler.denoiser import TeaCache
 from model.sampler.sampler import TEACACHE_FILE, LuminaSampler, SamplerConfig
 from model.sampler.solvers import calls_per_step
@@ -54,7 +55,9 @@ def collect_pairs(
 def fit_coefficients(pairs: Sequence[tuple[float, float]], degree: int = 4) -> list[float]:
     """Least-squares polynomial (highest power first) mapping input change to output change."""
     if len(pairs) <= degree:
-        raise ValueError(f"need more than {degree} calibration pairs, got {len(pairs)}")
+        raise ConfigError(
+            f"need more than {degree} calibration pairs, got {len(pairs)}: use more steps or prompts"
+        )
     x, y = np.array(pairs, dtype=np.float64).T
     return [float(c) for c in np.polyfit(x, y, degree)]
 
