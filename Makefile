@@ -10,12 +10,13 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup test test-fast lint format bench pipeline-run clean help
+.PHONY: setup test test-fast lint format bench sample-data pipeline-run clean help
 
 help:
 	@echo "make pipeline-run   run the main job on the embedded default (tiny profile)"
 	@echo "make test           run the test suite (sets itself up)"
 	@echo "make bench          run the benchmarks in bench/ (JSON under bench/results/)"
+	@echo "make sample-data    build data/raw offline (synthetic compositional set)"
 	@echo "make lint           ruff"
 
 # GPU=1 TORCH_INDEX_URL=<CUDA wheel index>: install a CUDA build of the same torch release first
@@ -55,15 +56,26 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.sampler --out bench/results/sampler.json
 	$(BIN)/python -m bench.train --out bench/results/train.json
 
-# Until the Kubeflow pipeline lands (issue #6), the main job runs the model stage that exists:
-# build the tiny pipeline offline, calibrate its TeaCache and sample images with our sampler.
+sample-data: $(STAMP)
+	$(BIN)/python -m data_tools sample-data --out data/raw
+
+# Until the Kubeflow pipeline lands (issue #6) the main job chains the steps that exist:
+# sample data -> three training stages (DeepSpeed, MLflow) -> TeaCache calibration -> samples.
 PIPELINE_OUT ?= outputs
-pipeline-run: $(STAMP)
-	$(BIN)/lumina build --profile tiny --random-init --out $(PIPELINE_OUT)/models/tiny
-	$(BIN)/lumina calibrate-teacache --model $(PIPELINE_OUT)/models/tiny --height 64 --width 64 --steps 20
-	$(BIN)/lumina sample --model $(PIPELINE_OUT)/models/tiny --height 64 --width 64 --steps 20 \
-		--teacache 0.05 --out $(PIPELINE_OUT)/samples \
-		--prompt "a red cat on the left of a blue car" --prompt "three yellow apples on a table"
+TRAIN_OUT := $(PIPELINE_OUT)/train
+pipeline-run: sample-data
+	$(BIN)/python -m components.train --stage lowres --profile tiny \
+		--manifest data/raw/synthetic/manifest.parquet --output-dir $(TRAIN_OUT)/lowres
+	$(BIN)/python -m components.train --stage highres --profile tiny --init-from $(TRAIN_OUT)/lowres/pipeline \
+		--manifest data/raw/synthetic/manifest.parquet --output-dir $(TRAIN_OUT)/highres
+	$(BIN)/python -m components.train --stage hq --profile tiny --init-from $(TRAIN_OUT)/highres/pipeline \
+		--manifest data/raw/synthetic/manifest.parquet --output-dir $(TRAIN_OUT)/hq
+	$(BIN)/lumina calibrate-teacache --model $(TRAIN_OUT)/hq/pipeline --height 128 --width 128 --steps 20
+	$(BIN)/lumina sample --model $(TRAIN_OUT)/hq/pipeline --height 128 --width 128 --steps 20 \
+		--system-prompt B --out $(PIPELINE_OUT)/samples \
+		--prompt "two red circles on the left and one blue square on the right" --prompt "three yellow stars"
+	@echo "model: $(TRAIN_OUT)/hq/pipeline   samples: $(PIPELINE_OUT)/samples"
+	@echo "MLflow UI: $(BIN)/mlflow ui --backend-store-uri sqlite:///$(abspath $(TRAIN_OUT))/mlflow.db"
 
 clean:
 	rm -rf $(VENV) .cache build *.egg-info
