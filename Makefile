@@ -55,6 +55,7 @@ bench: $(STAMP)
 	mkdir -p bench/results
 	$(BIN)/python -m bench.sampler --out bench/results/sampler.json
 	$(BIN)/python -m bench.train --out bench/results/train.json
+	$(BIN)/python -m bench.ingest --out bench/results/ingest.json
 
 sample-data: $(STAMP)
 	$(BIN)/python -m data_tools sample-data --out data/raw
