@@ -263,3 +263,15 @@ def test_kfp_component_compiles(tmp_path):
     compiler.Compiler().compile(stages, str(out))
     text = out.read_text()
     assert "train-stage-op" in text and "lumina-pipeline:latest" in text and "init_from" in text
+
+
+@pytest.mark.slow
+def test_gradient_checkpointing_gives_the_same_losses(tmp_path, manifest):
+    runs = {}
+    for ckpt in (False, True):
+        out = tmp_path / f"gc{ckpt}"
+        cfg = stage_config("lowres", manifest=manifest, output_dir=out, steps=4, global_batch=4,
+                           micro_batch=2, track=False, gradient_checkpointing=ckpt)  # fmt: skip
+        runs[ckpt] = train_stage(cfg).losses
+    assert len(runs[True]) == 4
+    assert runs[True] == pytest.approx(runs[False], rel=1e-5)
