@@ -152,7 +152,37 @@ def iter_tar(path: Path) -> Iterator[Item]:
             yield Item(f"{path}::{name}", tar.extractfile(members[name]).read(), caption)
 
 
+def iter_s3(uri: str) -> Iterator[Item]:
+    """Objects under ``s3://bucket/prefix`` (paginated; endpoint from ``AWS_ENDPOINT_URL``)."""
+    from data_tools.s3server import s3_client
+
+    bucket, _, prefix = uri.removeprefix("s3://").partition("/")
+    client = s3_client()
+    keys: list[str] = []
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        keys.extend(obj["Key"] for obj in page.get("Contents", []))
+    present = set(keys)
+    for key in sorted(keys):
+        if Path(key).suffix.lower() not in IMAGE_SUFFIXES:
+            continue
+        caption_key = str(Path(key).with_suffix(".txt"))
+        caption = None
+        if caption_key in present:
+            caption = (
+                client.get_object(Bucket=bucket, Key=caption_key)["Body"].read().decode("utf-8", "replace")
+            )
+        try:
+            data = client.get_object(Bucket=bucket, Key=key)["Body"].read()
+        except Exception as exc:  # botocore raises many client/transport errors
+            yield Item(f"s3://{bucket}/{key}", b"", error=f"unreadable: {type(exc).__name__}")
+            continue
+        yield Item(f"s3://{bucket}/{key}", data, caption.strip() if caption else None)
+
+
 def iter_source(source: str | Path) -> Iterator[Item]:
+    if str(source).startswith("s3://"):
+        yield from iter_s3(str(source))
+        return
     path = Path(source)
     if path.is_dir():
         yield from iter_folder(path)
@@ -161,7 +191,7 @@ def iter_source(source: str | Path) -> Iterator[Item]:
     elif path.is_file() and path.suffix == ".tar":
         yield from iter_tar(path)
     else:
-        raise ConfigError(f"ingest source not found or not a folder / .tar shard: {source}")
+        raise ConfigError(f"ingest source not found or not a folder / .tar shard / s3:// prefix: {source}")
 
 
 def _filter(d: Decoded, opts: IngestOptions) -> str | None:
