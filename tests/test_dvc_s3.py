@@ -9,8 +9,8 @@ import pytest
 
 from components.ingest.ingest import ingest
 from data_tools.dvc_remote import DvcError, configure_remote, pull, push, track
-from data_tools.s3server import DUMMY_CREDENTIALS, REGION, ensure_bucket, s3_client, s3_server
 from data_tools.synthetic import build_synthetic
+from services.s3 import DUMMY_CREDENTIALS, REGION, ensure_bucket, s3_client, s3_server
 
 
 @pytest.fixture(scope="module")

@@ -184,7 +184,7 @@ def test_killed_run_resumes_with_identical_losses(tmp_path, manifest):
 def test_stage_logs_to_a_real_mlflow_server(tmp_path, manifest):
     from mlflow.tracking import MlflowClient
 
-    from tests.mlflow_server import mlflow_server
+    from services.mlflow_server import mlflow_server
 
     with mlflow_server(tmp_path / "mlflow") as uri:
         os.environ["MLFLOW_TRACKING_URI"] = uri

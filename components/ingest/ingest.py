@@ -154,7 +154,7 @@ def iter_tar(path: Path) -> Iterator[Item]:
 
 def iter_s3(uri: str) -> Iterator[Item]:
     """Objects under ``s3://bucket/prefix`` (paginated; endpoint from ``AWS_ENDPOINT_URL``)."""
-    from data_tools.s3server import s3_client
+    from services.s3 import s3_client
 
     bucket, _, prefix = uri.removeprefix("s3://").partition("/")
     client = s3_client()

@@ -8,24 +8,16 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
-import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import boto3
-import requests
+
+from services.process import free_port, http_answers, running
 
 DUMMY_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "lumina", "AWS_SECRET_ACCESS_KEY": "lumina-secret"}
 REGION = "us-east-1"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def moto_binary() -> Path:
@@ -39,31 +31,11 @@ def moto_binary() -> Path:
 @contextlib.contextmanager
 def s3_server(port: int | None = None, timeout: float = 60.0) -> Iterator[str]:
     """Start ``moto_server -H 127.0.0.1 -p PORT``, yield its endpoint URL, stop it on exit."""
-    port = port or _free_port()
-    proc = subprocess.Popen(
-        [str(moto_binary()), "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    port = port or free_port()
     endpoint = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + timeout
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"moto_server exited with code {proc.returncode}")
-            with contextlib.suppress(requests.RequestException):
-                requests.get(endpoint, timeout=1)
-                break
-            if time.time() > deadline:
-                raise TimeoutError(f"moto_server did not answer on {endpoint}")
-            time.sleep(0.2)
+    cmd = [str(moto_binary()), "-H", "127.0.0.1", "-p", str(port)]
+    with running(cmd, http_answers(endpoint), timeout=timeout):
         yield endpoint
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def s3_client(endpoint: str | None = None):
