@@ -10,13 +10,14 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup test test-fast lint format bench sample-data pipeline-run clean help
+.PHONY: setup test test-fast lint format bench sample-data pipeline-run pipeline-compile clean help
 
 help:
 	@echo "make pipeline-run   run the main job on the embedded default (tiny profile)"
 	@echo "make test           run the test suite (sets itself up)"
 	@echo "make bench          run the benchmarks in bench/ (JSON under bench/results/)"
 	@echo "make sample-data    build data/raw offline (synthetic compositional set)"
+	@echo "make pipeline-compile  compile pipelines/lumina_pipeline.yaml for the Kubeflow UI"
 	@echo "make lint           ruff"
 
 # GPU=1 TORCH_INDEX_URL=<CUDA wheel index>: install a CUDA build of the same torch release first
@@ -60,23 +61,18 @@ bench: $(STAMP)
 sample-data: $(STAMP)
 	$(BIN)/python -m data_tools sample-data --out data/raw
 
-# Until the Kubeflow pipeline lands (issue #6) the main job chains the steps that exist:
-# sample data -> three training stages (DeepSpeed, MLflow) -> TeaCache calibration -> samples.
+# The main job: the Kubeflow pipeline on kfp's local runner (ingest -> recaption -> tier -> three
+# DeepSpeed stages -> evaluate -> MLflow registration), data/ versioned by DVC on a loopback S3
+# server, MLflow on sqlite under outputs/. MLFLOW_SERVER=1 starts a real mlflow server instead.
 PIPELINE_OUT ?= outputs
-TRAIN_OUT := $(PIPELINE_OUT)/train
+MLFLOW_SERVER ?= 0
 pipeline-run: sample-data
-	$(BIN)/python -m components.train --stage lowres --profile tiny \
-		--manifest data/raw/synthetic/manifest.parquet --output-dir $(TRAIN_OUT)/lowres
-	$(BIN)/python -m components.train --stage highres --profile tiny --init-from $(TRAIN_OUT)/lowres/pipeline \
-		--manifest data/raw/synthetic/manifest.parquet --output-dir $(TRAIN_OUT)/highres
-	$(BIN)/python -m components.train --stage hq --profile tiny --init-from $(TRAIN_OUT)/highres/pipeline \
-		--manifest data/raw/synthetic/manifest.parquet --output-dir $(TRAIN_OUT)/hq
-	$(BIN)/lumina calibrate-teacache --model $(TRAIN_OUT)/hq/pipeline --height 128 --width 128 --steps 20
-	$(BIN)/lumina sample --model $(TRAIN_OUT)/hq/pipeline --height 128 --width 128 --steps 20 \
-		--system-prompt B --out $(PIPELINE_OUT)/samples \
-		--prompt "two red circles on the left and one blue square on the right" --prompt "three yellow stars"
-	@echo "model: $(TRAIN_OUT)/hq/pipeline   samples: $(PIPELINE_OUT)/samples"
-	@echo "MLflow UI: $(BIN)/mlflow ui --backend-store-uri sqlite:///$(abspath $(TRAIN_OUT))/mlflow.db"
+	$(BIN)/python -m pipelines run --out $(PIPELINE_OUT) --dvc-data data \
+		$(if $(filter 1,$(MLFLOW_SERVER)),--mlflow-server,)
+
+# Compile the cluster pipeline for the Kubeflow UI (committed; a test checks it for drift).
+pipeline-compile: $(STAMP)
+	$(BIN)/python -m pipelines compile --out pipelines/lumina_pipeline.yaml
 
 clean:
 	rm -rf $(VENV) .cache build *.egg-info

@@ -23,13 +23,21 @@ def dvc(*args: str, cwd: Path, env: dict[str, str] | None = None) -> str:
     return proc.stdout
 
 
+def ensure_repo(repo: Path, env: dict[str, str] | None = None) -> None:
+    """``dvc init`` the repository if it has no ``.dvc`` folder yet."""
+    if not (repo / ".dvc").is_dir():
+        dvc("init", "-q", cwd=repo, env=env)
+
+
 def configure_remote(repo: Path, url: str, *, name: str = "storage", endpoint: str | None = None,
-                     env: dict[str, str] | None = None) -> None:  # fmt: skip
+                     env: dict[str, str] | None = None, local: bool = False) -> None:  # fmt: skip
     """Add (or replace) the default remote: ``s3://bucket/path`` with an optional endpoint, or a
-    local folder. Credentials stay in the environment, never in the config."""
-    dvc("remote", "add", "--force", "--default", name, url, cwd=repo, env=env)
+    local folder. Credentials stay in the environment, never in the config. ``local`` writes to
+    ``.dvc/config.local`` (not committed), e.g. for a loopback endpoint that changes per run."""
+    scope = ["--local"] if local else []
+    dvc("remote", "add", *scope, "--force", "--default", name, url, cwd=repo, env=env)
     if endpoint:
-        dvc("remote", "modify", name, "endpointurl", endpoint, cwd=repo, env=env)
+        dvc("remote", "modify", *scope, name, "endpointurl", endpoint, cwd=repo, env=env)
 
 
 def track(repo: Path, path: str, env: dict[str, str] | None = None) -> str:

@@ -117,14 +117,30 @@ def captions(objects: list[SceneObject]) -> list[dict[str, str]]:
     medium_en = "An illustration of " + " and ".join(en_parts) + "."
     short_en = " and ".join(f"{NUMBERS[n]} {c} {_plural(s, n)}" for s, c, _, n in groups)
     tags_en = ", ".join(sorted({c for _, c, _, _ in groups} | {s for s, *_ in groups}))
+    tags_zh = "，".join(sorted({COLORS_ZH[c] for _, c, _, _ in groups} | {SHAPES_ZH[s] for s, *_ in groups}))
     return [
         {"granularity": "detailed", "language": "en", "text": detailed_en},
         {"granularity": "medium", "language": "en", "text": medium_en},
         {"granularity": "short", "language": "en", "text": short_en},
         {"granularity": "tag", "language": "en", "text": tags_en},
         {"granularity": "detailed", "language": "zh", "text": detailed_zh},
+        {"granularity": "medium", "language": "zh", "text": "一幅插图：" + "，".join(zh_parts) + "。"},
         {"granularity": "short", "language": "zh", "text": "，".join(zh_parts)},
+        {"granularity": "tag", "language": "zh", "text": tags_zh},
     ]
+
+
+def render_scene(objects: list[SceneObject], size: int) -> Image.Image:
+    image = Image.new("RGB", (size, size), BACKGROUND)
+    draw = ImageDraw.Draw(image)
+    for obj in objects:
+        _draw(draw, obj)
+    return image
+
+
+def groups(objects: list[SceneObject]) -> list[tuple[str, str, str, int]]:
+    """(shape, color, region, count) per group: the ground truth evaluation checks."""
+    return _groups(objects)
 
 
 def build_synthetic(out_dir: str | Path, n: int = 128, size: int = 128, seed: int = 0) -> Path:
@@ -136,10 +152,7 @@ def build_synthetic(out_dir: str | Path, n: int = 128, size: int = 128, seed: in
     meta_lines, rows = [], []
     for i in tqdm(range(n), desc="synthetic scenes", leave=False):
         objects = make_scene(rng, size)
-        image = Image.new("RGB", (size, size), BACKGROUND)
-        draw = ImageDraw.Draw(image)
-        for obj in objects:
-            _draw(draw, obj)
+        image = render_scene(objects, size)
         name = f"synthetic_{i:05d}.png"
         image.save(out / name, optimize=False)
         caps = captions(objects)

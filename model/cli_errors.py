@@ -15,6 +15,7 @@ from model.errors import LuminaError
 def run_cli(app: typer.Typer) -> None:
     """Run a typer app with structured logs and one-line errors for what a user can fix."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logging.getLogger("great_expectations").setLevel(logging.WARNING)
     try:
         app(standalone_mode=False)
     except LuminaError as exc:

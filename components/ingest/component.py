@@ -3,7 +3,7 @@
 from kfp import dsl
 from kfp.dsl import Dataset, Output
 
-BASE_IMAGE = "lumina-pipeline:latest"
+from components.image import BASE_IMAGE
 
 
 @dsl.component(base_image=BASE_IMAGE)

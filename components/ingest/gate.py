@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,13 +25,21 @@ class GateResult:
     result_path: Path
 
 
+def ephemeral_context():
+    """A great_expectations ephemeral context, its chatty INFO logging turned down."""
+    import great_expectations as gx
+
+    logging.getLogger("great_expectations").setLevel(logging.WARNING)
+    return gx.get_context(mode="ephemeral")
+
+
 def run_gate(manifest: pd.DataFrame, out_dir: Path, *, max_side: int = 100_000) -> GateResult:
     """Validate the manifest with a great_expectations suite; write ``ge_result.json``; raise
     :class:`GateFailed` naming the failed expectations when it does not pass."""
     import great_expectations as gx
     import great_expectations.expectations as gxe
 
-    context = gx.get_context(mode="ephemeral")
+    context = ephemeral_context()
     batch = (
         context.data_sources.add_pandas("ingest")
         .add_dataframe_asset("manifest")

@@ -56,6 +56,7 @@ class Decoded:
     source: str
     sha256: str
     phash: int
+    color_sig: str
     width: int
     height: int
     format: str
@@ -79,6 +80,20 @@ def dhash(image: Image.Image, size: int = 8) -> int:
     small = np.asarray(image.convert("L").resize((size + 1, size), Image.BILINEAR), dtype=np.int16)
     bits = (small[:, 1:] > small[:, :-1]).flatten()
     return int(sum(1 << i for i, b in enumerate(bits) if b))
+
+
+def color_signature(image: Image.Image, grid: int = 8, levels: int = 8) -> str:
+    """Coarse colour layout (grid x grid mean RGB, quantised): dHash alone ignores colour, so two
+    flat illustrations that differ only in colour would look like duplicates."""
+    small = np.asarray(image.convert("RGB").resize((grid, grid), Image.BOX), dtype=np.int32)
+    return bytes((small * levels // 256).astype(np.uint8).flatten()).hex()
+
+
+def same_colors(a: str, b: str, tolerance: int = 1) -> bool:
+    """Whether two colour signatures agree within ``tolerance`` quantisation levels everywhere."""
+    if not a or not b:
+        return True  # a manifest from before colour signatures: fall back to the hash alone
+    return max(abs(x - y) for x, y in zip(bytes.fromhex(a), bytes.fromhex(b), strict=True)) <= tolerance
 
 
 def hamming(a: int, b: int) -> int:
@@ -110,6 +125,7 @@ def decode(item: Item, max_pixels: int) -> Decoded | str:
         source=item.source,
         sha256=hashlib.sha256(item.data).hexdigest(),
         phash=dhash(rgb),
+        color_sig=color_signature(rgb),
         width=rgb.width,
         height=rgb.height,
         format=fmt.upper(),
@@ -211,7 +227,7 @@ def ingest(source: str | Path, out_dir: str | Path, options: IngestOptions | Non
     previous = pd.read_parquet(manifest_path) if manifest_path.is_file() else pd.DataFrame()
     kept: list[dict] = previous.to_dict("records") if len(previous) else []
     known = {row["sha256"]: row["id"] for row in kept}
-    hashes = [(row["phash"], row["id"]) for row in kept]
+    hashes = [(row["phash"], row.get("color_sig") or "", row["id"]) for row in kept]
     rejects: list[tuple[str, str]] = []
 
     items = list(iter_source(source))
@@ -228,7 +244,14 @@ def ingest(source: str | Path, out_dir: str | Path, options: IngestOptions | Non
                     rejects.append((item.source, f"duplicate_of:{known[res.sha256]}"))
                 continue
             reason = _filter(res, opts)
-            near = next((i for h, i in hashes if hamming(h, res.phash) <= opts.dedup_distance), None)
+            near = next(
+                (
+                    i
+                    for h, c, i in hashes
+                    if hamming(h, res.phash) <= opts.dedup_distance and same_colors(c, res.color_sig)
+                ),
+                None,
+            )
             if reason is None and near is not None:
                 reason = f"near_duplicate_of:{near}"
             if reason:
@@ -246,7 +269,7 @@ def ingest(source: str | Path, out_dir: str | Path, options: IngestOptions | Non
             row["phash"] = int(res.phash)
             kept.append(row)
             known[res.sha256] = image_id
-            hashes.append((res.phash, image_id))
+            hashes.append((res.phash, res.color_sig, image_id))
 
     frame = pd.DataFrame(kept, columns=_COLUMNS)
     frame["phash"] = frame["phash"].astype("uint64")
@@ -272,6 +295,7 @@ _COLUMNS = [
     "source_path",
     "sha256",
     "phash",
+    "color_sig",
     "width",
     "height",
     "format",

@@ -15,21 +15,28 @@ app = typer.Typer(add_completion=False, help="DeepSpeed stage training of Unifie
 
 @app.command()
 def run(
-    manifest: Annotated[Path, typer.Option(help="training manifest (Parquet) of the stage's tier")],
+    manifest: Annotated[Path, typer.Option(help="the stage's tier manifest (Parquet) or the tier folder")],
     output_dir: Annotated[Path, typer.Option(help="stage output: checkpoints/, pipeline/, losses.jsonl")],
     stage: Annotated[str | None, typer.Option(help="lowres | highres | hq (default lowres)")] = None,
     profile: Annotated[str | None, typer.Option(help="tiny | small | full (default tiny)")] = None,
     config: Annotated[Path | None, typer.Option(help="YAML with any TrainConfig field")] = None,
     init_from: Annotated[Path | None, typer.Option(help="previous stage's pipeline folder")] = None,
+    image_root: Annotated[Path | None, typer.Option(help="root for relative image paths")] = None,
     steps: int | None = None,
     seed: int | None = None,
 ) -> None:
     """Train one stage; rerunning the same command resumes from the last checkpoint."""
     from components.train.config import load_config, stage_config
+    from components.train.data import stage_manifest
     from components.train.trainer import train_stage
 
-    overrides = {"manifest": manifest, "output_dir": output_dir}
-    for key, value in (("init_from", init_from), ("steps", steps), ("seed", seed)):
+    overrides = {"manifest": stage_manifest(manifest, stage or "lowres"), "output_dir": output_dir}
+    for key, value in (
+        ("init_from", init_from),
+        ("image_root", image_root),
+        ("steps", steps),
+        ("seed", seed),
+    ):
         if value is not None:
             overrides[key] = value
     if config is not None:

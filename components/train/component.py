@@ -10,7 +10,7 @@ starts ``torchrun`` over all of them.
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Metrics, Model, Output
 
-BASE_IMAGE = "lumina-pipeline:latest"
+from components.image import BASE_IMAGE
 
 
 @dsl.component(base_image=BASE_IMAGE)
@@ -24,8 +24,9 @@ def train_stage_op(
     seed: int = 0,
     config_yaml: str = "",
     init_from: Input[Model] = None,
+    images: Input[Dataset] = None,
 ) -> str:
-    """Train one stage; returns the exported diffusers folder (``pipeline.path``)."""
+    """Train one stage into ``pipeline`` (diffusers folder); returns the stage's MLflow run id."""
     import json
     import os
     import shutil
@@ -43,6 +44,8 @@ def train_stage_op(
         cmd += ["--steps", str(steps)]
     if init_from is not None:
         cmd += ["--init-from", init_from.path]
+    if images is not None:
+        cmd += ["--image-root", images.path]
     if config_yaml:
         (work / "stage.yaml").write_text(config_yaml)
         cmd += ["--config", str(work / "stage.yaml")]
@@ -57,5 +60,8 @@ def train_stage_op(
     losses = [json.loads(line)["loss"] for line in (work / stage / "losses.jsonl").read_text().splitlines()]
     metrics.log_metric("final_loss", losses[-1])
     metrics.log_metric("steps", len(losses))
-    pipeline.metadata.update({"stage": stage, "profile": profile, "final_loss": losses[-1]})
-    return pipeline.path
+    run_id = json.loads((work / stage / "run.json").read_text()).get("mlflow_run_id", "")
+    pipeline.metadata.update(
+        {"stage": stage, "profile": profile, "final_loss": losses[-1], "mlflow_run_id": run_id}
+    )
+    return run_id

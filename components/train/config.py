@@ -73,6 +73,9 @@ class TrainConfig(BaseModel):
     profile: str = "tiny"
     manifest: Path
     output_dir: Path
+    image_root: Path | None = Field(
+        None, description="root for relative image paths (default: manifest folder)"
+    )
     init_from: Path | None = Field(None, description="diffusers folder of the previous stage")
     cache_dir: Path | None = Field(None, description="latent/text cache; default output_dir/../cache")
     resolution: int = Field(64, ge=64)

@@ -47,9 +47,17 @@ class TrainRecord:
     captions: tuple[Caption, ...]
 
 
-def read_manifest(path: str | Path) -> list[TrainRecord]:
-    """Read and check a training manifest; one clear error for a bad one."""
+def stage_manifest(path: str | Path, stage: str) -> Path:
+    """A tier folder (``lowres.parquet``, ``highres.parquet``, ``hq.parquet``) → the stage's file."""
     path = Path(path)
+    return path / f"{stage}.parquet" if path.is_dir() else path
+
+
+def read_manifest(path: str | Path, image_root: str | Path | None = None) -> list[TrainRecord]:
+    """Read and check a training manifest; one clear error for a bad one. Relative image paths
+    resolve against ``image_root`` (e.g. the ingest dataset) or else the manifest's folder."""
+    path = Path(path)
+    root = Path(image_root) if image_root is not None else path.parent
     if not path.is_file():
         raise ConfigError(f"training manifest not found: {path}")
     try:
@@ -66,7 +74,7 @@ def read_manifest(path: str | Path) -> list[TrainRecord]:
             raise ConfigError(f"training manifest {path}: image {row.id} has no captions")
         image = Path(row.image_path)
         records.append(
-            TrainRecord(str(row.id), image if image.is_absolute() else path.parent / image, row.domain, caps)
+            TrainRecord(str(row.id), image if image.is_absolute() else root / image, row.domain, caps)
         )
     if not records:
         raise ConfigError(f"training manifest {path} is empty")

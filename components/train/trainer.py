@@ -35,6 +35,7 @@ class StageResult:
     steps: int
     final_loss: float
     losses: list[float]
+    run_id: str = ""  # the MLflow run (rank 0, when tracked)
 
 
 def ensure_distributed_env() -> None:
@@ -109,7 +110,7 @@ def train_stage(cfg: TrainConfig, tracker: MlflowTracker | None = None) -> Stage
     if cfg.zero_stage > 2:
         raise ConfigError("zero_stage 3 is not supported yet (EMA needs whole parameters); use 0-2")
     torch.manual_seed(cfg.seed)
-    records = read_manifest(cfg.manifest)
+    records = read_manifest(cfg.manifest, cfg.image_root)
     cfg.output_dir.mkdir(parents=True, exist_ok=True)
     pipe = load_pipeline(cfg.init_from) if cfg.init_from else build_pipeline(cfg.profile, seed=cfg.seed)
     deepspeed.init_distributed()
@@ -238,11 +239,16 @@ def train_stage(cfg: TrainConfig, tracker: MlflowTracker | None = None) -> Stage
         pipe.register_modules(transformer=final)
         save_pipeline(pipe, export)
         artifacts = write_artifacts(cfg, pipe, all_losses)
+        run_id = tracker.run_id if tracker is not None else ""
+        (cfg.output_dir / "run.json").write_text(json.dumps({"mlflow_run_id": run_id, "steps": cfg.steps}))
         if tracker is not None:
             for path in artifacts:
                 tracker.log_artifact(path)
             tracker.finish()
-    return StageResult(export, cfg.steps, all_losses[-1] if all_losses else float("nan"), all_losses)
+    else:
+        run_id = ""
+    final = all_losses[-1] if all_losses else float("nan")
+    return StageResult(export, cfg.steps, final, all_losses, run_id)
 
 
 def write_artifacts(cfg: TrainConfig, pipe, losses: list[float]) -> list[Path]:

@@ -1,0 +1,34 @@
+"""KFP wrapper for evaluation (no ``from __future__ import annotations``: KFP reads real annotations)."""
+
+from kfp import dsl
+from kfp.dsl import HTML, Input, Metrics, Model, Output
+
+from components.image import BASE_IMAGE
+
+
+@dsl.component(base_image=BASE_IMAGE)
+def evaluate_op(
+    model: Input[Model],
+    metrics: Output[Metrics],
+    report: Output[HTML],
+    config_json: str = "",
+    mlflow_tracking_uri: str = "",
+) -> str:
+    """Evaluate the final stage; logs to MLflow when a tracking URI is given; returns metrics JSON."""
+    import json
+    import os
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from components.evaluate.evaluate import EvalConfig, log_evaluation, run_evaluation
+
+    cfg = EvalConfig.model_validate_json(config_json) if config_json else EvalConfig()
+    out = Path(tempfile.mkdtemp(prefix="evaluate-"))
+    result = run_evaluation(model.path, out, cfg, progress=False)
+    for key, value in result.metrics.items():
+        metrics.log_metric(key, value)
+    shutil.copy(result.report_path, report.path)
+    uri = mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
+    run_id = log_evaluation(result, out, uri, tags={"model": model.path}) if uri else ""
+    return json.dumps({"metrics": result.metrics, "run_id": run_id})

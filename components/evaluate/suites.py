@@ -1,0 +1,81 @@
+"""Prompt suites: GenEval, DPG-Bench, T2I-CompBench (copied in ``benchmarks/`` with their
+licenses) and a held-out synthetic compositional suite with ground truth."""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from model.errors import ConfigError
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+SUITES = ("synthetic", "geneval", "dpg", "t2i-compbench")
+HELDOUT_SEED = 10_000  # the sample data uses seed 0: these scenes were never trained on
+
+
+@dataclass(frozen=True)
+class PromptItem:
+    suite: str
+    index: int
+    prompt: str
+    category: str = ""
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+def _cap(items: list[PromptItem], limit: int | None) -> list[PromptItem]:
+    """The first ``limit`` prompts of every category (all when ``limit`` is None)."""
+    if limit is None:
+        return items
+    seen: dict[str, int] = {}
+    out = []
+    for item in items:
+        if seen.get(item.category, 0) < limit:
+            seen[item.category] = seen.get(item.category, 0) + 1
+            out.append(item)
+    return out
+
+
+def synthetic_suite(n: int, size: int, seed: int = HELDOUT_SEED) -> list[PromptItem]:
+    from data_tools.synthetic import captions, groups, make_scene
+
+    rng = random.Random(seed)
+    items = []
+    for i in range(n):
+        objects = make_scene(rng, size)
+        short = next(
+            c["text"] for c in captions(objects) if (c["granularity"], c["language"]) == ("short", "en")
+        )
+        category = "two_groups" if len(groups(objects)) > 1 else "one_group"
+        items.append(
+            PromptItem("synthetic", i, short, category, {"groups": groups(objects), "objects": objects})
+        )
+    return items
+
+
+def load_suite(
+    name: str, limit: int | None = None, *, root: Path = BENCHMARKS, size: int = 128
+) -> list[PromptItem]:
+    """The prompts of one suite; ``limit`` caps the prompts per category."""
+    if name == "synthetic":
+        return synthetic_suite(limit or 64, size)
+    if name == "geneval":
+        lines = (root / "geneval" / "evaluation_metadata.jsonl").read_text().splitlines()
+        items = [PromptItem(name, i, m["prompt"], m["tag"], m) for i, m in enumerate(map(json.loads, lines))]
+    elif name == "dpg":
+        lines = (root / "dpg-bench" / "prompts.jsonl").read_text().splitlines()
+        items = [
+            PromptItem(name, i, m["prompt"], "dense", {"id": m["id"]})
+            for i, m in enumerate(map(json.loads, lines))
+        ]
+    elif name == "t2i-compbench":
+        items = []
+        for path in sorted((root / "t2i-compbench").glob("*_val.txt")):
+            category = path.name.removesuffix("_val.txt")
+            prompts = [p.strip() for p in path.read_text().splitlines() if p.strip()]
+            items += [PromptItem(name, i, p, category) for i, p in enumerate(prompts)]
+    else:
+        raise ConfigError(f"unknown suite {name!r}; choose from {', '.join(SUITES)}")
+    return _cap(items, limit)

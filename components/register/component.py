@@ -1,0 +1,48 @@
+"""KFP wrapper for registration (no ``from __future__ import annotations``: KFP reads real annotations)."""
+
+from kfp import dsl
+from kfp.dsl import Input, Model
+
+from components.image import BASE_IMAGE
+
+
+@dsl.component(base_image=BASE_IMAGE)
+def register_op(
+    model: Input[Model],
+    eval_result: str,
+    model_name: str,
+    data_version: str = "",
+    dataset_hash: str = "",
+    captions_hash: str = "",
+    tiers_hash: str = "",
+    lowres_run: str = "",
+    highres_run: str = "",
+    hq_run: str = "",
+    git_sha: str = "",
+    gate_json: str = "",
+    mlflow_tracking_uri: str = "",
+) -> str:
+    """Register the model version (tagged with data hashes, stage runs, metrics, git sha);
+    ``champion`` only if the promotion gate passes. Returns the registration as JSON."""
+    import json
+    import os
+    from dataclasses import asdict
+
+    from components.register.register import PromotionGate, register_model
+
+    uri = mlflow_tracking_uri or os.environ["MLFLOW_TRACKING_URI"]
+    gate = PromotionGate.model_validate_json(gate_json) if gate_json else PromotionGate()
+    evaluation = json.loads(eval_result)
+    tags = {
+        "data_version": data_version,
+        "dataset_hash": dataset_hash,
+        "captions_hash": captions_hash,
+        "tiers_hash": tiers_hash,
+        "run.lowres": lowres_run,
+        "run.highres": highres_run,
+        "run.hq": hq_run,
+        "run.evaluate": evaluation.get("run_id", ""),
+        "git_sha": git_sha,
+    }
+    result = register_model(model.path, model_name, uri, evaluation["metrics"], gate=gate, tags=tags)
+    return json.dumps(asdict(result))

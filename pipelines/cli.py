@@ -1,0 +1,163 @@
+"""``python -m pipelines``: run the pipeline locally or on Kubeflow, compile it, schedule it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from model.cli_errors import run_cli
+from model.errors import ConfigError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="The lumina Kubeflow pipeline.")
+COMPILED = Path(__file__).with_name("lumina_pipeline.yaml")
+EXPERIMENT = "lumina"
+
+
+def _arguments(
+    profile: str,
+    model_name: str,
+    steps: str | None,
+    eval_suite_size: int,
+    gate: Path | None,
+    extra: list[str] | None,
+) -> dict[str, Any]:
+    """Pipeline arguments from the CLI options (``--param key=value`` for anything else)."""
+    import yaml
+
+    args: dict[str, Any] = {"profile": profile, "model_name": model_name}
+    if steps:
+        parts = steps.split(",")
+        if len(parts) != 3 or not all(p.strip().isdigit() for p in parts):
+            raise ConfigError(f"--steps takes three counts LOWRES,HIGHRES,HQ (e.g. 200,60,30), got {steps!r}")
+        args.update(zip(("lowres_steps", "highres_steps", "hq_steps"), map(int, parts), strict=True))
+    args["eval_config_json"] = json.dumps({"suite_size": eval_suite_size})
+    if gate is not None:
+        if not gate.is_file():
+            raise ConfigError(f"gate file not found: {gate}")
+        args["gate_json"] = json.dumps(yaml.safe_load(gate.read_text()))
+    for item in extra or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--param wants key=value, got {item!r}")
+        parsed = yaml.safe_load(value) if value else ""
+        args[key] = parsed if isinstance(parsed, int | float | bool) else value  # JSON stays a string
+    return args
+
+
+def _client(host: str, token: str | None):
+    import kfp
+
+    return kfp.Client(host=host, existing_token=token)
+
+
+@app.command()
+def run(
+    source: Annotated[
+        str, typer.Option(help="images: folder, .tar shard or s3:// prefix")
+    ] = "data/raw/synthetic",
+    local: Annotated[bool, typer.Option("--local/--no-local", help="kfp local runner (default)")] = True,
+    host: Annotated[
+        str | None, typer.Option(help="Kubeflow Pipelines API to submit to (implies --no-local)")
+    ] = None,
+    token: Annotated[str | None, typer.Option(envvar="KFP_TOKEN", help="bearer token for --host")] = None,
+    out: Annotated[Path, typer.Option(help="local outputs (kfp artifacts, mlflow)")] = Path("outputs"),
+    profile: str = "tiny",
+    model_name: str = "lumina-tiny",
+    steps: Annotated[
+        str | None, typer.Option(help="steps per stage LOWRES,HIGHRES,HQ (default: profile's)")
+    ] = None,
+    eval_suite_size: Annotated[int, typer.Option(help="prompts per benchmark category")] = 1,
+    gate: Annotated[Path | None, typer.Option(help="YAML promotion gate (PromotionGate fields)")] = None,
+    param: Annotated[list[str] | None, typer.Option(help="extra pipeline argument key=value")] = None,
+    mlflow_server: Annotated[bool, typer.Option(help="start a real mlflow server on loopback")] = False,
+    dvc_data: Annotated[Path | None, typer.Option(help="data folder to version with DVC first")] = None,
+) -> None:
+    """Run the pipeline: locally (embedded default) or on a Kubeflow host."""
+    args = _arguments(profile, model_name, steps, eval_suite_size, gate, param)
+    if host:
+        client = _client(host, token)
+        result = client.create_run_from_pipeline_package(
+            str(COMPILED), arguments={**args, "source": source}, experiment_name=EXPERIMENT
+        )
+        typer.echo(json.dumps({"run_id": result.run_id, "host": host}))
+        return
+    if not local:
+        raise ConfigError("--no-local needs --host")
+    from pipelines.local import run_local
+
+    result = run_local(Path(source), out, args, mlflow_server=mlflow_server, dvc_data=dvc_data)
+    reg = result.registration
+    typer.echo(f"registered model : {reg['name']} version {reg['version']}")
+    typer.echo(
+        f"aliases          : {', '.join(reg['aliases'])}"
+        + ("" if reg["promoted"] else f"  (not champion: {'; '.join(reg['reasons'])})")
+    )
+    typer.echo(f"eval report      : {result.report}")
+    if result.data_version:
+        typer.echo(f"data version     : {result.data_version} (DVC)")
+    if result.tracking_uri.startswith("sqlite"):
+        typer.echo(f"MLflow UI        : mlflow ui --backend-store-uri {result.tracking_uri}")
+    else:
+        typer.echo(
+            f"MLflow           : {result.tracking_uri} (stopped with the run; its store is {out}/mlflow)"
+        )
+
+
+@app.command()
+def compile(
+    out: Annotated[Path, typer.Option(help="pipeline YAML for the Kubeflow UI")] = COMPILED,
+    cluster: Annotated[Path | None, typer.Option(help="YAML of ClusterSettings overrides")] = None,
+) -> None:
+    """Compile the pipeline (with Kubernetes settings) to YAML."""
+    from pipelines.compile import compile_pipeline
+
+    typer.echo(str(compile_pipeline(out, cluster)))
+
+
+@app.command()
+def schedule(
+    host: Annotated[str, typer.Option(help="Kubeflow Pipelines API")],
+    cron: Annotated[str, typer.Option(help="cron expression with seconds, e.g. '0 0 3 * * 0'")],
+    token: Annotated[str | None, typer.Option(envvar="KFP_TOKEN")] = None,
+    source: str = "s3://lumina-data/raw",
+    name: str = "lumina-retrain",
+    profile: str = "tiny",
+    model_name: str = "lumina-tiny",
+    max_concurrency: int = 1,
+) -> None:
+    """Create a recurring run (scheduled retraining) from the compiled pipeline."""
+    client = _client(host, token)
+    experiment = client.create_experiment(EXPERIMENT)
+    job = client.create_recurring_run(
+        experiment_id=experiment.experiment_id,
+        job_name=name,
+        cron_expression=cron,
+        pipeline_package_path=str(COMPILED),
+        max_concurrency=max_concurrency,
+        params={"source": source, "profile": profile, "model_name": model_name},
+    )
+    typer.echo(json.dumps({"recurring_run_id": job.recurring_run_id, "cron": cron}))
+
+
+@app.command()
+def status(
+    host: Annotated[str, typer.Option(help="Kubeflow Pipelines API")],
+    run_id: Annotated[str | None, typer.Option(help="one run (default: the latest runs)")] = None,
+    token: Annotated[str | None, typer.Option(envvar="KFP_TOKEN")] = None,
+) -> None:
+    """Show a run's state, or the latest runs."""
+    client = _client(host, token)
+    if run_id:
+        r = client.get_run(run_id)
+        typer.echo(json.dumps({"run_id": r.run_id, "state": str(r.state), "name": r.display_name}))
+        return
+    runs = client.list_runs(page_size=10, sort_by="created_at desc").runs or []
+    for r in runs:
+        typer.echo(f"{r.run_id}  {r.state}  {r.display_name}")
+
+
+def main() -> None:
+    run_cli(app)

@@ -1,0 +1,113 @@
+"""The embedded default: run the whole pipeline on this machine with kfp's local runner.
+
+Around the run it starts what a cluster would provide: a loopback S3 server (``moto_server``) as
+the DVC remote that versions ``data/raw``, and MLflow (a real ``mlflow server`` on loopback, or
+an sqlite store). Everything it starts is stopped on exit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from model.errors import ConfigError
+
+log = logging.getLogger(__name__)
+REPO = Path(__file__).resolve().parents[1]
+DATA_BUCKET = "lumina-data"
+DVC_FILE = "data.dvc"  # top level: tracks data/ (raw/ inside)
+
+
+@dataclass
+class LocalRun:
+    registration: dict[str, Any]
+    tracking_uri: str
+    report: Path | None
+    data_version: str
+    pipeline_root: Path
+
+
+def version_data(data_dir: Path, endpoint: str) -> str:
+    """``dvc add`` the data folder (→ ``data.dvc``), push it to the loopback S3 remote; return
+    the DVC content hash."""
+    from data_tools.dvc_remote import configure_remote, ensure_repo, push, track
+    from services.s3 import ensure_bucket
+
+    repo = REPO
+    ensure_repo(repo)
+    ensure_bucket(DATA_BUCKET, endpoint)
+    configure_remote(repo, f"s3://{DATA_BUCKET}/dvc", endpoint=endpoint, local=True)
+    target = str(data_dir.resolve().relative_to(repo))
+    if f"{target}.dvc" != DVC_FILE:
+        raise ConfigError(f"the data folder to version is {DVC_FILE.removesuffix('.dvc')}/, not {target}")
+    digest = track(repo, target)
+    push(repo)
+    return digest
+
+
+def find_report(pipeline_root: Path) -> Path | None:
+    reports = sorted(pipeline_root.glob("**/evaluate-op*/report"), key=lambda p: p.stat().st_mtime)
+    return reports[-1] if reports else None
+
+
+def run_local(
+    source: Path,
+    out_dir: Path,
+    arguments: dict[str, Any],
+    *,
+    mlflow_server: bool = False,
+    dvc_data: Path | None = None,
+) -> LocalRun:
+    """Run the pipeline locally; ``dvc_data`` (e.g. ``data/raw``) is versioned first when given."""
+    import kfp.local
+
+    from components.train.tracking import git_sha
+    from pipelines.lumina_pipeline import build_pipeline
+    from services.mlflow_server import mlflow_server as start_mlflow
+    from services.s3 import DUMMY_CREDENTIALS, REGION, s3_server
+
+    if not source.exists():
+        raise ConfigError(f"pipeline source not found: {source} (run `make sample-data` first)")
+    out_dir = out_dir.resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
+    data_version = ""
+    with contextlib.ExitStack() as stack:
+        if dvc_data is not None:
+            for key, value in {**DUMMY_CREDENTIALS, "AWS_DEFAULT_REGION": REGION}.items():
+                os.environ.setdefault(key, value)
+            endpoint = stack.enter_context(s3_server())
+            data_version = version_data(dvc_data, endpoint)
+            log.info(
+                "data versioned: %s.dvc = %s (pushed to s3://%s on %s)",
+                dvc_data,
+                data_version,
+                DATA_BUCKET,
+                endpoint,
+            )
+        if mlflow_server:
+            tracking_uri = stack.enter_context(start_mlflow(out_dir / "mlflow"))
+        else:
+            tracking_uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{out_dir / 'mlflow.db'}"
+        os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
+        pipeline_root = out_dir / "kfp"
+        kfp.local.init(
+            runner=kfp.local.SubprocessRunner(use_venv=False),
+            pipeline_root=str(pipeline_root),
+            raise_on_error=True,
+        )
+        args = {
+            "mlflow_tracking_uri": tracking_uri,
+            "git_sha": git_sha(REPO),
+            "data_version": data_version,
+            **arguments,
+            "source": str(source.resolve()),
+        }
+        task = build_pipeline(None)(**args)
+        registration = json.loads(task.output)
+    return LocalRun(registration, tracking_uri, find_report(pipeline_root), data_version, pipeline_root)

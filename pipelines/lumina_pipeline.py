@@ -1,0 +1,155 @@
+"""The Kubeflow pipeline: ingest → recaption → tier → train (3 stages) → evaluate → register.
+
+(No ``from __future__ import annotations``: KFP reads real annotations.)
+
+:func:`build_pipeline` returns the pipeline for a cluster (``cluster=True``: GPU accelerator and
+node placement on the train tasks, PVC for the DeepSpeed/latent cache, S3 and MLflow secrets as
+env, /dev/shm) or for the local runner (``cluster=False``: the same graph without Kubernetes
+settings, which the local runner does not apply).
+"""
+
+from kfp import dsl, kubernetes
+from pydantic import BaseModel, ConfigDict
+
+from components.evaluate.component import evaluate_op
+from components.ingest.component import ingest_op
+from components.recaption.component import recaption_op
+from components.register.component import register_op
+from components.tier.component import tier_op
+from components.train.component import train_stage_op
+
+PIPELINE_NAME = "lumina-pipeline"
+STAGES = ("lowres", "highres", "hq")
+
+
+class ClusterSettings(BaseModel):
+    """Kubernetes settings for the compiled pipeline (a real cluster's values go here)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    accelerator_type: str = "nvidia.com/gpu"
+    gpus_per_train_task: int = 1
+    train_cpu_limit: str = "16"
+    train_memory_limit: str = "128G"
+    node_selector: dict[str, str] = {"nvidia.com/gpu.present": "true"}
+    tolerations: list[dict[str, str]] = [
+        {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+    ]
+    cache_pvc: str = "lumina-cache"
+    cache_mount: str = "/cache"
+    s3_secret: str = "lumina-s3"
+    mlflow_secret: str = "lumina-mlflow"
+    shm_size: str = "16Gi"
+
+
+def _with_secrets(task: dsl.PipelineTask, cluster: ClusterSettings) -> None:
+    kubernetes.use_secret_as_env(
+        task,
+        secret_name=cluster.s3_secret,
+        secret_key_to_env={
+            "AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID",
+            "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY",
+            "AWS_ENDPOINT_URL": "AWS_ENDPOINT_URL",
+        },
+        optional=True,
+    )
+    kubernetes.use_secret_as_env(
+        task,
+        secret_name=cluster.mlflow_secret,
+        secret_key_to_env={"MLFLOW_TRACKING_URI": "MLFLOW_TRACKING_URI"},
+    )
+
+
+def _train_on_gpus(task: dsl.PipelineTask, cluster: ClusterSettings) -> None:
+    task.set_accelerator_type(cluster.accelerator_type).set_accelerator_limit(cluster.gpus_per_train_task)
+    task.set_cpu_limit(cluster.train_cpu_limit).set_memory_limit(cluster.train_memory_limit)
+    for key, value in cluster.node_selector.items():
+        kubernetes.add_node_selector(task, label_key=key, label_value=value)
+    for tol in cluster.tolerations:
+        kubernetes.add_toleration(task, **tol)
+    kubernetes.mount_pvc(task, pvc_name=cluster.cache_pvc, mount_path=cluster.cache_mount)
+    kubernetes.empty_dir_mount(
+        task, volume_name="dshm", mount_path="/dev/shm", medium="Memory", size_limit=cluster.shm_size
+    )
+    task.set_env_variable("TORCH_EXTENSIONS_DIR", f"{cluster.cache_mount}/torch_extensions")
+
+
+def build_pipeline(cluster: ClusterSettings | None = None):
+    """The pipeline function; Kubernetes settings are applied when ``cluster`` is given."""
+
+    @dsl.pipeline(
+        name=PIPELINE_NAME,
+        description="Recaption, curate, train, evaluate and register a Lumina-Image 2.0-style model.",
+    )
+    def lumina_pipeline(
+        source: str,
+        model_name: str = "lumina-tiny",
+        profile: str = "tiny",
+        dedup_distance: int = 4,
+        recaption_backend: str = "auto",
+        vlm_model: str = "",
+        tier_config_json: str = "",
+        lowres_steps: int = 0,
+        highres_steps: int = 0,
+        hq_steps: int = 0,
+        seed: int = 0,
+        eval_config_json: str = "",
+        gate_json: str = "",
+        mlflow_tracking_uri: str = "",
+        git_sha: str = "",
+        data_version: str = "",
+    ) -> str:
+        ingest = ingest_op(source=source, dedup_distance=dedup_distance).set_display_name("ingest")
+        ingest.set_retry(num_retries=2, backoff_duration="30s")  # object stores are flaky
+        images = ingest.outputs["dataset"]
+        recaption = recaption_op(images=images, backend=recaption_backend, vlm_model=vlm_model)
+        recaption.set_display_name("recaption")
+        tiers = tier_op(captions=recaption.outputs["captions"], images=images, config_json=tier_config_json)
+        tiers.set_display_name("tier")
+        previous = None
+        runs = {}
+        for stage, steps in zip(STAGES, (lowres_steps, highres_steps, hq_steps), strict=True):
+            kwargs = {"init_from": previous.outputs["pipeline"]} if previous is not None else {}
+            task = train_stage_op(
+                manifest=tiers.outputs["tiers"],
+                images=images,
+                stage=stage,
+                profile=profile,
+                steps=steps,
+                seed=seed,
+                **kwargs,
+            )
+            task.set_display_name(f"train-{stage}")
+            if cluster is not None:
+                _train_on_gpus(task, cluster)
+            runs[stage], previous = task.outputs["Output"], task
+        final_model = previous.outputs["pipeline"]
+        evaluate = evaluate_op(
+            model=final_model, config_json=eval_config_json, mlflow_tracking_uri=mlflow_tracking_uri
+        )
+        evaluate.set_display_name("evaluate")
+        register = register_op(
+            model=final_model,
+            eval_result=evaluate.outputs["Output"],
+            model_name=model_name,
+            data_version=data_version,
+            dataset_hash=ingest.outputs["Output"],
+            captions_hash=recaption.outputs["Output"],
+            tiers_hash=tiers.outputs["Output"],
+            lowres_run=runs["lowres"],
+            highres_run=runs["highres"],
+            hq_run=runs["hq"],
+            git_sha=git_sha,
+            gate_json=gate_json,
+            mlflow_tracking_uri=mlflow_tracking_uri,
+        )
+        register.set_display_name("register").set_retry(num_retries=2)
+        register.set_caching_options(False)  # registering is a side effect: never served from cache
+        if cluster is not None:
+            for task in (ingest, recaption, tiers, evaluate, register):
+                _with_secrets(task, cluster)
+            for task in (ingest, recaption, tiers):
+                task.set_cpu_limit("8").set_memory_limit("32G")
+        return register.outputs["Output"]
+
+    return lumina_pipeline

@@ -1,0 +1,215 @@
+"""The Kubeflow pipeline: compiled spec (strict protobuf, drift), remote API calls against a
+recording loopback server, and the end-to-end local run with MLflow registration."""
+
+import json
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import ClassVar
+
+import pytest
+import yaml
+from google.protobuf import json_format
+from kfp.pipeline_spec import pipeline_spec_pb2
+
+from pipelines.cli import COMPILED
+from pipelines.compile import compile_pipeline
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory) -> Path:
+    return compile_pipeline(tmp_path_factory.mktemp("kfp") / "pipeline.yaml")
+
+
+def test_committed_yaml_matches_the_code(compiled):
+    fresh, committed = (
+        list(yaml.safe_load_all(compiled.read_text())),
+        list(yaml.safe_load_all(COMPILED.read_text())),
+    )
+    for doc in (*fresh, *committed):
+        doc.pop("sdkVersion", None)
+    assert fresh == committed, "pipelines/lumina_pipeline.yaml is stale: run `make pipeline-compile`"
+
+
+def test_spec_parses_strictly_and_references_resolve(compiled):
+    spec_doc, platform_doc = yaml.safe_load_all(compiled.read_text())
+    spec = json_format.ParseDict(spec_doc, pipeline_spec_pb2.PipelineSpec())  # unknown fields raise
+    platform = json_format.ParseDict(platform_doc, pipeline_spec_pb2.PlatformSpec())
+    deployment = json_format.ParseDict(
+        spec_doc["deploymentSpec"], pipeline_spec_pb2.PipelineDeploymentConfig()
+    )
+    tasks = spec.root.dag.tasks
+    assert {"ingest-op", "recaption-op", "tier-op", "evaluate-op", "register-op"} <= set(tasks)
+    for task in tasks.values():
+        component = spec.components[task.component_ref.name]
+        assert component.executor_label in deployment.executors
+    train = [n for n in tasks if n.startswith("train-stage-op")]
+    assert len(train) == 3
+    k8s = json_format.MessageToDict(platform.platforms["kubernetes"])["deploymentSpec"]["executors"]
+    for name in train:
+        label = spec.components[tasks[name].component_ref.name].executor_label
+        resources = deployment.executors[label].container.resources
+        assert (
+            resources.accelerator.resource_type == "nvidia.com/gpu"
+            and resources.accelerator.resource_count == "1"
+        )
+        assert k8s[label]["nodeSelector"]["labels"] == {"nvidia.com/gpu.present": "true"}
+        assert k8s[label]["tolerations"][0]["key"] == "nvidia.com/gpu"
+        assert k8s[label]["pvcMount"][0]["mountPath"] == "/cache"
+        assert k8s[label]["emptyDirMounts"][0]["mountPath"] == "/dev/shm"
+    assert "secretAsEnv" in k8s["exec-register-op"]
+    assert tasks["register-op"].caching_options.enable_cache is False
+    assert tasks["ingest-op"].retry_policy.max_retry_count == 2
+    stages = [
+        t.inputs.parameters["stage"].runtime_value.constant.string_value
+        for n, t in tasks.items()
+        if n in train
+    ]
+    assert sorted(stages) == ["highres", "hq", "lowres"]
+
+
+class _Recorder(BaseHTTPRequestHandler):
+    requests: ClassVar[list] = []
+    RESPONSES: ClassVar[dict] = {
+        ("GET", "/apis/v2beta1/healthz"): {"multi_user": False},
+        ("POST", "/apis/v2beta1/experiments"): {"experiment_id": "exp-1", "display_name": "lumina"},
+        ("GET", "/apis/v2beta1/experiments"): {
+            "experiments": [{"experiment_id": "exp-1", "display_name": "lumina"}]
+        },
+        ("POST", "/apis/v2beta1/runs"): {"run_id": "run-1", "display_name": "r", "state": "PENDING"},
+        ("POST", "/apis/v2beta1/recurringruns"): {
+            "recurring_run_id": "rr-1",
+            "display_name": "lumina-retrain",
+        },
+        ("GET", "/apis/v2beta1/runs/run-1"): {"run_id": "run-1", "display_name": "r", "state": "SUCCEEDED"},
+    }
+
+    def _answer(self):
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length).decode() if length else ""
+        path = self.path.split("?")[0]
+        self.requests.append((self.command, path, body, dict(self.headers)))
+        payload = self.RESPONSES.get((self.command, path))
+        self.send_response(200 if payload is not None else 404)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(json.dumps(payload or {"error": "not found"}).encode())
+
+    do_GET = do_POST = do_DELETE = _answer
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture()
+def kfp_api():
+    _Recorder.requests = []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Recorder)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", _Recorder.requests
+    server.shutdown()
+    server.server_close()
+
+
+def _cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipelines", *args], cwd=REPO, capture_output=True, text=True, timeout=900
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"pipelines {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def test_submit_schedule_and_status_reach_the_api(kfp_api):
+    host, requests = kfp_api
+    out = _cli("run", "--host", host, "--token", "secret-token", "--source", "s3://bucket/raw")
+    assert json.loads(out.stdout.strip().splitlines()[-1])["run_id"] == "run-1"
+    run_post = next(json.loads(b) for m, p, b, _ in requests if (m, p) == ("POST", "/apis/v2beta1/runs"))
+    assert run_post["pipeline_spec"]["pipeline_spec"]["pipelineInfo"]["name"] == "lumina-pipeline"
+    assert "kubernetes" in run_post["pipeline_spec"]["platform_spec"]["platforms"]
+    assert run_post["runtime_config"]["parameters"]["source"] == "s3://bucket/raw"
+    assert all(
+        {k.lower(): v for k, v in h.items()}.get("authorization") == "Bearer secret-token"
+        for *_, h in requests
+    )
+    requests.clear()
+    out = _cli("schedule", "--host", host, "--cron", "0 0 3 * * 0")
+    assert json.loads(out.stdout.strip().splitlines()[-1])["recurring_run_id"] == "rr-1"
+    job = next(json.loads(b) for m, p, b, _ in requests if (m, p) == ("POST", "/apis/v2beta1/recurringruns"))
+    assert job["trigger"]["cron_schedule"]["cron"] == "0 0 3 * * 0"
+    spec = job["pipeline_spec"].get("pipeline_spec", job["pipeline_spec"])
+    assert spec["pipelineInfo"]["name"] == "lumina-pipeline"
+    out = _cli("status", "--host", host, "--run-id", "run-1")
+    assert "SUCCEEDED" in out.stdout
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    proc = _cli("run", "--source", str(tmp_path / "missing"), "--out", str(tmp_path / "o"), check=False)
+    assert proc.returncode == 2 and "pipeline source not found" in proc.stderr
+    proc = _cli("run", "--steps", "1", "--out", str(tmp_path / "o"), check=False)
+    assert proc.returncode == 2 and "three counts" in proc.stderr
+
+
+@pytest.mark.slow
+def test_local_run_registers_and_failing_gate_keeps_champion(tmp_path):
+    from mlflow import MlflowClient
+
+    from data_tools.synthetic import build_synthetic
+    from pipelines.local import run_local
+
+    build_synthetic(tmp_path / "raw" / "synthetic", n=48, size=128)
+    eval_cfg = json.dumps({"suite_size": 1, "synthetic_size": 4, "heldout": 8, "sampler": {"steps": 4}})
+    args = {
+        "profile": "tiny",
+        "model_name": "lumina-e2e",
+        "lowres_steps": 12,
+        "highres_steps": 4,
+        "hq_steps": 4,
+        "eval_config_json": eval_cfg,
+    }
+    first = run_local(tmp_path / "raw" / "synthetic", tmp_path / "out", args)
+    reg = first.registration
+    assert reg["promoted"] and reg["aliases"] == ["challenger", "champion"], reg
+    client = MlflowClient(tracking_uri=first.tracking_uri)
+    version = client.get_model_version("lumina-e2e", reg["version"])
+    for tag in (
+        "dataset_hash",
+        "captions_hash",
+        "tiers_hash",
+        "run.lowres",
+        "run.highres",
+        "run.hq",
+        "run.evaluate",
+        "git_sha",
+        "metric.val_loss",
+    ):
+        assert version.tags.get(tag), f"tag {tag} missing on the model version"
+    assert client.get_run(version.tags["run.hq"]).data.params["stage"] == "hq"
+    assert first.report is not None and "Evaluation of" in first.report.read_text()
+
+    gate = tmp_path / "gate.yaml"
+    gate.write_text(yaml.safe_dump({"rules": {"val_loss": {"better": "lower", "max": 1e-6}}}))
+    proc = _cli(
+        "run",
+        "--source",
+        str(tmp_path / "raw" / "synthetic"),
+        "--out",
+        str(tmp_path / "out"),
+        "--model-name",
+        "lumina-e2e",
+        "--steps",
+        "2,2,2",
+        "--gate",
+        str(gate),
+        "--param",
+        f"eval_config_json={eval_cfg}",
+    )
+    assert "not champion" in proc.stdout and "> max" in proc.stdout
+    champion = client.get_model_version_by_alias("lumina-e2e", "champion")
+    challenger = client.get_model_version_by_alias("lumina-e2e", "challenger")
+    assert str(champion.version) == reg["version"] and str(challenger.version) != reg["version"]

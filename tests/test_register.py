@@ -1,0 +1,52 @@
+"""Registration and promotion: challenger always, champion only through the gate."""
+
+import pytest
+from mlflow import MlflowClient
+
+from components.register.register import MetricRule, PromotionGate, download_version, register_model
+from model.errors import ConfigError
+
+
+def test_gate_thresholds_and_regressions():
+    gate = PromotionGate(
+        rules={"val_loss": MetricRule(better="lower", max=1.0), "acc": MetricRule(better="higher", min=0.5)}
+    )
+    assert gate.check({"val_loss": 0.5, "acc": 0.7}, None) == []
+    assert gate.check({"val_loss": 1.5, "acc": 0.7}, None) == ["val_loss=1.5 > max 1"]
+    assert "acc missing" in gate.check({"val_loss": 0.5}, None)
+    assert gate.check({"val_loss": 0.5, "acc": 0.7}, {"val_loss": 0.4, "acc": 0.7})[0].startswith(
+        "val_loss=0.5 regresses"
+    )
+    assert gate.check({"val_loss": 0.405, "acc": 0.7}, {"val_loss": 0.4, "acc": 0.7}) == []  # within 2 %
+    assert "regresses" in gate.check({"val_loss": 0.5, "acc": 0.6}, {"val_loss": 0.5, "acc": 0.7})[0]
+
+
+def test_register_promote_and_hold(tiny_folder, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    first = register_model(tiny_folder, "m", uri, {"val_loss": 0.8}, tags={"dataset_hash": "abc"})
+    assert first.promoted and first.aliases == ["challenger", "champion"]
+    version = client.get_model_version("m", first.version)
+    assert version.tags["dataset_hash"] == "abc" and float(version.tags["metric.val_loss"]) == 0.8
+    worse = register_model(tiny_folder, "m", uri, {"val_loss": 0.9})
+    assert not worse.promoted and "regresses" in worse.reasons[0]
+    failing = register_model(tiny_folder, "m", uri, {"val_loss": 5.0})
+    assert "> max" in failing.reasons[0]
+    assert str(client.get_model_version_by_alias("m", "champion").version) == first.version
+    assert str(client.get_model_version_by_alias("m", "challenger").version) == failing.version
+    better = register_model(tiny_folder, "m", uri, {"val_loss": 0.5})
+    assert (
+        better.promoted and str(client.get_model_version_by_alias("m", "champion").version) == better.version
+    )
+    folder = download_version("models:/m@champion", tmp_path / "dl", uri)
+    assert (folder / "model_index.json").is_file()
+    from model.sampler import LuminaSampler
+
+    LuminaSampler.load(folder)  # loads with our sampler
+
+
+def test_bad_inputs(tmp_path):
+    with pytest.raises(ConfigError, match="not a diffusers pipeline folder"):
+        register_model(tmp_path, "m", f"sqlite:///{tmp_path / 'db'}", {"val_loss": 1.0})
+    with pytest.raises(ConfigError, match="not a registry URI"):
+        download_version("runs:/abc/model", tmp_path)

@@ -1,0 +1,89 @@
+"""Tiering: nested, resolution-respecting, deterministic; scorers measure what they claim."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image, ImageFilter
+
+from components.ingest.ingest import ingest
+from components.recaption.recaption import run_recaption
+from components.tier.scorers import available, colorfulness, exposure, sharpness
+from components.tier.tier import run_tier
+from components.tier.tiering import TierConfig, assign_tiers
+from data_tools.synthetic import build_synthetic
+
+
+def test_scorers_order_obvious_cases():
+    rng = np.random.default_rng(0)
+    sharp = Image.fromarray(rng.integers(0, 255, (128, 128, 3), dtype=np.uint8))
+    blurred = sharp.filter(ImageFilter.GaussianBlur(4))
+    assert sharpness(sharp, {}) > 5 * sharpness(blurred, {})
+    grey, dark = Image.new("RGB", (64, 64), (128,) * 3), Image.new("RGB", (64, 64), (3,) * 3)
+    assert exposure(grey, {}) > 0.95 > 0.05 > exposure(dark, {})
+    assert colorfulness(Image.new("RGB", (64, 64), (220, 20, 20)), {}) > colorfulness(grey, {}) == 0.0
+    with pytest.raises(Exception, match="unknown scorer"):
+        available(["nope"])
+
+
+def _frame(n: int, rng) -> pd.DataFrame:
+    sides = rng.choice([64, 96, 128, 256], size=n)
+    return pd.DataFrame(
+        {
+            "id": [f"i{k:03d}" for k in range(n)],
+            "score": rng.random(n),
+            "width": sides,
+            "height": sides,
+            "nsfw": rng.random(n) * 0.6,
+        }
+    )
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_tiers_are_nested_respect_resolution_and_are_deterministic(seed):
+    rng = np.random.default_rng(seed)
+    frame = _frame(300, rng)
+    cfg = TierConfig(min_side={"lowres": 64, "highres": 128, "hq": 256})
+    tiers = assign_tiers(frame, cfg)
+    low, high, hq = (set(tiers[k]["id"]) for k in ("lowres", "highres", "hq"))
+    assert hq <= high <= low and len(hq) < len(high) < len(low)
+    assert (tiers["highres"][["width", "height"]].min(axis=1) >= 128).all()
+    assert (tiers["hq"][["width", "height"]].min(axis=1) >= 256).all()
+    assert (tiers["lowres"]["nsfw"] <= cfg.nsfw_threshold).all()
+    assert tiers["hq"]["score"].min() >= tiers["highres"]["score"].min()
+    again = assign_tiers(frame.sample(frac=1.0, random_state=seed), cfg)
+    assert all(list(again[k]["id"]) == list(tiers[k]["id"]) for k in tiers)
+
+
+def test_ratios_follow_the_paper_with_floors():
+    rng = np.random.default_rng(0)
+    frame = _frame(2000, rng)
+    frame[["width", "height"]] = 1024
+    tiers = assign_tiers(frame.drop(columns="nsfw"), TierConfig())
+    assert len(tiers["highres"]) == 200 and len(tiers["hq"]) == 20
+    small = assign_tiers(frame.head(40).drop(columns="nsfw"), TierConfig())
+    assert len(small["hq"]) == 8 and len(small["highres"]) == 16
+
+
+def test_bad_tier_config_is_rejected():
+    with pytest.raises(ValueError, match="nested"):
+        TierConfig(highres_ratio=0.01, hq_ratio=0.1)
+
+
+def test_run_tier_end_to_end(tmp_path):
+    build_synthetic(tmp_path / "raw", n=40, size=128)
+    ingest(tmp_path / "raw", tmp_path / "ingest")
+    run_recaption(tmp_path / "ingest", tmp_path / "cap", progress=False)
+    result = run_tier(tmp_path / "cap", tmp_path / "ingest", tmp_path / "tiers", progress=False)
+    frames = {k: pd.read_parquet(tmp_path / "tiers" / f"{k}.parquet") for k in ("lowres", "highres", "hq")}
+    assert set(frames["hq"]["id"]) <= set(frames["highres"]["id"]) <= set(frames["lowres"]["id"])
+    assert len(frames["hq"]) >= 8 and set(frames["hq"]["system_prompt"]) == {"B"}  # synthetic → Template B
+    report = json.loads(result.report.read_text())
+    assert report["counts"] == result.counts and (tmp_path / "tiers" / "report" / "hist_score.png").is_file()
+    from components.train.data import read_manifest
+
+    records = read_manifest(tmp_path / "tiers" / "hq.parquet", image_root=tmp_path / "ingest")
+    assert all(r.image_path.is_file() for r in records)
+    again = run_tier(tmp_path / "cap", tmp_path / "ingest", tmp_path / "tiers2", progress=False)
+    assert again.dataset_hash == result.dataset_hash
