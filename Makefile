@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup test test-fast lint format bench sample-data pipeline-run pipeline-compile clean help
+.PHONY: setup test test-fast lint format bench sample-data pipeline-run pipeline-compile image serve clean help
 
 help:
 	@echo "make pipeline-run   run the main job on the embedded default (tiny profile)"
@@ -18,6 +18,8 @@ help:
 	@echo "make bench          run the benchmarks in bench/ (JSON under bench/results/)"
 	@echo "make sample-data    build data/raw offline (synthetic compositional set)"
 	@echo "make pipeline-compile  compile pipelines/lumina_pipeline.yaml for the Kubeflow UI"
+	@echo "make serve          serve the registered champion over HTTP (after pipeline-run)"
+	@echo "make image          build the container image (Dockerfile)"
 	@echo "make lint           ruff"
 
 # GPU=1 TORCH_INDEX_URL=<CUDA wheel index>: install a CUDA build of the same torch release first
@@ -57,6 +59,8 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.sampler --out bench/results/sampler.json
 	$(BIN)/python -m bench.train --out bench/results/train.json
 	$(BIN)/python -m bench.ingest --out bench/results/ingest.json
+	$(BIN)/python -m bench.recaption --out bench/results/recaption.json
+	$(BIN)/python -m bench.serve --out bench/results/serve.json
 
 sample-data: $(STAMP)
 	$(BIN)/python -m data_tools sample-data --out data/raw
@@ -73,6 +77,25 @@ pipeline-run: sample-data
 # Compile the cluster pipeline for the Kubeflow UI (committed; a test checks it for drift).
 pipeline-compile: $(STAMP)
 	$(BIN)/python -m pipelines compile --out pipelines/lumina_pipeline.yaml
+
+# Serve the registered champion of the last pipeline-run on http://127.0.0.1:8080 (docs at /docs).
+SERVE_MODEL ?= models:/lumina-tiny@champion
+SERVE_PORT ?= 8080
+serve: $(STAMP)
+	MLFLOW_TRACKING_URI=$${MLFLOW_TRACKING_URI:-sqlite:///$(abspath $(PIPELINE_OUT))/mlflow.db} \
+	$(BIN)/python -m serving --model $(SERVE_MODEL) --model-dir $(PIPELINE_OUT)/serve-cache \
+		--defaults-file serving/profiles/tiny.yaml --port $(SERVE_PORT)
+
+# The container image for the components and the server. BASE=<image> builds from a base made
+# offline (nothing can be pulled here); a local CPU torch wheel is used when one is on disk.
+IMAGE ?= lumina-pipeline:0.1.0
+CONTAINER_ENGINE ?= docker
+TORCH_WHEEL_DIR ?= /opt/wheels
+image:
+	mkdir -p .whl
+	@wheel=$$(ls $(TORCH_WHEEL_DIR)/torch-2.13.0+cpu-*.whl 2>/dev/null | head -1); \
+	if [ -n "$$wheel" ]; then cp "$$wheel" .whl/; extra="--build-arg TORCH_WHEEL=$$(basename $$wheel)"; fi; \
+	set -x; $(CONTAINER_ENGINE) build $(if $(BASE),--build-arg BASE=$(BASE),) $$extra -t $(IMAGE) .
 
 clean:
 	rm -rf $(VENV) .cache build *.egg-info

@@ -179,3 +179,17 @@ def test_matches_diffusers_pipeline_without_renorm(tiny_pipe, tiny_sampler):
     ).images
     assert np.abs(ours - peer).max() < 1e-4
     assert ours.std() > 0.01  # the comparison is not between two blank images
+
+
+def test_explicit_noise_matches_the_seed_and_is_checked(tiny_sampler):
+    cfg = SamplerConfig(steps=2)
+    seeded = tiny_sampler.generate(
+        ["a red circle"], height=64, width=64, seed=3, config=cfg, output_type="latent"
+    )
+    noise = torch.randn((1, 16, 8, 8), generator=torch.Generator("cpu").manual_seed(3))
+    given = tiny_sampler.generate(
+        ["a red circle"], height=64, width=64, config=cfg, output_type="latent", noise=noise
+    )
+    assert torch.equal(seeded.latents, given.latents)
+    with pytest.raises(ConfigError, match="noise shape"):
+        tiny_sampler.generate(["a"], height=64, width=64, config=cfg, noise=torch.zeros(2, 16, 8, 8))

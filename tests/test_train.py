@@ -262,7 +262,7 @@ def test_kfp_component_compiles(tmp_path):
     out = tmp_path / "train.yaml"
     compiler.Compiler().compile(stages, str(out))
     text = out.read_text()
-    assert "train-stage-op" in text and "lumina-pipeline:latest" in text and "init_from" in text
+    assert "train-stage-op" in text and "lumina-pipeline:0.1.0" in text and "init_from" in text
 
 
 @pytest.mark.slow

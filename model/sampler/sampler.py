@@ -159,10 +159,13 @@ class LuminaSampler:
         output_type: str = "pil",
         progress: bool = False,
         cache: TeaCache | None = None,
+        noise: torch.Tensor | None = None,
     ) -> GenerationResult:
         """Generate one image per prompt (deterministic for ``seed``).
 
         ``cache`` overrides the TeaCache built from ``config.teacache`` (used by calibration).
+        ``noise`` gives the initial latents (batch, C, height/8, width/8) instead of drawing them
+        from ``seed`` (e.g. a server merging requests that each keep their own seed).
         """
         config = config or SamplerConfig()
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -185,8 +188,13 @@ class LuminaSampler:
         full_ctx = self.denoiser.prepare(emb.embeds, emb.mask, lat_h, lat_w)
         cond_ctx = self.denoiser.subset(full_ctx, batch) if use_cfg else full_ctx
 
-        generator = torch.Generator("cpu").manual_seed(seed)
-        latents = torch.randn((batch, self.transformer.config.in_channels, lat_h, lat_w), generator=generator)
+        shape = (batch, self.transformer.config.in_channels, lat_h, lat_w)
+        if noise is None:
+            latents = torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed))
+        elif tuple(noise.shape) != shape:
+            raise ConfigError(f"noise shape {tuple(noise.shape)} does not match {shape}")
+        else:
+            latents = noise
         latents = latents.to(device, torch.float32)
 
         sigmas = self.sigmas(config, (lat_h, lat_w))

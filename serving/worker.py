@@ -1,0 +1,280 @@
+"""A bounded request queue and the worker thread that runs the sampler, micro-batching.
+
+The worker takes the oldest queued job, adds the queued compatible jobs (same size and sampler
+settings; prompts, negative prompts and seeds may differ) and runs them as one
+``LuminaSampler.generate`` call of up to ``max_rows`` images. While requests overlap (the last call
+was merged, or requests arrived while it ran) it first waits up to ``batch_window`` for more; a
+lone client never waits.
+
+Seeds: a request's images must not depend on what it was batched with, so a merged call passes
+each request's own initial noise (``generate(noise=...)``): exactly the noise a standalone
+``generate(prompts, seed=s)`` draws. Images of a merged call match standalone ones up to float
+rounding (batched matmuls, prompt padding to the longest prompt).
+
+TeaCache decides which steps to skip from the whole batch, so jobs with ``teacache > 0`` are never
+merged.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from model.errors import LuminaError
+from model.profiles import VAE_DOWNSAMPLE
+from model.sampler import LuminaSampler, SamplerConfig
+
+log = logging.getLogger(__name__)
+
+# One sampler call at a time (the model's modules are shared).
+_GENERATE_LOCK = threading.Lock()
+
+
+class QueueFullError(Exception):
+    """The queue holds ``queue_size`` jobs already."""
+
+
+class ShuttingDownError(Exception):
+    """The worker is stopping; the job was not (or will not be) run."""
+
+
+@dataclass(eq=False)
+class Job:
+    prompts: list[str]
+    negatives: list[str]
+    seed: int
+    height: int
+    width: int
+    config: SamplerConfig
+    future: Future = field(default_factory=Future)
+    enqueued: float = field(default_factory=time.perf_counter)
+
+    @property
+    def key(self) -> tuple[Any, ...]:
+        """Jobs with equal keys can share one sampler call."""
+        return (self.height, self.width, self.config.model_dump_json())
+
+    @property
+    def mergeable(self) -> bool:
+        return self.config.teacache <= 0
+
+
+@dataclass
+class JobResult:
+    images: list[Any]  # PIL images, one per prompt
+    forward_calls: int
+    merged_requests: int  # requests in the sampler call that made these images
+    merged_rows: int
+    queue_s: float
+    generate_s: float
+
+
+def initial_noise(sampler: LuminaSampler, seed: int, rows: int, height: int, width: int) -> torch.Tensor:
+    """The noise ``sampler.generate`` draws for ``rows`` prompts at this size and seed."""
+    shape = (rows, sampler.transformer.config.in_channels, height // VAE_DOWNSAMPLE, width // VAE_DOWNSAMPLE)
+    return torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed))
+
+
+def generate_rows(
+    sampler: LuminaSampler,
+    prompts: Sequence[str],
+    negatives: Sequence[str],
+    seeds: Sequence[tuple[int, int]],
+    *,
+    height: int,
+    width: int,
+    config: SamplerConfig,
+) -> Any:
+    """One ``generate`` call where each run of rows gets its own seed's noise.
+
+    ``seeds`` lists (seed, rows) in prompt order; rows must add up to ``len(prompts)``.
+    """
+    if sum(n for _, n in seeds) != len(prompts):
+        raise ValueError("seed rows do not add up to the prompts")
+    if len(seeds) == 1:
+        with _GENERATE_LOCK:
+            return sampler.generate(
+                list(prompts),
+                negative_prompt=list(negatives),
+                height=height,
+                width=width,
+                seed=seeds[0][0],
+                config=config,
+            )
+    noise = torch.cat([initial_noise(sampler, s, n, height, width) for s, n in seeds])
+    with _GENERATE_LOCK:
+        result = sampler.generate(
+            list(prompts),
+            negative_prompt=list(negatives),
+            height=height,
+            width=width,
+            config=config,
+            noise=noise,
+        )
+    return result
+
+
+class GenerationWorker:
+    """Bounded FIFO of :class:`Job` and one thread running them, micro-batched."""
+
+    def __init__(
+        self,
+        sampler: LuminaSampler,
+        *,
+        queue_size: int,
+        max_rows: int,
+        batch_window_s: float = 0.0,
+        micro_batch: bool = True,
+        on_depth: Callable[[int], None] | None = None,
+        on_call: Callable[[int, int, float], None] | None = None,
+    ):
+        self.sampler = sampler
+        self.queue_size = queue_size
+        self.max_rows = max_rows
+        self.batch_window_s = batch_window_s
+        self.micro_batch = micro_batch
+        self._on_depth = on_depth or (lambda depth: None)
+        self._on_call = on_call or (lambda requests, rows, seconds: None)
+        self._pending: deque[Job] = deque()
+        self._cond = threading.Condition()
+        self._closed = False
+        self._running: list[Job] = []
+        self._contended = False  # requests overlapped recently: worth waiting batch_window for more
+        self._thread = threading.Thread(target=self._loop, name="lumina-worker", daemon=True)
+
+    # ------------------------------------------------------------------ producer side
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, job: Job) -> Future:
+        with self._cond:
+            if self._closed:
+                raise ShuttingDownError("server is shutting down")
+            if len(self._pending) >= self.queue_size:
+                raise QueueFullError(f"queue full ({self.queue_size} requests waiting)")
+            self._pending.append(job)
+            if self._running:
+                self._contended = True  # arrived while the worker was busy
+            self._on_depth(len(self._pending))
+            self._cond.notify_all()
+        return job.future
+
+    @property
+    def depth(self) -> int:
+        return len(self._pending)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._running)
+
+    def stop(self, timeout: float = 30.0) -> int:
+        """Refuse new jobs, cancel the queued ones (they fail with :class:`ShuttingDownError`),
+        let the running call finish (up to ``timeout``). Returns how many were cancelled."""
+        with self._cond:
+            self._closed = True
+            cancelled = list(self._pending)
+            self._pending.clear()
+            self._on_depth(0)
+            self._cond.notify_all()
+        for job in cancelled:
+            if job.future.set_running_or_notify_cancel():
+                job.future.set_exception(ShuttingDownError("server is shutting down; request not run"))
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
+        return len(cancelled)
+
+    # ------------------------------------------------------------------ worker side
+    def _take(self) -> list[Job] | None:
+        with self._cond:
+            while not self._pending and not self._closed:
+                self._cond.wait()
+            if not self._pending:
+                return None
+            first = self._pending.popleft()
+            batch, rows = [first], len(first.prompts)
+            if self.micro_batch and first.mergeable:
+                # wait for more only under concurrent load: a lone client never pays the window
+                deadline = time.monotonic() + (self.batch_window_s if self._contended else 0.0)
+                while rows < self.max_rows and not self._closed:
+                    for job in list(self._pending):
+                        if job.key == first.key and rows + len(job.prompts) <= self.max_rows:
+                            self._pending.remove(job)
+                            batch.append(job)
+                            rows += len(job.prompts)
+                    remaining = deadline - time.monotonic()
+                    if rows >= self.max_rows or remaining <= 0:
+                        break
+                    self._cond.wait(remaining)
+            self._contended = len(batch) > 1 or bool(self._pending)
+            self._running = batch
+            self._on_depth(len(self._pending))
+            return batch
+
+    def _loop(self) -> None:
+        while True:
+            batch = self._take()
+            if batch is None:
+                return
+            try:
+                self._run(batch)
+            except BaseException as exc:  # never let the worker die with jobs waiting on it
+                log.exception("worker failed")
+                for job in batch:
+                    if not job.future.done():
+                        job.future.set_exception(exc)
+            finally:
+                self._running = []
+
+    def _run(self, batch: list[Job]) -> None:
+        batch = [job for job in batch if job.future.set_running_or_notify_cancel()]
+        if not batch:
+            return
+        if len(batch) > 1:
+            try:
+                self._call(batch)
+                return
+            except LuminaError:
+                pass  # report each request's own error below
+        for job in batch:
+            try:
+                self._call([job])
+            except Exception as exc:
+                job.future.set_exception(exc)
+
+    def _call(self, batch: list[Job]) -> None:
+        first = batch[0]
+        start = time.perf_counter()
+        result = generate_rows(
+            self.sampler,
+            [p for job in batch for p in job.prompts],
+            [n for job in batch for n in job.negatives],
+            [(job.seed, len(job.prompts)) for job in batch],
+            height=first.height,
+            width=first.width,
+            config=first.config,
+        )
+        seconds = time.perf_counter() - start
+        rows = sum(len(job.prompts) for job in batch)
+        self._on_call(len(batch), rows, seconds)
+        offset = 0
+        for job in batch:
+            images = list(result.images[offset : offset + len(job.prompts)])
+            offset += len(job.prompts)
+            job.future.set_result(
+                JobResult(
+                    images=images,
+                    forward_calls=result.forward_calls,
+                    merged_requests=len(batch),
+                    merged_rows=rows,
+                    queue_s=start - job.enqueued,
+                    generate_s=seconds,
+                )
+            )
