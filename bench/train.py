@@ -113,7 +113,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench/results/train.json"))
     parser.add_argument("--profiles", default="tiny,small")
     parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--zero-stages", default="0,1,2")
+    parser.add_argument("--zero-stages", default="0,1,2,3")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     ensure_distributed_env()

@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -213,39 +214,39 @@ def test_stage_logs_to_a_real_mlflow_server(tmp_path, manifest):
         assert {"config.json", "loss_curve.png", "samples.png", "losses.jsonl", "samples"} <= names
 
 
-@pytest.mark.slow
-def test_two_processes_with_torchrun(tmp_path, manifest):
-    config = tmp_path / "stage.yaml"
+def _torchrun(tmp_path: Path, manifest: Path, name: str, zero_stage: int) -> Path:
+    config = tmp_path / f"{name}.yaml"
     config.write_text(
-        "steps: 6\nglobal_batch: 4\nmicro_batch: 1\nzero_stage: 2\ncheckpoint_every: 3\ntrack: false\n"
+        f"steps: 6\nglobal_batch: 4\nmicro_batch: 1\nzero_stage: {zero_stage}\n"
+        "checkpoint_every: 3\ntrack: false\n"
     )
-    port = str(29900 + os.getpid() % 90)
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        port,
-        "-m",
-        "components.train",
-        "--manifest",
-        str(manifest),
-        "--output-dir",
-        str(tmp_path / "ddp"),
-        "--config",
-        str(config),
-    ]
+    port = str(29900 + (os.getpid() + zero_stage) % 90)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
+           "-m", "components.train", "--manifest", str(manifest), "--output-dir", str(tmp_path / name),
+           "--config", str(config)]  # fmt: skip
     env = {
         k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")
     }
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert len(read_losses(tmp_path / "ddp")) == 6
-    assert (tmp_path / "ddp" / "pipeline" / "model_index.json").is_file()
-    states = list((tmp_path / "ddp" / "checkpoints" / "step6").glob("*optim_states.pt"))
+    return tmp_path / name
+
+
+@pytest.mark.slow
+def test_two_processes_with_torchrun_zero2_and_zero3_agree(tmp_path, manifest):
+    zero2 = _torchrun(tmp_path, manifest, "zero2", 2)
+    assert len(read_losses(zero2)) == 6
+    assert (zero2 / "pipeline" / "model_index.json").is_file()
+    states = list((zero2 / "checkpoints" / "step6").glob("*optim_states.pt"))
     assert len(states) == 2  # ZeRO-2 partitions optimizer state across the two ranks
+    zero3 = _torchrun(tmp_path, manifest, "zero3", 3)
+    params = list((zero3 / "checkpoints" / "step6").glob("*model_states.pt"))
+    assert len(params) == 2  # ZeRO-3 partitions the parameters too
+    # same data, same maths: the sharding strategy must not change what is learned
+    assert np.allclose(read_losses(zero2), read_losses(zero3), rtol=1e-4, atol=1e-5)
+    w2 = load_pipeline(zero2 / "pipeline").transformer.state_dict()
+    w3 = load_pipeline(zero3 / "pipeline").transformer.state_dict()
+    assert all(torch.allclose(w2[k], w3[k], atol=1e-5) for k in w2)
 
 
 def test_kfp_component_compiles(tmp_path):

@@ -3,23 +3,25 @@ pipeline folder (EMA weights) out, metrics to MLflow (or a JSONL file when track
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
 import os
 import random
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from diffusers import Lumina2Transformer2DModel
 from PIL import Image
 
 from components.train.config import TrainConfig
 from components.train.data import FeatureCache, build_cache, choose_caption, read_manifest
 from components.train.tracking import MlflowTracker, default_tracking_uri, file_sha256, git_sha
 from model.checkpoint import build_pipeline, load_pipeline, save_pipeline
-from model.errors import ConfigError
 from model.flow import TimestepSampler, flow_matching_loss
 
 log = logging.getLogger(__name__)
@@ -80,22 +82,44 @@ def micro_batch(
     return torch.stack([cache.latents[i] for i in ids]), texts, gen
 
 
-class Ema:
-    """Exponential moving average of the trainable parameters (fp32)."""
+@contextlib.contextmanager
+def whole_parameters(module: torch.nn.Module, zero_stage: int) -> Iterator[None]:
+    """Under ZeRO-3 gather the partitioned parameters for the block (read only); else nothing."""
+    if zero_stage < 3:
+        yield
+        return
+    import deepspeed
 
-    def __init__(self, module: torch.nn.Module, decay: float):
+    with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+        yield
+
+
+class Ema:
+    """Exponential moving average of the trainable parameters (fp32, whole tensors on every rank;
+    under ZeRO-3 each update gathers the partitioned parameters)."""
+
+    def __init__(self, module: torch.nn.Module, decay: float, zero_stage: int = 0):
         self.decay = decay
-        self.shadow = {n: p.detach().float().clone() for n, p in module.named_parameters()}
+        self.zero_stage = zero_stage
+        with whole_parameters(module, zero_stage):
+            self.shadow = {n: p.detach().float().clone() for n, p in module.named_parameters()}
 
     @torch.no_grad()
     def update(self, module: torch.nn.Module) -> None:
-        for name, param in module.named_parameters():
-            self.shadow[name].lerp_(param.detach().float(), 1.0 - self.decay)
+        with whole_parameters(module, self.zero_stage):
+            for name, param in module.named_parameters():
+                self.shadow[name].lerp_(param.detach().float(), 1.0 - self.decay)
 
     def copy_to(self, module: torch.nn.Module) -> None:
         with torch.no_grad():
             for name, param in module.named_parameters():
                 param.copy_(self.shadow[name].to(param.dtype))
+
+    def model(self, like: Lumina2Transformer2DModel) -> Lumina2Transformer2DModel:
+        """A fresh (unsharded) transformer with ``like``'s config and the EMA weights."""
+        fresh = Lumina2Transformer2DModel.from_config(like.config).eval()
+        self.copy_to(fresh)
+        return fresh
 
 
 def train_stage(cfg: TrainConfig, tracker: MlflowTracker | None = None) -> StageResult:
@@ -107,8 +131,6 @@ def train_stage(cfg: TrainConfig, tracker: MlflowTracker | None = None) -> Stage
     ensure_distributed_env()
     import deepspeed  # imported late: it initialises its accelerator on import
 
-    if cfg.zero_stage > 2:
-        raise ConfigError("zero_stage 3 is not supported yet (EMA needs whole parameters); use 0-2")
     torch.manual_seed(cfg.seed)
     records = read_manifest(cfg.manifest, cfg.image_root)
     cfg.output_dir.mkdir(parents=True, exist_ok=True)
@@ -146,7 +168,7 @@ def train_stage(cfg: TrainConfig, tracker: MlflowTracker | None = None) -> Stage
         model=transformer, optimizer=optimizer, config=deepspeed_config(cfg, world, bf16)
     )
     rank = engine.global_rank
-    ema = Ema(transformer, cfg.ema_decay)
+    ema = Ema(transformer, cfg.ema_decay, cfg.zero_stage)
     if tracker is None and cfg.track and rank == 0:
         tracker = MlflowTracker(default_tracking_uri(cfg.output_dir), run_name=f"{cfg.stage}-{cfg.profile}")
     if tracker is not None:
@@ -216,8 +238,7 @@ def train_stage(cfg: TrainConfig, tracker: MlflowTracker | None = None) -> Stage
             )
             tick, images, tokens = time.perf_counter(), 0, 0
         if tracker is not None and cfg.sample_every and done % cfg.sample_every == 0 and done < cfg.steps:
-            snapshot = copy.deepcopy(transformer).eval()
-            ema.copy_to(snapshot)
+            snapshot = ema.model(transformer)
             grid_pipe = copy.copy(pipe)
             grid_pipe.register_modules(transformer=snapshot)
             tracker.log_artifact(
@@ -234,8 +255,7 @@ def train_stage(cfg: TrainConfig, tracker: MlflowTracker | None = None) -> Stage
     export = cfg.output_dir / EXPORT_DIR
     all_losses = read_losses(cfg.output_dir)
     if rank == 0:
-        final = copy.deepcopy(transformer).eval()
-        ema.copy_to(final)
+        final = ema.model(transformer)
         pipe.register_modules(transformer=final)
         save_pipeline(pipe, export)
         artifacts = write_artifacts(cfg, pipe, all_losses)
