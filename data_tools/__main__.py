@@ -16,11 +16,25 @@ def sample_data(
     synthetic_n: Annotated[int, typer.Option(min=1, help="number of synthetic scenes")] = 128,
     size: Annotated[int, typer.Option(min=64, help="synthetic image side in pixels")] = 128,
     seed: int = 0,
+    tuxpaint: Annotated[int, typer.Option(min=0, help="Tux Paint stamps with en/zh captions (0: none)")] = 64,
+    photos: Annotated[int, typer.Option(min=0, help="photographs from Debian packages (0: none)")] = 32,
+    cache_dir: Annotated[Path, typer.Option(help="cache for downloaded Debian packages")] = Path(
+        ".cache/debian"
+    ),
 ) -> None:
-    """Build the synthetic compositional set (always works offline)."""
+    """Build the sample set: synthetic scenes (always, offline) plus real images from Debian
+    packages when apt can reach a mirror (each real source is optional and says why it is absent)."""
+    from data_tools.debian import SourceUnavailable, build_photos, build_tuxpaint
     from data_tools.synthetic import build_synthetic
 
     typer.echo(str(build_synthetic(out / "synthetic", n=synthetic_n, size=size, seed=seed)))
+    for name, count, build in (("tuxpaint", tuxpaint, build_tuxpaint), ("photos", photos, build_photos)):
+        if not count:
+            continue
+        try:
+            typer.echo(str(build(out / name, cache_dir, limit=count, seed=seed)))
+        except SourceUnavailable as exc:
+            typer.echo(f"skipped {name}: {exc}", err=True)
 
 
 @app.command("noop", hidden=True)

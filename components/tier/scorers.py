@@ -106,3 +106,8 @@ def available(names: list[str] | None = None) -> list[Scorer]:
 
         raise ConfigError(f"unknown scorer(s) {', '.join(unknown)}; available: {', '.join(SCORERS)}")
     return [SCORERS[n] for n in names]
+
+
+# Model-based scorers (BRISQUE, NIQE, NSFW, text density, caption language) register themselves on
+# import when their packages are installed; imported last, so it sees everything defined above.
+import components.tier.model_scorers  # noqa: E402, F401
