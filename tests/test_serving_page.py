@@ -53,7 +53,7 @@ def browser():
         from playwright.sync_api import Error as PlaywrightError
         from playwright.sync_api import sync_playwright
     except ImportError:
-        unavailable("playwright is not installed (it is a dev dependency: pip install -e '.[dev]')")
+        unavailable("the playwright Python package is not installed")
     helper = load_helper()
     try:
         found = helper.obtain()
@@ -149,7 +149,8 @@ def click_generate_and_wait(page) -> str:
 
 
 def test_generate_shows_image_of_requested_size(page, server):
-    fill_form(page, "a red cat on the left of a blue car", width=96, height=64, steps=2, seed=7)
+    request = {"width": 96, "height": 64, "steps": 2, "seed": 7}
+    fill_form(page, "a red cat on the left of a blue car", **request)
     status = click_generate_and_wait(page)
     assert page.locator("#status").get_attribute("class") != "error", status
     assert status.startswith("seed 7 · "), status
@@ -165,7 +166,7 @@ def test_generate_shows_image_of_requested_size(page, server):
     assert shown.size == (96, 64)
     direct = requests.post(
         server + "/v1/generate",
-        json={"prompt": "a red cat on the left of a blue car", "width": 96, "height": 64, "steps": 2, "seed": 7},
+        json={"prompt": "a red cat on the left of a blue car", **request},
         headers={"Authorization": f"Bearer {TOKEN}"},
         timeout=60,
     )

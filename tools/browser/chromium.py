@@ -38,6 +38,8 @@ EXECUTABLE = Path("usr/lib/chromium/chromium-headless-shell")
 # chromium-common carries icudtl.dat, the V8 snapshots and resources.pak the shell needs
 ALWAYS = (PACKAGE, "chromium-common")
 SKIP_PACKAGES = {"xdg-utils"}  # shell scripts for desktop integration, not needed headless
+# fail fast without a network instead of apt's default two-minute timeouts and retries
+NETWORK = ["-o", "Acquire::http::Timeout=20", "-o", "Acquire::https::Timeout=20", "-o", "Acquire::Retries=1"]
 
 
 class BrowserUnavailable(Exception):
@@ -102,10 +104,8 @@ def _apt_options(lists: Path | None) -> list[str]:
 
 def _packages_to_fetch(options: list[str]) -> list[str]:
     """The shell, chromium-common and every dependency this machine does not have installed."""
-    out = _run(
-        ["apt-get", *options, "-o", "Debug::NoLocking=1", "-s", "install", "--no-install-recommends", PACKAGE],
-        timeout=120,
-    )
+    simulate = ["-o", "Debug::NoLocking=1", "-s", "install", "--no-install-recommends", PACKAGE]
+    out = _run(["apt-get", *options, *simulate], timeout=120)
     if out.returncode != 0:
         raise BrowserUnavailable(f"apt-get cannot resolve {PACKAGE}: {_tail(out)}")
     wanted = [line.split()[1] for line in out.stdout.splitlines() if line.startswith("Inst ")]
@@ -113,7 +113,7 @@ def _packages_to_fetch(options: list[str]) -> list[str]:
 
 
 def _download(packages: list[str], options: list[str], into: Path) -> list[Path]:
-    out = _run(["apt-get", *options, "-q", "download", *packages], cwd=into, timeout=600)
+    out = _run(["apt-get", *options, *NETWORK, "-q", "download", *packages], cwd=into, timeout=600)
     if out.returncode != 0:
         raise BrowserUnavailable(f"apt-get download failed: {_tail(out)}")
     debs = sorted(into.glob("*.deb"))
@@ -127,7 +127,7 @@ def _private_update(cache: Path) -> list[str]:
     for sub in ("lists/partial", "cache/archives/partial"):
         (apt / sub).mkdir(parents=True, exist_ok=True)
     options = _apt_options(apt)
-    out = _run(["apt-get", *options, "-o", "APT::Sandbox::User=root", "-q", "update"], timeout=300)
+    out = _run(["apt-get", *options, *NETWORK, "-o", "APT::Sandbox::User=root", "-q", "update"], timeout=300)
     if out.returncode != 0:
         raise BrowserUnavailable(f"apt-get update (private lists) failed: {_tail(out)}")
     return options
