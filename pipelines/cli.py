@@ -55,9 +55,7 @@ def _client(host: str, token: str | None):
 
 @app.command()
 def run(
-    source: Annotated[
-        str, typer.Option(help="images: folder, .tar shard or s3:// prefix")
-    ] = "data/raw",
+    source: Annotated[str, typer.Option(help="images: folder, .tar shard or s3:// prefix")] = "data/raw",
     local: Annotated[bool, typer.Option("--local/--no-local", help="kfp local runner (default)")] = True,
     host: Annotated[
         str | None, typer.Option(help="Kubeflow Pipelines API to submit to (implies --no-local)")
