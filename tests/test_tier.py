@@ -87,3 +87,30 @@ def test_run_tier_end_to_end(tmp_path):
     assert all(r.image_path.is_file() for r in records)
     again = run_tier(tmp_path / "cap", tmp_path / "ingest", tmp_path / "tiers2", progress=False)
     assert again.dataset_hash == result.dataset_hash
+
+
+def test_lower_is_better_scores_are_inverted():
+    from components.tier.tiering import combined_score
+
+    frame = pd.DataFrame({"sharpness": [1.0, 2.0, 3.0], "niqe": [1.0, 2.0, 3.0]})
+    assert list(combined_score(frame, {"sharpness": 1.0})) == [1 / 3, 2 / 3, 1.0]
+    assert list(combined_score(frame, {"niqe": 1.0}, frozenset({"niqe"}))) == [1.0, 2 / 3, 1 / 3]
+
+
+def test_a_scorer_without_weights_is_reported_not_faked(tmp_path, monkeypatch):
+    from components.tier import scorers as registry
+    from components.tier.scorers import Scorer
+    from model.errors import WeightsNotFoundError
+
+    def missing():
+        raise WeightsNotFoundError("weights for fake not found")
+
+    monkeypatch.setitem(registry.SCORERS, "fake", Scorer("fake", "1", lambda i, r: 1.0, prepare=missing))
+    build_synthetic(tmp_path / "raw", n=12, size=128)
+    ingest(tmp_path / "raw", tmp_path / "ingest")
+    run_recaption(tmp_path / "ingest", tmp_path / "cap", progress=False)
+    names = ["sharpness", "fake"]
+    result = run_tier(tmp_path / "cap", tmp_path / "ingest", tmp_path / "t", None, names, progress=False)
+    report = json.loads(result.report.read_text())
+    assert report["scorers_not_run"] == {"fake": "weights for fake not found"}
+    assert "fake" not in pd.read_parquet(tmp_path / "t" / "scores.parquet").columns

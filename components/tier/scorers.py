@@ -27,6 +27,7 @@ class Scorer:
     fn: ImageScore
     higher_is_better: bool = True
     description: str = ""
+    prepare: Callable[[], object] | None = None  # fetch/load weights once; raises if unavailable
 
     def __call__(self, image: Image.Image, row: dict) -> float:
         return float(self.fn(image, row))

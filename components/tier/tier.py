@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from components.tier.scorers import Scorer, available
 from components.tier.tiering import TIERS, TierConfig, assign_tiers, combined_score
-from model.errors import ConfigError
+from model.errors import ConfigError, LuminaError
 
 log = logging.getLogger(__name__)
 TRAIN_COLUMNS = ["id", "image_path", "domain", "captions", "system_prompt", "score", "width", "height"]
@@ -48,6 +48,20 @@ def score_images(
     return pd.DataFrame(rows)
 
 
+def prepared(scorers: list[Scorer]) -> tuple[list[Scorer], dict[str, str]]:
+    """Scorers whose weights could be loaded, and why the others are not run (never faked)."""
+    ready, not_run = [], {}
+    for scorer in scorers:
+        try:
+            if scorer.prepare is not None:
+                scorer.prepare()
+            ready.append(scorer)
+        except LuminaError as exc:
+            not_run[scorer.name] = str(exc).splitlines()[0]
+            log.warning("scorer %s not run: %s", scorer.name, not_run[scorer.name])
+    return ready, not_run
+
+
 def tier_hash(frame: pd.DataFrame) -> str:
     return hashlib.sha256("\n".join(sorted(frame["id"])).encode()).hexdigest()
 
@@ -67,11 +81,12 @@ def run_tier(
     if not manifest_path.is_file():
         raise ConfigError(f"captioned manifest not found: {manifest_path}")
     manifest = pd.read_parquet(manifest_path)
-    scorers = available(scorer_names)
+    scorers, not_run = prepared(available(scorer_names))
     scores = score_images(manifest, image_root, scorers, progress)
     failed = scores[scores["error"].notna()]
     scored = manifest.merge(scores[scores["error"].isna()].drop(columns="error"), on="id")
-    scored["score"] = combined_score(scored[[s.name for s in scorers]], config.weights)
+    lower = frozenset(s.name for s in scorers if not s.higher_is_better)
+    scored["score"] = combined_score(scored[[s.name for s in scorers]], config.weights, lower)
     scored["system_prompt"] = [str(config.system_prompts.get(d, "A")) for d in scored["domain"]]
     tiers = assign_tiers(scored, config)
     out.mkdir(parents=True, exist_ok=True)
@@ -80,7 +95,8 @@ def run_tier(
         tiers[name][TRAIN_COLUMNS].to_parquet(out / f"{name}.parquet", index=False)
     hashes = {name: tier_hash(tiers[name]) for name in TIERS}
     digest = hashlib.sha256(json.dumps(hashes, sort_keys=True).encode()).hexdigest()
-    report = write_report(scored, tiers, failed, scorers, config, out / "report")
+    excluded = scored[scored["nsfw"] > config.nsfw_threshold] if "nsfw" in scored.columns else scored.head(0)
+    report = write_report(scored, tiers, failed, scorers, config, out / "report", not_run, excluded)
     counts = {name: len(tiers[name]) for name in TIERS}
     (out / "dataset.json").write_text(json.dumps({"dataset_hash": digest, "tiers": hashes, "counts": counts}))
     log.info("tiers: %s (%d images not scored)", counts, len(failed))
@@ -94,6 +110,8 @@ def write_report(
     scorers: list[Scorer],
     config: TierConfig,
     out: Path,
+    not_run: dict[str, str] | None = None,
+    nsfw_excluded: pd.DataFrame | None = None,
 ) -> Path:
     """``tiers.json`` (counts, domains, scorer versions, config) and one histogram PNG per score."""
     import matplotlib
@@ -119,6 +137,8 @@ def write_report(
         "scored": len(scored),
         "not_scored": failed[["id", "error"]].to_dict("records"),
         "scorers": {s.name: s.version for s in scorers},
+        "scorers_not_run": not_run or {},
+        "nsfw_excluded": [] if nsfw_excluded is None else nsfw_excluded["id"].tolist(),
         "config": json.loads(config.model_dump_json()),
         "score_summary": scored[columns].describe().round(4).to_dict(),
     }

@@ -34,6 +34,11 @@ class TierConfig(BaseModel):
         "colorfulness": 0.5,
         "resolution": 1.0,
         "caption_richness": 1.0,
+        # model-based scorers count when installed (lower-is-better ones are inverted)
+        "niqe": 1.0,
+        "brisque": 0.5,
+        "text_density": 0.5,
+        "caption_language": 0.5,
     }
     nsfw_threshold: float = Field(0.5, ge=0.0, le=1.0, description="images scoring above are excluded")
     system_prompts: dict[str, SystemPrompt] = {"real": SystemPrompt.A, "synthetic": SystemPrompt.B}
@@ -47,12 +52,18 @@ class TierConfig(BaseModel):
         return self
 
 
-def combined_score(scores: pd.DataFrame, weights: dict[str, float]) -> pd.Series:
-    """Weighted mean of percentile ranks (0–1) of the weighted scorers present in ``scores``."""
+def combined_score(
+    scores: pd.DataFrame, weights: dict[str, float], lower_is_better: frozenset[str] = frozenset()
+) -> pd.Series:
+    """Weighted mean of percentile ranks (0–1, 1 = best) of the weighted scorers in ``scores``;
+    a scorer in ``lower_is_better`` (e.g. BRISQUE, NIQE) ranks its smallest values highest."""
     used = {k: w for k, w in weights.items() if k in scores.columns and w > 0}
     if not used:
         return pd.Series(np.zeros(len(scores)), index=scores.index)
-    ranks = sum(scores[k].rank(pct=True, method="average") * w for k, w in used.items())
+    ranks = sum(
+        scores[k].rank(pct=True, method="average", ascending=k not in lower_is_better) * w
+        for k, w in used.items()
+    )
     return ranks / sum(used.values())
 
 
