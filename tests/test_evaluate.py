@@ -70,3 +70,29 @@ def test_evaluation_of_the_tiny_model(tiny_folder, tmp_path):
     assert Image.open(tmp_path / "dpg" / "0.png").size == (128, 128)  # 2x2 grid
     assert len(list((tmp_path / "t2i-compbench").glob("*/samples/*_000000.png"))) == 8
     assert "synthetic" in result.report_path.read_text()
+
+
+def test_clip_score_runs_when_weights_are_given(tiny_folder, tmp_path):
+    from model.clip import ClipScorer, build_tiny_clip
+    from model.errors import WeightsNotFoundError
+
+    clip = build_tiny_clip(tmp_path / "clip")
+    cfg = EvalConfig(
+        suites=["synthetic", "dpg"],
+        suite_size=1,
+        synthetic_size=2,
+        heldout=4,
+        height=64,
+        width=64,
+        clip_model=str(clip),
+        sampler=SamplerConfig(steps=2),
+    )
+    result = run_evaluation(tiny_folder, tmp_path / "eval", cfg, progress=False)
+    assert "clip_score" not in result.not_run
+    for suite in ("synthetic", "dpg"):
+        assert 0.0 <= result.metrics[f"clip_score_{suite}"] <= 100.0
+    scorer = ClipScorer(clip)
+    image = Image.open(tmp_path / "eval" / "synthetic" / "00000_0.png")
+    assert scorer.clip_score([image], ["x"]) == scorer.clip_score([image], ["x"])  # deterministic
+    with pytest.raises(WeightsNotFoundError, match="cannot load CLIP"):
+        ClipScorer(tmp_path / "nope")

@@ -276,3 +276,30 @@ def test_caption_language_matches_labels():
 )  # fmt: skip
 def test_detect_language(text, lang):
     assert ms.detect_language(text) == lang
+
+
+def test_aesthetic_slot_runs_only_with_given_weights(tmp_path, monkeypatch):
+    import torch
+
+    from components.tier import model_scorers
+    from model.clip import AestheticMLP, build_tiny_clip
+    from model.errors import WeightsNotFoundError
+
+    monkeypatch.delenv("LUMINA_CLIP_MODEL", raising=False)
+    monkeypatch.delenv("LUMINA_AESTHETIC_MLP", raising=False)
+    assert "aesthetic" not in [s.name for s in model_scorers.model_scorers()]
+    clip = build_tiny_clip(tmp_path / "clip")
+    torch.manual_seed(0)
+    torch.save(AestheticMLP(16).state_dict(), tmp_path / "mlp.pth")
+    monkeypatch.setenv("LUMINA_CLIP_MODEL", str(clip))
+    monkeypatch.setenv("LUMINA_AESTHETIC_MLP", str(tmp_path / "mlp.pth"))
+    model_scorers.aesthetic_predictor.cache_clear()
+    (scorer,) = [s for s in model_scorers.model_scorers() if s.name == "aesthetic"]
+    scorer.prepare()
+    a, b = scorer(natural(), {}), scorer(natural(), {})
+    assert np.isfinite(a) and a == b
+    monkeypatch.setenv("LUMINA_AESTHETIC_MLP", str(tmp_path / "missing.pth"))
+    model_scorers.aesthetic_predictor.cache_clear()
+    with pytest.raises(WeightsNotFoundError, match="not found"):
+        scorer.prepare()
+    model_scorers.aesthetic_predictor.cache_clear()

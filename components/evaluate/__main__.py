@@ -21,6 +21,7 @@ def run(
     size: Annotated[int, typer.Option(help="image side in pixels")] = 128,
     steps: int = 20,
     mlflow_tracking_uri: Annotated[str, typer.Option(help="log the result to this MLflow")] = "",
+    clip_model: Annotated[str | None, typer.Option(help="CLIP hub id or folder for the CLIP score")] = None,
 ) -> None:
     """Write metrics.json, report.html and the generated images."""
     from components.evaluate.evaluate import EvalConfig, log_evaluation, run_evaluation

@@ -20,6 +20,7 @@ from components.evaluate.compositional import CATEGORIES, score_image
 from components.evaluate.layouts import save_item
 from components.evaluate.report import write_report
 from components.evaluate.suites import SUITES, PromptItem, load_suite, synthetic_suite
+from model.clip import ClipScorer
 from model.flow import validation_loss
 from model.prompts import SystemPrompt, apply_system_prompt
 from model.sampler import LuminaSampler, SamplerConfig
@@ -27,8 +28,8 @@ from model.text import encode_prompts
 from model.vae import encode_images
 
 log = logging.getLogger(__name__)
+NO_CLIP = "not run: no CLIP weights given (clip_model)"
 NOT_RUN = {
-    "clip_score": "not run: no CLIP weights given (clip_model)",
     "geneval_official": "not run: needs the official GenEval detector (mmdet Mask2Former) weights; "
     "images are written in its layout under geneval/",
     "dpg_official": "not run: needs the mPLUG-large VQA weights; 2x2 grids are written under dpg/",
@@ -47,6 +48,7 @@ class EvalConfig(BaseModel):
     height: int = 128
     width: int = 128
     seed: int = 0
+    clip_model: str | None = Field(None, description="CLIP hub id or folder: enables the CLIP score")
     sampler: SamplerConfig = SamplerConfig(steps=20, system_prompt=SystemPrompt.B)
 
 
@@ -77,7 +79,12 @@ def heldout_loss(sampler: LuminaSampler, n: int, size: int, seed: int = 0) -> fl
 
 
 def generate_suite(
-    sampler: LuminaSampler, items: list[PromptItem], out: Path, cfg: EvalConfig, progress: bool
+    sampler: LuminaSampler,
+    items: list[PromptItem],
+    out: Path,
+    cfg: EvalConfig,
+    progress: bool,
+    clip: ClipScorer | None = None,
 ) -> list[dict[str, Any]]:
     """Generate and save every prompt's images; synthetic items are scored as well."""
     records = []
@@ -101,6 +108,8 @@ def generate_suite(
         }
         if item.suite == "synthetic":
             record["scores"] = score_image(result.images[0], [tuple(g) for g in item.metadata["groups"]])
+        if clip is not None:
+            record["clip_score"] = float(np.mean(clip.clip_score(result.images, [item.prompt] * n)))
         records.append(record)
     return records
 
@@ -115,13 +124,18 @@ def run_evaluation(
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     sampler = LuminaSampler.load(model_dir)
+    clip = ClipScorer(cfg.clip_model) if cfg.clip_model else None
+    not_run = dict(NOT_RUN) if clip else {"clip_score": NO_CLIP, **NOT_RUN}
     metrics: dict[str, float] = {"val_loss": heldout_loss(sampler, cfg.heldout, cfg.height)}
     samples: dict[str, list[dict[str, Any]]] = {}
     for suite in cfg.suites:
         limit = cfg.synthetic_size if suite == "synthetic" else cfg.suite_size
         items = load_suite(suite, limit, size=cfg.height)
-        samples[suite] = generate_suite(sampler, items, out, cfg, progress)
-        metrics[f"generated_{suite.replace('-', '_')}"] = float(len(samples[suite]))
+        samples[suite] = generate_suite(sampler, items, out, cfg, progress, clip)
+        key = suite.replace("-", "_")
+        metrics[f"generated_{key}"] = float(len(samples[suite]))
+        if clip is not None and samples[suite]:
+            metrics[f"clip_score_{key}"] = float(np.mean([r["clip_score"] for r in samples[suite]]))
     if samples.get("synthetic"):
         for category in (*CATEGORIES, "overall"):
             metrics[f"synthetic_{category}"] = float(
@@ -130,15 +144,15 @@ def run_evaluation(
     metrics_path = out / "metrics.json"
     payload = {
         "metrics": metrics,
-        "not_run": NOT_RUN,
+        "not_run": not_run,
         "config": json.loads(cfg.model_dump_json()),
         "model": str(model_dir),
     }
     metrics_path.write_text(json.dumps(payload, indent=2))
     (out / "samples.json").write_text(json.dumps(samples, indent=2, ensure_ascii=False))
-    report = write_report(out / "report.html", metrics, NOT_RUN, samples, str(model_dir))
+    report = write_report(out / "report.html", metrics, not_run, samples, str(model_dir))
     log.info("evaluation: %s", {k: round(v, 4) for k, v in metrics.items()})
-    return EvalResult(metrics, dict(NOT_RUN), metrics_path, report, samples)
+    return EvalResult(metrics, not_run, metrics_path, report, samples)
 
 
 def log_evaluation(

