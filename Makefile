@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup test test-fast lint format bench sample-data pipeline-run pipeline-compile image serve clean help
+.PHONY: setup test test-fast lint format bench sample-data pipeline-run pipeline-compile image test-image serve clean help
 
 help:
 	@echo "make pipeline-run   run the main job on the embedded default (tiny profile)"
@@ -19,7 +19,7 @@ help:
 	@echo "make sample-data    build data/raw offline (synthetic compositional set)"
 	@echo "make pipeline-compile  compile pipelines/lumina_pipeline.yaml for the Kubeflow UI"
 	@echo "make serve          serve the registered champion over HTTP (after pipeline-run)"
-	@echo "make image          build the container image (Dockerfile)"
+	@echo "make image          build the container image (Dockerfile; tools/image/build.sh from nothing)"
 	@echo "make lint           ruff"
 
 # GPU=1 TORCH_INDEX_URL=<CUDA wheel index>: install a CUDA build of the same torch release first
@@ -91,11 +91,18 @@ serve: $(STAMP)
 IMAGE ?= lumina-pipeline:0.1.0
 CONTAINER_ENGINE ?= docker
 TORCH_WHEEL_DIR ?= /opt/wheels
+# Extra CA certificates (e.g. a TLS-inspecting proxy) trusted by pip during the build only.
+BUILD_CA ?= $(wildcard /usr/local/share/ca-certificates/*.crt)
 image:
-	mkdir -p .whl
+	mkdir -p .whl && rm -rf .whl/ca
+	$(if $(strip $(BUILD_CA)),mkdir -p .whl/ca && cp $(BUILD_CA) .whl/ca/,)
 	@wheel=$$(ls $(TORCH_WHEEL_DIR)/torch-2.13.0+cpu-*.whl 2>/dev/null | head -1); \
 	if [ -n "$$wheel" ]; then cp "$$wheel" .whl/; extra="--build-arg TORCH_WHEEL=$$(basename $$wheel)"; fi; \
 	set -x; $(CONTAINER_ENGINE) build $(if $(BASE),--build-arg BASE=$(BASE),) $$extra -t $(IMAGE) .
+
+# Build the image (starting a local engine / an offline base where needed) and test it.
+test-image: $(STAMP)
+	$(BIN)/python -m pytest -q tests/test_image.py
 
 clean:
 	rm -rf $(VENV) .cache build *.egg-info

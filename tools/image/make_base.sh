@@ -17,6 +17,8 @@
 #   FORCE             1 = rebuild even if BASE_IMAGE exists (default 0)
 #   WORK_DIR          scratch directory for the rootfs (default: mktemp under /tmp)
 # Needs root (debootstrap, chroot) and the debootstrap + debian-archive-keyring packages.
+# Exit status: 0 built or already there, 3 a precondition is missing (not root, no debootstrap or
+# engine), anything else a failed build.
 set -euo pipefail
 
 BASE_IMAGE=${BASE_IMAGE:-lumina-base:bookworm}
@@ -26,10 +28,12 @@ MIRROR=${MIRROR:-http://deb.debian.org/debian}
 SECURITY_MIRROR=${SECURITY_MIRROR:-http://deb.debian.org/debian-security}
 UPGRADE=${UPGRADE:-1}
 FORCE=${FORCE:-0}
-PACKAGES=python3.11,python3-venv,python3-pip,ca-certificates,g++,git
+# python3-venv brings ensurepip (pip inside the Dockerfile's venv, no externally-managed error).
+PACKAGES=python3.11,python3-venv,ca-certificates,g++,git
 
 log() { echo "make_base: $*" >&2; }
 die() { log "error: $*"; exit 1; }
+unmet() { log "cannot build here: $*"; exit 3; }  # exit 3: a missing precondition, not a failure
 
 case "$CONTAINER_ENGINE" in
   buildah) engine=(buildah --storage-driver "${BUILDAH_STORAGE_DRIVER:-vfs}") ;;
@@ -48,9 +52,9 @@ if [[ "$FORCE" != 1 ]] && image_exists; then
   exit 0
 fi
 
-[[ $(id -u) -eq 0 ]] || die "debootstrap needs root"
-command -v debootstrap >/dev/null || die "debootstrap not found (apt-get install -y debootstrap)"
-command -v "${engine[0]}" >/dev/null || die "$CONTAINER_ENGINE not found"
+[[ $(id -u) -eq 0 ]] || unmet "debootstrap needs root"
+command -v debootstrap >/dev/null || unmet "debootstrap not found (apt-get install -y debootstrap)"
+command -v "${engine[0]}" >/dev/null || unmet "$CONTAINER_ENGINE not found"
 
 work=${WORK_DIR:-$(mktemp -d /tmp/lumina-base.XXXXXX)}
 rootfs=$work/rootfs
@@ -92,7 +96,8 @@ chroot "$rootfs" /bin/sh -c 'python3 -m venv /tmp/venv-check && /tmp/venv-check/
 
 # Slim it like the official images: no apt lists, package cache, docs or host resolver.
 rm -rf "$rootfs"/var/lib/apt/lists/* "$rootfs"/var/cache/apt/*.bin "$rootfs"/var/cache/apt/archives/*.deb \
-  "$rootfs"/usr/share/doc/* "$rootfs"/usr/share/man/* "$rootfs"/usr/share/info/* "$rootfs"/var/log/*.log \
+  "$rootfs"/usr/share/doc/* "$rootfs"/usr/share/man/* "$rootfs"/usr/share/info/* "$rootfs"/usr/share/locale/* \
+  "$rootfs"/var/log/*.log \
   "$rootfs"/tmp/* "$rootfs"/root/.cache
 : >"$rootfs/etc/resolv.conf"
 echo "lumina-base" >"$rootfs/etc/hostname"
