@@ -63,7 +63,7 @@ def image() -> str:
         pytest.skip(f"no container engine: {ENGINE} CLI not found")
     if os.environ.get("CI") and _run(ENGINE, "info", timeout=60).returncode != 0:
         # CI keeps its time budget: it uses an engine that is already running, never starts one.
-        pytest.skip(f"CI: no running container engine ({ENGINE} info fails); the test does not start one in CI")
+        pytest.skip(f"CI: no running container engine ({ENGINE} info fails); not started in CI")
     engine = _run(str(TOOLS / "ensure_engine.sh"), timeout=180)
     if engine.returncode != 0:
         pytest.skip(f"no container engine can be reached or started: {_tail(engine.stderr, 5)}")
