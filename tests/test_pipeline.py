@@ -50,6 +50,11 @@ def test_spec_parses_strictly_and_references_resolve(compiled):
     train = [n for n in tasks if n.startswith("train-stage-op")]
     assert len(train) == 3
     k8s = json_format.MessageToDict(platform.platforms["kubernetes"])["deploymentSpec"]["executors"]
+    from kfp.kubernetes import kubernetes_executor_config_pb2 as k8s_pb2
+
+    for label, config in k8s.items():  # each executor's Kubernetes config parses strictly too
+        assert label in deployment.executors
+        json_format.ParseDict(config, k8s_pb2.KubernetesExecutorConfig())
     for name in train:
         label = spec.components[tasks[name].component_ref.name].executor_label
         resources = deployment.executors[label].container.resources
