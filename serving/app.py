@@ -418,6 +418,7 @@ def create_app(
             422: {"description": "a field is out of range or unknown"},
             429: {"description": "queue full; retry after Retry-After seconds"},
             503: {"description": "model not loaded yet, or shutting down"},
+            504: {"description": "not finished within request_timeout_s"},
         },
     )
     async def generate(body: GenerateRequest) -> Response:
@@ -441,7 +442,12 @@ def create_app(
         except ShuttingDownError as exc:
             raise RequestError(503, str(exc), headers={"Retry-After": "5"}) from exc
         try:
-            result = await asyncio.wrap_future(future)
+            result = await asyncio.wait_for(asyncio.wrap_future(future), defaults.request_timeout_s)
+        except TimeoutError as exc:
+            future.cancel()  # drops it if still queued; a running model call cannot be interrupted
+            raise RequestError(
+                504, f"generation did not finish within {defaults.request_timeout_s:g} s"
+            ) from exc
         except ShuttingDownError as exc:
             raise RequestError(503, str(exc), headers={"Retry-After": "5"}) from exc
         except LuminaError as exc:

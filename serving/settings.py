@@ -56,6 +56,9 @@ class ServingDefaults(BaseModel):
     merge_rows: int | None = Field(
         None, ge=1, description="most images in one merged sampler call (default: max_batch)"
     )
+    request_timeout_s: float = Field(
+        600.0, gt=0.0, description="a request waiting longer than this (queue + generation) gets 504"
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> ServingDefaults:

@@ -307,6 +307,18 @@ def test_queue_full_gives_429(tiny_sampler, tiny_folder, tmp_path):
         assert metric(c.get("/metrics").text, "lumina_request_errors_total", 'status="429"') == 1
 
 
+def test_request_timeout_gives_504_and_the_server_recovers(tiny_sampler, tiny_folder, tmp_path):
+    blocking = BlockingSampler(tiny_sampler)
+    app = make_app(tiny_folder, tmp_path, sampler_factory=lambda f: blocking, request_timeout_s=0.5)
+    with TestClient(app) as c:
+        assert app.state.runtime.ready.wait(60)
+        r = c.post("/v1/generate", json={"prompt": "stuck", "seed": 1})
+        assert r.status_code == 504 and "did not finish within 0.5 s" in r.json()["detail"]
+        blocking.release.set()  # the model call finishes; the next request is served normally
+        wait_until(lambda: app.state.runtime.worker.depth == 0, what="the worker to be idle")
+        assert c.post("/v1/generate", json={"prompt": "fine", "seed": 2}).status_code == 200
+
+
 def _job(prompts, seed, steps=2, size=64, teacache=0.0):
     return Job(
         list(prompts), [""] * len(prompts), seed, size, size, SamplerConfig(steps=steps, teacache=teacache)
