@@ -42,12 +42,25 @@ INDEX_HTML = """<!doctype html>
     <input type="password" id="token" autocomplete="off"></label>
   <button type="submit" id="go">Generate</button>
 </form>
-<p id="status"></p>
+<p id="status" data-state="idle" aria-live="polite"></p>
 <div id="images"></div>
 <script>
 const $ = (id) => document.getElementById(id);
 $("token").value = localStorage.getItem("lumina-token") || "";
-fetch("/readyz").then((r) => { $("ready").textContent = r.ok ? "model ready" : "model loading…"; });
+async function pollReady() {  // until the model is loaded
+  try {
+    const r = await fetch("/readyz");
+    $("ready").textContent = r.ok ? "model ready" : "model loading…";
+    if (r.ok) return;
+  } catch (error) { $("ready").textContent = "server unreachable"; }
+  setTimeout(pollReady, 2000);
+}
+pollReady();
+fetch("/v1/model").then((r) => r.ok ? r.json() : null).then((info) => {
+  const side = info && info.defaults && info.defaults.max_side;
+  if (side) { for (const key of ["width", "height"]) $(key).max = side; }
+}).catch(() => {});
+function setState(state) { $("status").dataset.state = state; }
 $("form").addEventListener("submit", async (event) => {
   event.preventDefault();
   const prompts = $("prompt").value.split("\\n").map((p) => p.trim()).filter((p) => p);
@@ -65,10 +78,14 @@ $("form").addEventListener("submit", async (event) => {
   $("go").disabled = true;
   $("status").className = "";
   $("status").textContent = "generating…";
+  setState("busy");
   const started = performance.now();
   try {
     const response = await fetch("/v1/generate", { method: "POST", headers, body: JSON.stringify(body) });
-    const data = await response.json();
+    const text = await response.text();
+    let data;
+    try { data = JSON.parse(text); }
+    catch (error) { data = { detail: text.slice(0, 200) || response.statusText }; }  // e.g. a proxy's HTML
     if (!response.ok) throw new Error(response.status + ": " + (data.detail || JSON.stringify(data)));
     $("images").innerHTML = "";
     for (const b64 of data.images) {
@@ -78,9 +95,11 @@ $("form").addEventListener("submit", async (event) => {
     }
     const seconds = ((performance.now() - started) / 1000).toFixed(2);
     $("status").textContent = `seed ${data.seed} · ${seconds} s · ` + JSON.stringify(data.timings);
+    setState("done");
   } catch (error) {
     $("status").className = "error";
     $("status").textContent = String(error.message || error);
+    setState("error");
   } finally {
     $("go").disabled = false;
   }

@@ -154,6 +154,7 @@ def test_generate_shows_image_of_requested_size(page, server):
     status = click_generate_and_wait(page)
     assert page.locator("#status").get_attribute("class") != "error", status
     assert status.startswith("seed 7 · "), status
+    assert page.locator("#status").get_attribute("data-state") == "done"
     image = page.locator("#images img")
     assert image.count() == 1, page.locator("#images").inner_html()[:200]
     assert image.is_visible()
@@ -194,6 +195,7 @@ def test_server_error_message_shown(page, fields, message):
     status = click_generate_and_wait(page)
     assert status == message
     assert page.locator("#status").get_attribute("class") == "error"
+    assert page.locator("#status").get_attribute("data-state") == "error"
     assert page.locator("#images img").count() == 0
     assert page.locator("#go").is_enabled()
 
