@@ -35,9 +35,11 @@ def _arguments(
         args.update(zip(("lowres_steps", "highres_steps", "hq_steps"), map(int, parts), strict=True))
     args["eval_config_json"] = json.dumps({"suite_size": eval_suite_size})
     if gate is not None:
-        if not gate.is_file():
-            raise ConfigError(f"gate file not found: {gate}")
-        args["gate_json"] = json.dumps(yaml.safe_load(gate.read_text()))
+        from components.register.register import PromotionGate
+        from model.config_files import read_yaml_mapping
+
+        checked = PromotionGate.model_validate(read_yaml_mapping(gate, "gate file"))  # fail before running
+        args["gate_json"] = checked.model_dump_json()
     for item in extra or []:
         key, sep, value = item.partition("=")
         if not sep:

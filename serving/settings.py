@@ -17,10 +17,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from model.config_files import read_yaml_mapping
 from model.errors import ConfigError
 from model.prompts import SystemPrompt
 from model.sampler import SamplerConfig, Solver
@@ -90,14 +90,7 @@ def load_defaults(path: str | Path | None) -> ServingDefaults:
     if path is None or str(path) == "":
         return ServingDefaults()
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"defaults file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"defaults file {path} is not valid YAML: {str(exc).splitlines()[0]}") from exc
-    if not isinstance(data, dict):
-        raise ConfigError(f"defaults file {path} must hold a mapping of keys to values")
+    data = read_yaml_mapping(path, "defaults file")
     try:
         return ServingDefaults(**data)
     except ValidationError as exc:

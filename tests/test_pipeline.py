@@ -158,6 +158,13 @@ def test_cli_errors_are_one_line(tmp_path):
     assert proc.returncode == 2 and "pipeline source not found" in proc.stderr
     proc = _cli("run", "--steps", "1", "--out", str(tmp_path / "o"), check=False)
     assert proc.returncode == 2 and "three counts" in proc.stderr
+    bad_yaml, bad_rule = tmp_path / "bad.yaml", tmp_path / "rule.yaml"
+    bad_yaml.write_text("rules: [1\n")
+    bad_rule.write_text("rules:\n  val_loss: {better: sideways}\n")
+    proc = _cli("run", "--gate", str(bad_yaml), "--out", str(tmp_path / "o"), check=False)
+    assert proc.returncode == 2 and "is not valid YAML" in proc.stderr
+    proc = _cli("run", "--gate", str(bad_rule), "--out", str(tmp_path / "o"), check=False)
+    assert proc.returncode == 2 and "invalid rules.val_loss.better" in proc.stderr
 
 
 @pytest.mark.slow

@@ -20,12 +20,11 @@ def run(
     scorer: Annotated[list[str] | None, typer.Option(help="scorers to run (default: all available)")] = None,
 ) -> None:
     """Write lowres/highres/hq manifests, scores and a report."""
-    import yaml
-
     from components.tier.tier import run_tier
     from components.tier.tiering import TierConfig
+    from model.config_files import read_yaml_mapping
 
-    cfg = TierConfig.model_validate(yaml.safe_load(config.read_text()) or {}) if config else TierConfig()
+    cfg = TierConfig.model_validate(read_yaml_mapping(config, "tier config")) if config else TierConfig()
     result = run_tier(captions, images, out_dir, cfg, scorer)
     typer.echo(
         json.dumps(

@@ -6,9 +6,9 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from model.config_files import read_yaml_mapping
 from model.errors import ConfigError
 from model.prompts import SystemPrompt
 
@@ -143,15 +143,7 @@ def stage_config(stage: str | Stage, profile: str = "tiny", **overrides: Any) ->
 
 def load_config(path: str | Path, **overrides: Any) -> TrainConfig:
     """Read a YAML stage config (``stage`` and ``profile`` select the defaults)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path} must contain a mapping of settings")
+    raw = read_yaml_mapping(path, "config file")
     raw.update(overrides)
     return stage_config(raw.pop("stage", Stage.LOWRES), raw.pop("profile", "tiny"), **raw)
 
