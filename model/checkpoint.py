@@ -18,7 +18,7 @@ from diffusers import (
     Lumina2Transformer2DModel,
 )
 
-from model.errors import WeightsNotFoundError
+from model.errors import WeightsNotFoundError, first_line
 from model.profiles import ModelProfile, get_profile
 from model.text import build_text_encoder, train_tokenizer
 
@@ -128,20 +128,15 @@ def load_pipeline(
         try:
             pipe = Lumina2Pipeline.from_pretrained(folder, **kwargs)
         except (OSError, ValueError) as exc:
-            raise WeightsNotFoundError(f"cannot load pipeline from {folder}: {_first_line(exc)}") from exc
+            raise WeightsNotFoundError(f"cannot load pipeline from {folder}: {first_line(exc)}") from exc
     else:
         try:
             pipe = Lumina2Pipeline.from_pretrained(source, **kwargs)
         except (OSError, ValueError) as exc:
             raise WeightsNotFoundError(
-                f"cannot resolve hub id {source!r} (offline or not cached?): {_first_line(exc)}"
+                f"cannot resolve hub id {source!r} (offline or not cached?): {first_line(exc)}"
             ) from exc
     if device is not None:
         pipe.to(device)
     pipe.tokenizer.padding_side = "right"
     return pipe
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

@@ -15,12 +15,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from model.errors import WeightsNotFoundError
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+from model.errors import WeightsNotFoundError, first_line
 
 
 class ClipScorer:
@@ -35,7 +30,7 @@ class ClipScorer:
             self.tokenizer = AutoTokenizer.from_pretrained(self.source)
             self.image_processor = AutoImageProcessor.from_pretrained(self.source)
         except (OSError, ValueError) as exc:
-            raise WeightsNotFoundError(f"cannot load CLIP from {self.source!r}: {_first_line(exc)}") from exc
+            raise WeightsNotFoundError(f"cannot load CLIP from {self.source!r}: {first_line(exc)}") from exc
         self.device = torch.device(device)
 
     @torch.no_grad()
@@ -105,7 +100,7 @@ class AestheticPredictor:
             self.mlp.load_state_dict(state)
         except RuntimeError as exc:
             raise WeightsNotFoundError(
-                f"{path} is not an aesthetic MLP for this CLIP: {_first_line(exc)}"
+                f"{path} is not an aesthetic MLP for this CLIP: {first_line(exc)}"
             ) from exc
 
     @torch.no_grad()

@@ -13,3 +13,9 @@ class ConfigError(LuminaError):
 
 class WeightsNotFoundError(LuminaError):
     """A weights path or hub id could not be resolved to a model folder."""
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's first message line (its type name when the message is empty)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -28,7 +28,7 @@ from typing import Annotated
 
 import typer
 
-from model.errors import WeightsNotFoundError
+from model.errors import WeightsNotFoundError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +155,7 @@ def fetch_s3(source: str, dest: Path, page_size: int | None = None) -> Path:
                 count += 1
     except (BotoCoreError, ClientError) as exc:
         shutil.rmtree(staging, ignore_errors=True)
-        raise WeightsNotFoundError(f"cannot download {source}: {_first_line(exc)}") from exc
+        raise WeightsNotFoundError(f"cannot download {source}: {first_line(exc)}") from exc
     if count == 0:
         shutil.rmtree(staging, ignore_errors=True)
         raise WeightsNotFoundError(f"no objects under {source}")
@@ -203,11 +203,11 @@ def fetch_mlflow(source: str, dest: Path) -> Path:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
         uri = mlflow.get_tracking_uri()
-        raise WeightsNotFoundError(f"cannot resolve {source} at {uri}: {_first_line(exc)}") from exc
+        raise WeightsNotFoundError(f"cannot resolve {source} at {uri}: {first_line(exc)}") from exc
     except OSError as exc:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
-        raise WeightsNotFoundError(f"cannot download {source}: {_first_line(exc)}") from exc
+        raise WeightsNotFoundError(f"cannot download {source}: {first_line(exc)}") from exc
     return _finish(dest, source, staging)
 
 
@@ -235,11 +235,6 @@ def resolve_source(source: str, dest: str | Path) -> Path:
     if not (folder / MODEL_INDEX).is_file():
         raise WeightsNotFoundError(f"{folder} is not a diffusers pipeline folder (no {MODEL_INDEX})")
     return folder
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 app = typer.Typer(add_completion=False, help="Resolve a model source to a local diffusers folder.")

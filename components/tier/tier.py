@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from components.tier.scorers import Scorer, available
 from components.tier.tiering import TIERS, TierConfig, assign_tiers, combined_score
-from model.errors import ConfigError, LuminaError
+from model.errors import ConfigError, LuminaError, first_line
 
 log = logging.getLogger(__name__)
 TRAIN_COLUMNS = ["id", "image_path", "domain", "captions", "system_prompt", "score", "width", "height"]
@@ -57,7 +57,7 @@ def prepared(scorers: list[Scorer]) -> tuple[list[Scorer], dict[str, str]]:
                 scorer.prepare()
             ready.append(scorer)
         except LuminaError as exc:
-            not_run[scorer.name] = str(exc).splitlines()[0]
+            not_run[scorer.name] = first_line(exc)
             log.warning("scorer %s not run: %s", scorer.name, not_run[scorer.name])
     return ready, not_run
 
