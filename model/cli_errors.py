@@ -9,7 +9,7 @@ import click
 import typer
 from pydantic import ValidationError
 
-from model.errors import LuminaError
+from model.errors import LuminaError, validation_message
 
 
 def run_cli(app: typer.Typer) -> None:
@@ -22,9 +22,7 @@ def run_cli(app: typer.Typer) -> None:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(2)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "value"
-        typer.echo(f"error: invalid {where}: {first['msg']}", err=True)
+        typer.echo(f"error: {validation_message(exc)}", err=True)
         sys.exit(2)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pydantic import ValidationError
+
 
 class LuminaError(Exception):
     """Base class for errors a user can fix (bad input, missing files, bad configs)."""
@@ -19,3 +21,10 @@ def first_line(exc: BaseException) -> str:
     """An exception's first message line (its type name when the message is empty)."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+def validation_message(exc: ValidationError, what: str = "value") -> str:
+    """A pydantic error as one line: ``invalid <field path>: <message>`` (first error only)."""
+    first = exc.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or what
+    return f"invalid {where}: {first['msg']}"

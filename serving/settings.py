@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, m
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from model.config_files import read_yaml_mapping
-from model.errors import ConfigError
+from model.errors import ConfigError, validation_message
 from model.prompts import SystemPrompt
 from model.sampler import SamplerConfig, Solver
 from model.sampler.sampler import PIXEL_MULTIPLE
@@ -94,9 +94,7 @@ def load_defaults(path: str | Path | None) -> ServingDefaults:
     try:
         return ServingDefaults(**data)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "value"
-        raise ConfigError(f"defaults file {path}: invalid {where}: {first['msg']}") from exc
+        raise ConfigError(f"defaults file {path}: {validation_message(exc)}") from exc
 
 
 class ServerSettings(BaseSettings):

@@ -81,7 +81,7 @@ def test_buckets_are_patch_aligned_within_budget():
 def test_bad_configs_are_clear_errors(tmp_path, manifest):
     with pytest.raises(ConfigError, match="unknown stage 'mid'"):
         stage_config("mid", manifest=manifest, output_dir=tmp_path)
-    with pytest.raises(ConfigError, match="invalid training config lr"):
+    with pytest.raises(ConfigError, match="training config: invalid lr"):
         stage_config("lowres", manifest=manifest, output_dir=tmp_path, lr=-1)
     bad = tmp_path / "bad.yaml"
     bad.write_text("steps: [1, 2\n")

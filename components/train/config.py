@@ -9,7 +9,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from model.config_files import read_yaml_mapping
-from model.errors import ConfigError
+from model.errors import ConfigError, validation_message
 from model.prompts import SystemPrompt
 
 
@@ -152,6 +152,4 @@ def _validated(values: dict[str, Any]) -> TrainConfig:
     try:
         return TrainConfig(**values)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "config"
-        raise ConfigError(f"invalid training config {where}: {first['msg']}") from None
+        raise ConfigError(f"training config: {validation_message(exc, 'config')}") from None
