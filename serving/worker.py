@@ -29,7 +29,6 @@ from typing import Any
 import torch
 
 from model.errors import LuminaError
-from model.profiles import VAE_DOWNSAMPLE
 from model.sampler import LuminaSampler, SamplerConfig
 
 log = logging.getLogger(__name__)
@@ -77,12 +76,6 @@ class JobResult:
     generate_s: float
 
 
-def initial_noise(sampler: LuminaSampler, seed: int, rows: int, height: int, width: int) -> torch.Tensor:
-    """The noise ``sampler.generate`` draws for ``rows`` prompts at this size and seed."""
-    shape = (rows, sampler.transformer.config.in_channels, height // VAE_DOWNSAMPLE, width // VAE_DOWNSAMPLE)
-    return torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed))
-
-
 def generate_rows(
     sampler: LuminaSampler,
     prompts: Sequence[str],
@@ -109,7 +102,7 @@ def generate_rows(
                 seed=seeds[0][0],
                 config=config,
             )
-    noise = torch.cat([initial_noise(sampler, s, n, height, width) for s, n in seeds])
+    noise = torch.cat([sampler.initial_noise(n, height, width, s) for s, n in seeds])
     with _GENERATE_LOCK:
         result = sampler.generate(
             list(prompts),

@@ -86,6 +86,7 @@ class BlockingSampler:
         self.entered = threading.Event()
         self.release = threading.Event()
         self.calls: list[int] = []  # prompts per call
+        self.initial_noise = inner.initial_noise
 
     def generate(self, prompts, **kwargs):
         self.calls.append(len(prompts))

@@ -136,6 +136,14 @@ class LuminaSampler:
     def device(self) -> torch.device:
         return next(self.transformer.parameters()).device
 
+    def noise_shape(self, batch: int, height: int, width: int) -> tuple[int, int, int, int]:
+        return (batch, self.transformer.config.in_channels, height // VAE_DOWNSAMPLE, width // VAE_DOWNSAMPLE)
+
+    def initial_noise(self, batch: int, height: int, width: int, seed: int) -> torch.Tensor:
+        """The starting latents :meth:`generate` draws for ``batch`` prompts and ``seed`` (CPU)."""
+        shape = self.noise_shape(batch, height, width)
+        return torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed))
+
     def sigmas(self, config: SamplerConfig, latent_hw: tuple[int, int]) -> torch.Tensor:
         """The noise-level schedule for these settings and latent size."""
         if config.shift is None and self.scheduler_config.get("use_dynamic_shifting", False):
@@ -188,9 +196,9 @@ class LuminaSampler:
         full_ctx = self.denoiser.prepare(emb.embeds, emb.mask, lat_h, lat_w)
         cond_ctx = self.denoiser.subset(full_ctx, batch) if use_cfg else full_ctx
 
-        shape = (batch, self.transformer.config.in_channels, lat_h, lat_w)
+        shape = self.noise_shape(batch, height, width)
         if noise is None:
-            latents = torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed))
+            latents = self.initial_noise(batch, height, width, seed)
         elif tuple(noise.shape) != shape:
             raise ConfigError(f"noise shape {tuple(noise.shape)} does not match {shape}")
         else:
