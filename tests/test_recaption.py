@@ -121,3 +121,33 @@ def test_vlm_backend_with_a_tiny_qwen2vl_reports_instead_of_inventing(ingested, 
     assert all(r.startswith("vlm: ") for r in reasons)
     info = __import__("json").loads((ingested / "cap5" / "dataset.json").read_text())
     assert info["vlm_model"] == str(model) and info["prompt_version"] == "unicap-v1"
+
+
+def test_interrupted_run_resumes_from_saved_shards(ingested, monkeypatch):
+    import components.recaption.recaption as rc
+    from components.recaption.schema import GRANULARITIES, LANGUAGES
+
+    monkeypatch.setattr(rc, "SHARD", 4)
+    full = {
+        lang: {g: f"{g} caption" if lang == "en" else f"{g}的图" for g in GRANULARITIES} for lang in LANGUAGES
+    }
+    seen: list[int] = []
+
+    class Stop(BaseException):
+        pass
+
+    def vlm(images, fail_at=None):
+        seen.append(len(images))
+        if fail_at is not None and len(seen) == fail_at:
+            raise Stop
+        return [(full, None)] * len(images)
+
+    out = ingested / "cap6"
+    with pytest.raises(Stop):
+        run_recaption(ingested / "ingest", out, backend="vlm", vlm=lambda ims: vlm(ims, 2), progress=False)
+    assert len(list((out / "shards").glob("*.parquet"))) == 1  # the first shard was saved
+    seen.clear()
+    result = run_recaption(ingested / "ingest", out, backend="vlm", vlm=vlm, progress=False)
+    n = len(pd.read_parquet(ingested / "ingest" / "manifest.parquet"))
+    assert sum(seen) == n - 4 and result.images == n and result.captions_written == 8 * n
+    assert not list((out / "shards").glob("*.parquet"))

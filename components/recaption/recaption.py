@@ -151,20 +151,26 @@ def run_recaption(
         raise ConfigError(f"ingest manifest not found: {source_manifest}")
     images = pd.read_parquet(source_manifest)
     out.mkdir(parents=True, exist_ok=True)
-    captions_path = out / CAPTIONS_FILE
-    done = pd.read_parquet(captions_path) if captions_path.is_file() else captions_frame([])
-    rows: list[dict] = done.to_dict("records")
-    finished = set(done["image_id"])
+    captions_path, shard_dir = out / CAPTIONS_FILE, out / "shards"
+    shard_dir.mkdir(exist_ok=True)
+    # resume from a finished run's table plus the shards an interrupted run saved
+    saved = ([captions_path] if captions_path.is_file() else []) + sorted(shard_dir.glob("*.parquet"))
+    parts = [pd.read_parquet(p) for p in saved]
+    finished = {i for part in parts for i in part["image_id"]}
     failures: list[tuple[str, str, str]] = []
     todo = [r for r in images.to_dict("records") if r["id"] not in finished]
     shards = [todo[i : i + SHARD] for i in range(0, len(todo), SHARD)]
-    for shard in tqdm(shards, desc="recaption", disable=not progress, leave=False):
+    first = len(saved)
+    for k, shard in enumerate(tqdm(shards, desc="recaption", disable=not progress, leave=False)):
         new, failed = _caption_shard(shard, dataset_dir, backend, vlm)
-        rows.extend(new)
         failures.extend(failed)
-        captions_frame(rows).to_parquet(captions_path, index=False)  # resume point
-    table = captions_frame(rows)
+        part = captions_frame(new)
+        part.to_parquet(shard_dir / f"captions-{first + k:06d}.parquet", index=False)  # resume point
+        parts.append(part)
+    table = pd.concat(parts, ignore_index=True) if parts else captions_frame([])
     table.to_parquet(captions_path, index=False)
+    for path in shard_dir.glob("*.parquet"):  # now in the table
+        path.unlink()
     return _write_outputs(images, table, failures, out, backend, vlm)
 
 
