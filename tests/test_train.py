@@ -22,6 +22,7 @@ from model.errors import ConfigError
 from model.flow import validation_loss
 from model.text import encode_prompts
 from model.vae import encode_images
+from services.process import free_port
 
 COLORS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 60, 220), "yellow": (230, 210, 40)}
 
@@ -136,7 +137,7 @@ def test_tiny_stage_learns_and_exports_a_pipeline(tmp_path, manifest):
 
 
 def _train_cli(manifest: Path, out: Path, config: Path) -> subprocess.Popen:
-    env = {**os.environ, "MASTER_PORT": str(29600 + os.getpid() % 300)}
+    env = {**os.environ, "MASTER_PORT": str(free_port())}  # a fresh port: a killed run's may linger
     cmd = [
         sys.executable,
         "-m",
@@ -220,7 +221,7 @@ def _torchrun(tmp_path: Path, manifest: Path, name: str, zero_stage: int) -> Pat
         f"steps: 6\nglobal_batch: 4\nmicro_batch: 1\nzero_stage: {zero_stage}\n"
         "checkpoint_every: 3\ntrack: false\n"
     )
-    port = str(29900 + (os.getpid() + zero_stage) % 90)
+    port = str(free_port())
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
            "-m", "components.train", "--manifest", str(manifest), "--output-dir", str(tmp_path / name),
            "--config", str(config)]  # fmt: skip

@@ -23,6 +23,7 @@ from components.train.data import FeatureCache, build_cache, choose_caption, rea
 from components.train.tracking import MlflowTracker, default_tracking_uri, file_sha256, git_sha
 from model.checkpoint import build_pipeline, load_pipeline, save_pipeline
 from model.flow import TimestepSampler, flow_matching_loss
+from services.process import free_port
 
 log = logging.getLogger(__name__)
 CKPT_DIR = "checkpoints"
@@ -43,7 +44,8 @@ class StageResult:
 def ensure_distributed_env() -> None:
     """Single-process defaults so DeepSpeed starts without a launcher (gloo on CPU)."""
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+    if "MASTER_PORT" not in os.environ:
+        os.environ["MASTER_PORT"] = str(free_port())
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
