@@ -17,30 +17,24 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import ConfigDict, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from model.config_files import read_yaml_mapping
 from model.errors import ConfigError, validation_message
-from model.prompts import SystemPrompt
-from model.sampler import SamplerConfig, Solver
+from model.sampler import SamplerConfig
 from model.sampler.sampler import PIXEL_MULTIPLE
 from serving.fetch import DEFAULT_MODEL_DIR
 
 
-class ServingDefaults(BaseModel):
-    """Request defaults and server limits (``LUMINA_DEFAULTS_FILE``). Unknown keys are rejected."""
+class ServingDefaults(SamplerConfig):
+    """Request defaults and server limits (``LUMINA_DEFAULTS_FILE``). Unknown keys are rejected.
+
+    The sampler settings (steps, guidance, CFG-Trunc/Renorm, solver, TeaCache, system prompt) are
+    :class:`SamplerConfig`'s own fields and defaults; this adds the image size and the limits."""
 
     model_config = ConfigDict(extra="forbid")
 
-    # defaults applied to fields a request leaves out
-    steps: int = Field(30, ge=1)
-    guidance_scale: float = Field(4.0, ge=0.0, le=50.0)
-    cfg_trunc: float = Field(0.25, ge=0.0, le=1.0)
-    renorm: float = Field(1.0, ge=0.0)
-    solver: Solver = Solver.EULER
-    teacache: float = Field(0.0, ge=0.0)
-    system_prompt: SystemPrompt = SystemPrompt.A
     height: int = Field(1024, ge=PIXEL_MULTIPLE)
     width: int = Field(1024, ge=PIXEL_MULTIPLE)
     # limits
@@ -74,15 +68,8 @@ class ServingDefaults(BaseModel):
         return self
 
     def sampler_config(self) -> SamplerConfig:
-        return SamplerConfig(
-            steps=self.steps,
-            guidance_scale=self.guidance_scale,
-            cfg_trunc=self.cfg_trunc,
-            renorm=self.renorm,
-            solver=self.solver,
-            teacache=self.teacache,
-            system_prompt=self.system_prompt,
-        )
+        """The request-independent sampler settings (a request's own values override them)."""
+        return SamplerConfig(**self.model_dump(include=set(SamplerConfig.model_fields)))
 
 
 def load_defaults(path: str | Path | None) -> ServingDefaults:
