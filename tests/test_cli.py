@@ -79,3 +79,19 @@ def test_build_sample_and_calibrate(tmp_path):
     saved = json.loads((folder / "teacache.json").read_text())
     assert len(saved["coefficients"]) == 5 and saved["pairs"] > 5
     assert LuminaSampler.load(folder).teacache_coefficients == tuple(saved["coefficients"])
+
+
+@pytest.mark.parametrize(
+    ("module", "args", "pattern"),
+    [
+        ("components.ingest", ["src", "out", "--workers", "0"], "'--workers'"),
+        ("components.ingest", ["src", "out", "--bogus"], "No such option: --bogus"),
+        ("components.tier", ["--no-such-flag"], "No such option"),
+        ("data_tools", ["sample-data", "--tuxpaint", "-1"], "'--tuxpaint'"),
+        ("pipelines", ["run", "--steps"], "requires an argument"),
+        ("model", ["sample"], "Missing option"),
+    ],
+)
+def test_bad_usage_is_one_line_not_a_traceback(module, args, pattern):
+    proc = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=300)
+    assert_one_line_error(proc, pattern)

@@ -9,8 +9,17 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from components.ingest import ingest as ingest_module
 from components.ingest.gate import GateFailed, run_gate
-from components.ingest.ingest import IngestOptions, dhash, hamming, ingest
+from components.ingest.ingest import (
+    IngestOptions,
+    Item,
+    NearDuplicateIndex,
+    decode_stream,
+    dhash,
+    hamming,
+    ingest,
+)
 from model.errors import ConfigError
 
 
@@ -123,6 +132,101 @@ def test_tar_shards_with_captions(tmp_path):
     assert sorted(manifest["caption"]) == ["caption 0001", "caption 0002"]
     with pytest.raises(ConfigError, match="ingest source not found"):
         ingest(tmp_path / "missing", tmp_path / "out2")
+
+
+def test_broken_json_sidecar_gives_no_caption_and_unreadable_keeps_its_reason(tmp_path):
+    shard = tmp_path / "shard-000.tar"
+    with tarfile.open(shard, "w") as tar:
+        buf = io.BytesIO()
+        _photo(80, 64, 31).save(buf, "PNG")
+        for name, data in (("k.png", buf.getvalue()), ("k.json", b"{not json")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    manifest = pd.read_parquet(ingest(shard, tmp_path / "out").manifest)
+    assert len(manifest) == 1 and manifest["caption"].isna().all()
+    # a file that could not be read is rejected with why, whatever caption sat beside it
+    unreadable = Item("s3://b/k.png", b"", caption="a caption", error="unreadable: AccessDenied")
+    [(item, reason)] = list(decode_stream([unreadable], IngestOptions()))
+    assert item is unreadable and reason == "unreadable: AccessDenied"
+
+
+def test_near_duplicate_index_finds_what_a_full_scan_finds():
+    rng = np.random.default_rng(0)
+    base = [int(v) for v in rng.integers(0, 2**63, 200, dtype=np.int64)]
+
+    # near copies: flip 0..6 random bits of some of them
+    def flip(h: int) -> int:
+        return h ^ sum(1 << int(bit) for bit in rng.choice(64, int(rng.integers(0, 7)), replace=False))
+
+    queries = [flip(b) for b in base[:100]] + [int(v) for v in rng.integers(0, 2**63, 100, dtype=np.int64)]
+    sig, other_sig = "00" * 8, "07" * 8
+    for distance in (0, 1, 4, 8):
+        index = NearDuplicateIndex(distance)
+        for i, h in enumerate(base):
+            index.add(h, sig, f"id{i}")
+        for q in queries:
+            scan = next((f"id{i}" for i, h in enumerate(base) if hamming(h, q) <= distance), None)
+            assert index.find(q, sig) == scan
+        assert index.find(base[0], other_sig) is None  # the colour layout must match too
+    off = NearDuplicateIndex(-1)
+    off.add(base[0], sig, "id0")
+    assert off.find(base[0], sig) is None
+
+
+def test_decoding_streams_with_bounded_read_ahead():
+    read = 0
+
+    def items():
+        nonlocal read
+        for i in range(50):
+            read += 1
+            buf = io.BytesIO()
+            _photo(40, 40, i).save(buf, "PNG")
+            yield Item(f"mem/{i}.png", buf.getvalue())
+
+    opts = IngestOptions(workers=2, in_flight=4)
+    seen = 0
+    for item, result in decode_stream(items(), opts):
+        assert item.source == f"mem/{seen}.png" and result.width == 40  # in source order
+        seen += 1
+        assert read - seen <= opts.in_flight  # never more than in_flight files held
+    assert seen == read == 50
+
+
+def test_interrupted_ingest_keeps_checkpointed_work_and_resumes_without_rereading(tmp_path, monkeypatch):
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(12):
+        _photo(64, 48, 100 + i).save(src / f"img{i:02d}.png")
+    straight = ingest(src, tmp_path / "straight")
+
+    real_decode = ingest_module.decode
+    calls = []
+
+    def failing_decode(item, max_pixels):
+        calls.append(item.source)
+        if len(calls) == 9:
+            raise KeyboardInterrupt  # the process is stopped mid-run
+        return real_decode(item, max_pixels)
+
+    opts = IngestOptions(workers=1, in_flight=1, checkpoint_every=4)
+    monkeypatch.setattr(ingest_module, "decode", failing_decode)
+    with pytest.raises(KeyboardInterrupt):
+        ingest(src, tmp_path / "resumed", opts)
+    saved = pd.read_parquet(tmp_path / "resumed" / "manifest.parquet")
+    assert len(saved) == 8  # two checkpoints of 4; the image in flight is redone
+
+    calls.clear()
+
+    def counting_decode(item, max_pixels):
+        calls.append(item.source)
+        return real_decode(item, max_pixels)
+
+    monkeypatch.setattr(ingest_module, "decode", counting_decode)
+    resumed = ingest(src, tmp_path / "resumed", opts)
+    assert len(calls) == 4 and not set(calls) & set(saved["source_path"])  # saved images not read again
+    assert resumed.kept == straight.kept == 12 and resumed.dataset_hash == straight.dataset_hash
 
 
 def test_great_expectations_gate(odd_folder, tmp_path):

@@ -14,19 +14,26 @@ app = typer.Typer(add_completion=False, help="Ingest images into a checked, dedu
 
 @app.command()
 def run(
-    source: Annotated[str, typer.Argument(help="folder (images, .tar shards) or a .tar shard")],
-    out_dir: Annotated[Path, typer.Argument(help="output folder")],
-    min_side: int = 32,
-    max_aspect: float = 4.0,
-    dedup_distance: int = 4,
-    workers: int = 2,
+    source: Annotated[str, typer.Argument(help="folder (images, .tar shards), a .tar shard or s3:// prefix")],
+    out_dir: Annotated[Path, typer.Argument(help="output folder (a rerun resumes into it)")],
+    min_side: Annotated[int, typer.Option(min=1)] = 32,
+    max_aspect: Annotated[float, typer.Option(min=1.0)] = 4.0,
+    dedup_distance: Annotated[int, typer.Option(help="perceptual-hash bits; negative: off")] = 4,
+    workers: Annotated[int, typer.Option(min=1, help="decode threads")] = 2,
+    in_flight: Annotated[int, typer.Option(min=1, help="files read ahead at most (memory bound)")] = 64,
+    checkpoint_every: Annotated[int, typer.Option(min=1, help="kept images between manifest saves")] = 500,
 ) -> None:
     """Ingest; bad files go to rejects.csv; a failed gate exits with code 2."""
     from components.ingest.gate import run_gate
     from components.ingest.ingest import IngestOptions, ingest
 
     opts = IngestOptions(
-        min_side=min_side, max_aspect=max_aspect, dedup_distance=dedup_distance, workers=workers
+        min_side=min_side,
+        max_aspect=max_aspect,
+        dedup_distance=dedup_distance,
+        workers=workers,
+        in_flight=in_flight,
+        checkpoint_every=checkpoint_every,
     )
     result = ingest(source, out_dir, opts)
     run_gate(pd.read_parquet(result.manifest), out_dir)

@@ -10,12 +10,14 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import itertools
 import json
 import logging
 import tarfile
 import warnings
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from collections.abc import Container, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -36,9 +38,11 @@ SHARD_SIZE = 1000
 class IngestOptions:
     min_side: int = 32
     max_aspect: float = 4.0
-    dedup_distance: int = 4
+    dedup_distance: int = 4  # perceptual-hash bits; negative: no near-duplicate removal
     max_pixels: int = 50_000_000
     workers: int = 2
+    in_flight: int = 64  # files read ahead of the decoder at most (bounds memory)
+    checkpoint_every: int = 500  # kept images between manifest saves (what an interruption keeps)
 
 
 @dataclass
@@ -136,14 +140,15 @@ def decode(item: Item, max_pixels: int) -> Decoded | str:
     )
 
 
-def iter_folder(root: Path) -> Iterator[Item]:
-    """Every file under ``root`` (sorted) that looks like an image; a caption .txt beside it is kept."""
+def iter_folder(root: Path, skip: Container[str] = frozenset()) -> Iterator[Item]:
+    """Every file under ``root`` (sorted) that looks like an image; a caption .txt beside it is kept.
+    Files are read one at a time as the iterator is consumed; sources in ``skip`` are not read."""
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        if path.suffix.lower() not in IMAGE_SUFFIXES:
+        if path.suffix.lower() not in IMAGE_SUFFIXES or str(path) in skip:
             continue
         txt = path.with_suffix(".txt")
-        caption = txt.read_text(encoding="utf-8", errors="replace").strip() if txt.is_file() else None
         try:
+            caption = txt.read_text(encoding="utf-8", errors="replace").strip() if txt.is_file() else None
             data = path.read_bytes()
         except OSError as exc:
             yield Item(str(path), b"", error=f"unreadable: {exc.strerror}")
@@ -151,24 +156,34 @@ def iter_folder(root: Path) -> Iterator[Item]:
         yield Item(str(path), data, caption)
 
 
-def iter_tar(path: Path) -> Iterator[Item]:
+def iter_tar(path: Path, skip: Container[str] = frozenset()) -> Iterator[Item]:
     """WebDataset shard: members grouped by key (``key.png`` + ``key.txt`` / ``key.json``)."""
     with tarfile.open(path) as tar:
         members = {m.name: m for m in tar.getmembers() if m.isfile()}
         for name in sorted(members):
             stem, suffix = name.rsplit(".", 1) if "." in name else (name, "")
-            if f".{suffix.lower()}" not in IMAGE_SUFFIXES:
+            if f".{suffix.lower()}" not in IMAGE_SUFFIXES or f"{path}::{name}" in skip:
                 continue
             caption = None
             for ext in CAPTION_SUFFIXES:
                 if f"{stem}{ext}" in members:
                     raw = tar.extractfile(members[f"{stem}{ext}"]).read().decode("utf-8", "replace")
-                    caption = json.loads(raw).get("caption") if ext == ".json" else raw.strip()
+                    caption = _json_caption(raw) if ext == ".json" else raw.strip()
                     break
             yield Item(f"{path}::{name}", tar.extractfile(members[name]).read(), caption)
 
 
-def iter_s3(uri: str) -> Iterator[Item]:
+def _json_caption(raw: str) -> str | None:
+    """The ``caption`` of a WebDataset ``.json`` sidecar; a broken sidecar gives no caption."""
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        return None
+    caption = value.get("caption") if isinstance(value, dict) else None
+    return caption.strip() if isinstance(caption, str) else None
+
+
+def iter_s3(uri: str, skip: Container[str] = frozenset()) -> Iterator[Item]:
     """Objects under ``s3://bucket/prefix`` (paginated; endpoint from ``AWS_ENDPOINT_URL``)."""
     from services.s3 import s3_client
 
@@ -179,35 +194,35 @@ def iter_s3(uri: str) -> Iterator[Item]:
         keys.extend(obj["Key"] for obj in page.get("Contents", []))
     present = set(keys)
     for key in sorted(keys):
-        if Path(key).suffix.lower() not in IMAGE_SUFFIXES:
+        source = f"s3://{bucket}/{key}"
+        if Path(key).suffix.lower() not in IMAGE_SUFFIXES or source in skip:
             continue
         caption_key = str(Path(key).with_suffix(".txt"))
-        caption = None
-        if caption_key in present:
-            caption = (
-                client.get_object(Bucket=bucket, Key=caption_key)["Body"].read().decode("utf-8", "replace")
-            )
         try:
+            caption = None
+            if caption_key in present:
+                body = client.get_object(Bucket=bucket, Key=caption_key)["Body"].read()
+                caption = body.decode("utf-8", "replace").strip() or None
             data = client.get_object(Bucket=bucket, Key=key)["Body"].read()
         except Exception as exc:  # botocore raises many client/transport errors
-            yield Item(f"s3://{bucket}/{key}", b"", error=f"unreadable: {type(exc).__name__}")
+            yield Item(source, b"", error=f"unreadable: {type(exc).__name__}")
             continue
-        yield Item(f"s3://{bucket}/{key}", data, caption.strip() if caption else None)
+        yield Item(source, data, caption)
 
 
-def iter_source(source: str | Path) -> Iterator[Item]:
+def iter_source(source: str | Path, skip: Container[str] = frozenset()) -> Iterator[Item]:
+    """The items of a folder (plus the ``.tar`` shards under it), a ``.tar`` shard or an ``s3://``
+    prefix, read lazily; sources named in ``skip`` (already ingested) are not read. A source that
+    does not exist raises :class:`ConfigError` here, before anything is read."""
     if str(source).startswith("s3://"):
-        yield from iter_s3(str(source))
-        return
+        return iter_s3(str(source), skip)
     path = Path(source)
     if path.is_dir():
-        yield from iter_folder(path)
-        for shard in sorted(path.rglob("*.tar")):
-            yield from iter_tar(shard)
-    elif path.is_file() and path.suffix == ".tar":
-        yield from iter_tar(path)
-    else:
-        raise ConfigError(f"ingest source not found or not a folder / .tar shard / s3:// prefix: {source}")
+        shards = (iter_tar(shard, skip) for shard in sorted(path.rglob("*.tar")))
+        return itertools.chain(iter_folder(path, skip), itertools.chain.from_iterable(shards))
+    if path.is_file() and path.suffix == ".tar":
+        return iter_tar(path, skip)
+    raise ConfigError(f"ingest source not found or not a folder / .tar shard / s3:// prefix: {source}")
 
 
 def _filter(d: Decoded, opts: IngestOptions) -> str | None:
@@ -218,62 +233,117 @@ def _filter(d: Decoded, opts: IngestOptions) -> str | None:
     return None
 
 
+def _check(item: Item, max_pixels: int) -> Decoded | str:
+    return item.error if item.error else decode(item, max_pixels)
+
+
+def decode_stream(items: Iterable[Item], opts: IngestOptions) -> Iterator[tuple[Item, Decoded | str]]:
+    """Decode ``items`` on ``opts.workers`` threads, in order, with at most ``opts.in_flight`` files
+    read ahead (memory stays bounded whatever the size of the source)."""
+    window = max(1, opts.in_flight)
+    with ThreadPoolExecutor(max(1, opts.workers)) as pool:
+        pending: deque[tuple[Item, Future]] = deque()
+        for item in items:
+            pending.append((item, pool.submit(_check, item, opts.max_pixels)))
+            if len(pending) >= window:
+                done, future = pending.popleft()
+                yield done, future.result()
+        while pending:
+            done, future = pending.popleft()
+            yield done, future.result()
+
+
+class NearDuplicateIndex:
+    """Perceptual hashes banded for lookup: two 64-bit hashes within ``distance`` bits agree
+    exactly on at least one of ``distance + 1`` bands (pigeonhole), so a query only compares the
+    hashes that share a band with it instead of every hash seen so far."""
+
+    def __init__(self, distance: int) -> None:
+        """``distance < 0`` turns near-duplicate detection off (``find`` always gives None)."""
+        self.distance = distance
+        n = min(max(distance + 1, 0), 64)
+        edges = [round(i * 64 / n) for i in range(n + 1)] if n else []
+        self._bands = [(lo, (1 << (hi - lo)) - 1) for lo, hi in itertools.pairwise(edges)]
+        self._tables: list[dict[int, list[int]]] = [{} for _ in self._bands]
+        self._entries: list[tuple[int, str, str]] = []
+
+    def add(self, phash: int, color_sig: str, image_id: str) -> None:
+        index = len(self._entries)
+        self._entries.append((phash, color_sig, image_id))
+        for table, (shift, mask) in zip(self._tables, self._bands, strict=True):
+            table.setdefault((phash >> shift) & mask, []).append(index)
+
+    def find(self, phash: int, color_sig: str) -> str | None:
+        """The id of the first added image within ``distance`` bits and a matching colour layout."""
+        candidates: set[int] = set()
+        for table, (shift, mask) in zip(self._tables, self._bands, strict=True):
+            candidates.update(table.get((phash >> shift) & mask, ()))
+        for index in sorted(candidates):
+            other, other_sig, image_id = self._entries[index]
+            if hamming(other, phash) <= self.distance and same_colors(other_sig, color_sig):
+                return image_id
+        return None
+
+
+def _write_manifest(kept: list[dict], path: Path) -> pd.DataFrame:
+    """Write the manifest atomically (a crash mid-write leaves the previous one)."""
+    frame = pd.DataFrame(kept, columns=_COLUMNS)
+    frame["phash"] = frame["phash"].astype("uint64")
+    tmp = path.with_suffix(".parquet.tmp")
+    frame.to_parquet(tmp, index=False)
+    tmp.replace(path)
+    return frame
+
+
 def ingest(source: str | Path, out_dir: str | Path, options: IngestOptions | None = None) -> IngestResult:
-    """Ingest ``source`` into ``out_dir``; rerunning skips images already in the manifest."""
+    """Ingest ``source`` into ``out_dir``, streaming: files are read as they are decoded, and the
+    manifest is saved every ``options.checkpoint_every`` kept images, so an interrupted run keeps its
+    work and a rerun skips the sources already in the manifest without reading them again."""
     opts = options or IngestOptions()
     out = Path(out_dir)
-    (out / "images").mkdir(parents=True, exist_ok=True)
     manifest_path, rejects_path = out / "manifest.parquet", out / "rejects.csv"
     previous = pd.read_parquet(manifest_path) if manifest_path.is_file() else pd.DataFrame()
     kept: list[dict] = previous.to_dict("records") if len(previous) else []
     known = {row["sha256"]: row["id"] for row in kept}
-    hashes = [(row["phash"], row.get("color_sig") or "", row["id"]) for row in kept]
+    items = iter_source(source, skip={row["source_path"] for row in kept})  # a bad source fails here
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    near_index = NearDuplicateIndex(opts.dedup_distance)
+    for row in kept:
+        near_index.add(int(row["phash"]), row.get("color_sig") or "", row["id"])
     rejects: list[tuple[str, str]] = []
-
-    items = list(iter_source(source))
-    with ThreadPoolExecutor(max(1, opts.workers)) as pool:
-        results = pool.map(
-            lambda it: decode(it, opts.max_pixels) if it.data else it.caption or "zero_bytes", items
+    unsaved = 0
+    for item, res in tqdm(decode_stream(items, opts), desc="ingest", unit="img", leave=False):
+        if isinstance(res, str):
+            rejects.append((item.source, res))
+            continue
+        if res.sha256 in known:
+            rejects.append((item.source, f"duplicate_of:{known[res.sha256]}"))
+            continue
+        reason = _filter(res, opts)
+        if reason is None and (near := near_index.find(res.phash, res.color_sig)) is not None:
+            reason = f"near_duplicate_of:{near}"
+        if reason:
+            rejects.append((item.source, reason))
+            continue
+        image_id = res.sha256[:16]
+        shard = out / "images" / f"{len(kept) // SHARD_SIZE:05d}"
+        shard.mkdir(exist_ok=True)
+        ext = {"JPEG": "jpg"}.get(res.format, res.format.lower())
+        (shard / f"{image_id}.{ext}").write_bytes(res.data)
+        row = {k: v for k, v in asdict(res).items() if k not in ("data", "source")}
+        row.update(
+            id=image_id, source_path=item.source, path=str((shard / f"{image_id}.{ext}").relative_to(out))
         )
-        for item, res in tqdm(zip(items, results, strict=True), total=len(items), desc="ingest", leave=False):
-            if isinstance(res, str):
-                rejects.append((item.source, res))
-                continue
-            if res.sha256 in known:
-                if not any(r["source_path"] == item.source for r in kept):
-                    rejects.append((item.source, f"duplicate_of:{known[res.sha256]}"))
-                continue
-            reason = _filter(res, opts)
-            near = next(
-                (
-                    i
-                    for h, c, i in hashes
-                    if hamming(h, res.phash) <= opts.dedup_distance and same_colors(c, res.color_sig)
-                ),
-                None,
-            )
-            if reason is None and near is not None:
-                reason = f"near_duplicate_of:{near}"
-            if reason:
-                rejects.append((item.source, reason))
-                continue
-            image_id = res.sha256[:16]
-            shard = out / "images" / f"{len(kept) // SHARD_SIZE:05d}"
-            shard.mkdir(exist_ok=True)
-            ext = {"JPEG": "jpg"}.get(res.format, res.format.lower())
-            (shard / f"{image_id}.{ext}").write_bytes(res.data)
-            row = {k: v for k, v in asdict(res).items() if k not in ("data", "source")}
-            row.update(
-                id=image_id, source_path=item.source, path=str((shard / f"{image_id}.{ext}").relative_to(out))
-            )
-            row["phash"] = int(res.phash)
-            kept.append(row)
-            known[res.sha256] = image_id
-            hashes.append((res.phash, res.color_sig, image_id))
+        row["phash"] = int(res.phash)
+        kept.append(row)
+        known[res.sha256] = image_id
+        near_index.add(res.phash, res.color_sig, image_id)
+        unsaved += 1
+        if unsaved >= opts.checkpoint_every:
+            _write_manifest(kept, manifest_path)
+            unsaved = 0
 
-    frame = pd.DataFrame(kept, columns=_COLUMNS)
-    frame["phash"] = frame["phash"].astype("uint64")
-    frame.to_parquet(manifest_path, index=False)
+    frame = _write_manifest(kept, manifest_path)
     with open(rejects_path, "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["source", "reason"])
