@@ -18,16 +18,26 @@ def sample_data(
     seed: int = 0,
     tuxpaint: Annotated[int, typer.Option(min=0, help="Tux Paint stamps with en/zh captions (0: none)")] = 64,
     photos: Annotated[int, typer.Option(min=0, help="photographs from Debian packages (0: none)")] = 32,
+    bundled: Annotated[
+        bool, typer.Option(help="the photographs bundled in the scikit-image / scikit-learn wheels")
+    ] = True,
     cache_dir: Annotated[Path, typer.Option(help="cache for downloaded Debian packages")] = Path(
         ".cache/debian"
     ),
 ) -> None:
-    """Build the sample set: synthetic scenes (always, offline) plus real images from Debian
-    packages when apt can reach a mirror (each real source is optional and says why it is absent)."""
+    """Build the sample set: synthetic scenes and the photographs inside installed wheels (offline),
+    plus real images from Debian packages when apt can reach a mirror (each real source is optional
+    and says why it is absent)."""
+    from data_tools.bundled import build_bundled
     from data_tools.debian import SourceUnavailable, build_photos, build_tuxpaint
     from data_tools.synthetic import build_synthetic
 
     typer.echo(str(build_synthetic(out / "synthetic", n=synthetic_n, size=size, seed=seed)))
+    if bundled:
+        try:
+            typer.echo(str(build_bundled(out / "bundled")))
+        except SourceUnavailable as exc:
+            typer.echo(f"skipped bundled: {exc}", err=True)
     for name, count, build in (("tuxpaint", tuxpaint, build_tuxpaint), ("photos", photos, build_photos)):
         if not count:
             continue

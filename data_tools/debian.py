@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
-import io
 import json
 import logging
-import math
 import os
 import random
 import re
@@ -32,9 +30,20 @@ from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
 
-from PIL import Image, ImageCms, ImageOps
+from PIL import Image
 from tqdm.auto import tqdm
 
+from data_tools.imagefiles import (
+    PHOTO_MAX_SIDE,
+    PHOTO_QUALITY,
+    encode,
+    jsonl,
+    load_rgb,
+    read_records,
+    remove_stale,
+    write_atomic,
+    write_if_changed,
+)
 from model.errors import ConfigError, LuminaError
 
 logger = logging.getLogger(__name__)
@@ -42,9 +51,6 @@ logger = logging.getLogger(__name__)
 TUXPAINT_PACKAGE = "tuxpaint-stamps-default"
 STAMPS_DIR = "usr/share/tuxpaint/stamps"
 STAMP_MAX_SIDE = 512
-PHOTO_MAX_SIDE = 768
-PHOTO_QUALITY = 90
-WHITE = (255, 255, 255)
 # Bumped when rendering changes, so files built by an older version are redone, not skipped.
 RENDER_VERSION = 1
 DOWNLOAD_TIMEOUT_S = 1800
@@ -119,18 +125,6 @@ def _tool(name: str, what: str) -> str:
     return path
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
-def _write_if_changed(path: Path, data: bytes) -> None:
-    """Write only when the content differs, so a rebuild leaves finished files untouched."""
-    if not (path.is_file() and path.read_bytes() == data):
-        _write_atomic(path, data)
-
-
 def package_info(root: str | Path) -> DebianPackage:
     """Name, version and checksum of a package extracted by :func:`fetch_debian_package`."""
     root = Path(root)
@@ -192,7 +186,7 @@ def _fetch_locked(name: str, pkg_dir: Path, what: str) -> Path:
                     digest.update(block)
             info = {"name": fields[0], "version": fields[1], "architecture": fields[2].strip(),
                     "deb": deb.name, "sha256": digest.hexdigest()}  # fmt: skip
-            _write_atomic(meta, (json.dumps(info, indent=1) + "\n").encode())
+            write_atomic(meta, (json.dumps(info, indent=1) + "\n").encode())
             logger.info("%s %s ready in %.1f s", name, info["version"], time.perf_counter() - start)
         finally:
             shutil.rmtree(download, ignore_errors=True)
@@ -251,97 +245,13 @@ def dep5_lookup(paragraphs: Sequence[_Dep5Files], path: str) -> tuple[str, str]:
 # --------------------------------------------------------------------------- images
 
 
-def _flatten(image: Image.Image) -> Image.Image:
-    """RGB, with any transparency composited onto white."""
-    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
-        rgba = image.convert("RGBA")
-        canvas = Image.new("RGBA", rgba.size, (*WHITE, 255))
-        canvas.alpha_composite(rgba)
-        return canvas.convert("RGB")
-    return image.convert("RGB")
-
-
-def _to_srgb(image: Image.Image) -> Image.Image:
-    """Convert from an embedded non-sRGB ICC profile; pixels are kept when that fails."""
-    icc = image.info.get("icc_profile")
-    if not icc:
-        return image
-    try:
-        profile = ImageCms.ImageCmsProfile(io.BytesIO(icc))
-        if "srgb" in ImageCms.getProfileDescription(profile).lower().replace(" ", ""):
-            return image
-        return ImageCms.profileToProfile(image.convert("RGB"), profile, ImageCms.createProfile("sRGB"))
-    except (ImageCms.PyCMSError, OSError, ValueError):
-        return image
-
-
-def _downscale(image: Image.Image, max_side: int) -> Image.Image:
-    if max(image.size) > max_side:
-        scale = max_side / max(image.size)
-        size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
-        image = image.resize(size, Image.Resampling.LANCZOS)
-    return image
-
-
-def _load(path: Path, max_side: int, *, photo: bool) -> Image.Image:
-    """Open ``path`` as an RGB image (on white) whose long side is at most ``max_side``."""
-    try:
-        with Image.open(path) as src:
-            if photo and src.format == "JPEG":
-                # DCT-domain downscaling to at least twice the target: faster, still sharp.
-                scale = 2 * max_side / max(src.size)
-                if scale < 1:
-                    src.draft("RGB", (math.ceil(src.width * scale), math.ceil(src.height * scale)))
-            image = src.copy() if not photo else _to_srgb(ImageOps.exif_transpose(src))
-            image.load()
-    except (OSError, Image.DecompressionBombError) as exc:
-        raise LuminaError(f"cannot read image {path}: {exc}") from exc
-    return _downscale(_flatten(image), max_side)
-
-
-def _encode(image: Image.Image, fmt: str) -> bytes:
-    """Encoded bytes with no metadata (the same pixels always give the same bytes)."""
-    image = image.copy()
-    image.info = {}
-    buffer = io.BytesIO()
-    if fmt == "JPEG":
-        image.save(buffer, "JPEG", quality=PHOTO_QUALITY)
-    else:
-        image.save(buffer, "PNG")
-    return buffer.getvalue()
-
-
 # --------------------------------------------------------------------------- outputs
-
-
-def _read_records(path: Path) -> dict[str, dict]:
-    if not path.is_file():
-        return {}
-    records = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            record = json.loads(line)
-            records[record["file"]] = record
-        except (ValueError, KeyError, TypeError):
-            continue
-    return records
 
 
 def _is_current(previous: dict | None, record: dict, files: Iterable[Path]) -> bool:
     keys = ("package", "version", "original_path", "render_version")
     return (previous is not None and all(previous.get(k) == record[k] for k in keys)
             and all(f.is_file() for f in files))  # fmt: skip
-
-
-def _remove_stale(out: Path, pattern: str, keep: set[str]) -> None:
-    regex = re.compile(pattern)
-    for path in out.iterdir():
-        if regex.fullmatch(path.name) and path.name not in keep:
-            path.unlink()
-
-
-def _jsonl(records: list[dict]) -> bytes:
-    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode()
 
 
 def _license_text(packages: Sequence[DebianPackage]) -> bytes:
@@ -451,7 +361,7 @@ def build_tuxpaint(
     paragraphs = parse_dep5(pkg.copyright_file().read_text(encoding="utf-8", errors="replace"))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    previous = _read_records(out / "tuxpaint.jsonl")
+    previous = read_records(out / "tuxpaint.jsonl")
     records, keep = [], set()
     for i, stamp in enumerate(tqdm(chosen, desc="tux paint stamps", leave=False)):
         png_path, txt_path = out / f"tuxpaint_{i:04d}.png", out / f"tuxpaint_{i:04d}.txt"
@@ -467,14 +377,14 @@ def build_tuxpaint(
             record["width"], record["height"] = prev["width"], prev["height"]
         else:
             src = stamps_dir / stamp.rel
-            image = _load(src, STAMP_MAX_SIDE, photo=False)
-            _write_atomic(png_path, _encode(image, "PNG"))
-            _write_atomic(txt_path, src.with_suffix(".txt").read_bytes())
+            image = load_rgb(src, STAMP_MAX_SIDE, photo=False)
+            write_atomic(png_path, encode(image, "PNG"))
+            write_atomic(txt_path, src.with_suffix(".txt").read_bytes())
             record["width"], record["height"] = image.size
         records.append(record)
         keep |= {png_path.name, txt_path.name}
-    _remove_stale(out, r"tuxpaint_\d{4,}\.(png|txt)", keep)
-    _write_if_changed(out / "tuxpaint.jsonl", _jsonl(records))
+    remove_stale(out, r"tuxpaint_\d{4,}\.(png|txt)", keep)
+    write_if_changed(out / "tuxpaint.jsonl", jsonl(records))
     copyright_text = pkg.copyright_file().read_text(encoding="utf-8", errors="replace")
     rows = "".join(f"| {r['file']} | {r['caption_file']} | `{r['original_path']}` |\n" for r in records)
     sources = (
@@ -492,8 +402,8 @@ def build_tuxpaint(
         f"- Get the package again: `apt-get download {pkg.name}={pkg.version}`\n\n"
         "| image | description | path in the package |\n|---|---|---|\n" + rows
     )
-    _write_if_changed(out / "SOURCES.md", sources.encode())
-    _write_if_changed(out / "LICENSE", _license_text([pkg]))
+    write_if_changed(out / "SOURCES.md", sources.encode())
+    write_if_changed(out / "LICENSE", _license_text([pkg]))
     return out
 
 
@@ -607,7 +517,7 @@ def build_photos(out_dir: str | Path, cache_dir: str | Path, limit: int = 32, se
     chosen = _sample(candidates, limit, seed, "photos")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    previous = _read_records(out / "photos.jsonl")
+    previous = read_records(out / "photos.jsonl")
     records, keep = [], set()
     for i, photo in enumerate(tqdm(chosen, desc="photos", leave=False)):
         path = out / f"photo_{i:04d}.jpg"
@@ -620,13 +530,13 @@ def build_photos(out_dir: str | Path, cache_dir: str | Path, limit: int = 32, se
         if _is_current(prev, record, (path,)):
             record["width"], record["height"] = prev["width"], prev["height"]
         else:
-            image = _load(photo.package.root / photo.original_path, PHOTO_MAX_SIDE, photo=True)
-            _write_atomic(path, _encode(image, "JPEG"))
+            image = load_rgb(photo.package.root / photo.original_path, PHOTO_MAX_SIDE, photo=True)
+            write_atomic(path, encode(image, "JPEG"))
             record["width"], record["height"] = image.size
         records.append(record)
         keep.add(path.name)
-    _remove_stale(out, r"photo_\d{4,}\.jpg", keep)
-    _write_if_changed(out / "photos.jsonl", _jsonl(records))
+    remove_stale(out, r"photo_\d{4,}\.jpg", keep)
+    write_if_changed(out / "photos.jsonl", jsonl(records))
     used = sorted({p.package.name: p.package for p in chosen}.values(), key=lambda p: p.name)
     rows = "".join(
         f"| {r['file']} | {r['package']} | `{r['original_path']}` | {r['license']} | {_holders(r)} |\n"
@@ -643,6 +553,6 @@ def build_photos(out_dir: str | Path, cache_dir: str | Path, limit: int = 32, se
         "(all of them, unchanged, in `LICENSE`):\n\n"
         "| image | package | path in the package | license | copyright |\n|---|---|---|---|---|\n" + rows
     )  # fmt: skip
-    _write_if_changed(out / "SOURCES.md", sources.encode())
-    _write_if_changed(out / "LICENSE", _license_text(used))
+    write_if_changed(out / "SOURCES.md", sources.encode())
+    write_if_changed(out / "LICENSE", _license_text(used))
     return out

@@ -240,6 +240,12 @@ def test_great_expectations_gate(odd_folder, tmp_path):
         run_gate(bad, tmp_path / "gate-bad")
     assert "expect_column_values_to_be_in_set(format)" in str(err.value)
     assert (tmp_path / "gate-bad" / "ge_result.json").is_file()
+    page = (tmp_path / "gate-bad" / "ge_result.html").read_text()
+    assert "ingest manifest: FAILED" in page and "3 of 12 expectations failed" in page
+    first_row = page.index("<tr class=")
+    assert page.index("FAIL</td>", first_row) < page.index("pass</td>", first_row)  # failures listed first
+    assert "expect_column_values_to_be_in_set(format)" in page and "XCF" in page  # what was seen
+    assert "ingest manifest: passed" in (tmp_path / "gate" / "ge_result.html").read_text()
 
 
 def test_cli_and_kfp_component(odd_folder, tmp_path):

@@ -55,6 +55,7 @@ def test_auto_backend_metadata_alt_text_and_failures(ingested):
     assert {"id", "image_path", "domain", "captions"} <= set(manifest.columns)
     run_caption_gate(table, ingested / "cap")
     assert (ingested / "cap" / "caption_ge_result.json").is_file()
+    assert "captions: passed" in (ingested / "cap" / "caption_ge_result.html").read_text()
 
 
 def test_rerun_resumes_and_keeps_the_hash(ingested):

@@ -2,10 +2,16 @@ import hashlib
 import json
 
 import pandas as pd
+import pytest
 from PIL import Image
 
+from components.recaption.backends import alt_text_captions
 from components.train.data import read_manifest
+from data_tools import bundled
+from data_tools.bundled import IMAGES, build_bundled
+from data_tools.debian import SourceUnavailable
 from data_tools.synthetic import BACKGROUND, COLORS, build_synthetic
+from model.errors import ConfigError
 
 
 def _digest(folder) -> dict[str, str]:
@@ -44,3 +50,46 @@ def test_manifest_is_a_valid_training_manifest(tmp_path):
     assert len(records) == 6 and all(r.image_path.is_file() for r in records)
     assert {c.granularity for c in records[0].captions} == {"detailed", "medium", "short", "tag"}
     assert set(pd.read_parquet(manifest)["domain"]) == {"synthetic"}
+
+
+def test_bundled_wheel_photographs(tmp_path):
+    out = build_bundled(tmp_path / "a")
+    records = [json.loads(line) for line in (out / "bundled.jsonl").read_text().splitlines()]
+    assert len(records) == len(IMAGES) and {r["package"] for r in records} == {"scikit-image", "scikit-learn"}
+    for record in records:
+        image = Image.open(out / record["file"])
+        assert (
+            image.mode == "RGB"
+            and max(image.size) <= 768
+            and image.size == (record["width"], record["height"])
+        )
+        assert record["license"] and record["credit"]
+        txt = out / record["file"].replace(".jpg", ".txt")
+        assert txt.is_file() == (record["package"] == "scikit-image")  # sklearn's images have no description
+    chelsea = next(r for r in records if r["original_path"].endswith("chelsea.png"))
+    assert chelsea["alt_text"] == "Chelsea the cat."
+    assert alt_text_captions(chelsea["alt_text"]) == {"en": {"short": "Chelsea the cat."}}
+    license_text = (out / "LICENSE").read_text()
+    assert "CC0 by the photographer (Stefan van der Walt)" in license_text  # skimage's own words
+    assert "creativecommons.org/licenses/by/2.0" in license_text  # sklearn's README, unchanged
+    # deterministic, and a rebuild rewrites nothing
+    assert _digest(build_bundled(tmp_path / "b")) == _digest(out)
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    build_bundled(out)
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+
+
+def test_bundled_source_skips_what_is_not_installed(tmp_path, monkeypatch):
+    with pytest.raises(ConfigError, match="unknown bundled-image package"):
+        build_bundled(tmp_path, packages=["opencv"])
+    missing = {
+        **bundled.PACKAGES,
+        "scikit-learn": bundled.BundledPackage("scikit-learn", "no_such_module.images"),
+    }
+    monkeypatch.setattr(bundled, "PACKAGES", missing)
+    out = build_bundled(tmp_path / "partial")
+    assert {json.loads(line)["package"] for line in (out / "bundled.jsonl").read_text().splitlines()} == {
+        "scikit-image"
+    }
+    with pytest.raises(SourceUnavailable, match=r"no bundled images .*scikit-learn is not installed"):
+        build_bundled(tmp_path / "none", packages=["scikit-learn"])

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import html
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -22,7 +25,54 @@ class GateFailed(LuminaError):
 class GateResult:
     success: bool
     failed: list[str]
-    result_path: Path
+    result_path: Path  # the great_expectations results as JSON; an HTML page beside it
+
+
+def describe_expectation(config: Any) -> str:
+    """``type(column)`` of an expectation, as failures are named in errors and reports."""
+    column = config.kwargs.get("column") or config.kwargs.get("column_A") or ""
+    return f"{config.type}({column})"
+
+
+def _observed(result: dict[str, Any]) -> str:
+    """What a great_expectations result saw, in a few words."""
+    if "observed_value" in result:
+        return f"observed {result['observed_value']}"
+    if "unexpected_count" in result:
+        text = f"{result['unexpected_count']} of {result.get('element_count', '?')} unexpected"
+        sample = result.get("partial_unexpected_list") or []
+        return text + (f", e.g. {', '.join(map(str, sample[:5]))}" if sample else "")
+    return ""
+
+
+def save_validation(results: Sequence[Any], json_path: Path, title: str) -> Path:
+    """Save great_expectations validation results as JSON at ``json_path`` and as a readable HTML
+    page beside it (``.html``): one row per expectation, failures first. Returns the JSON path."""
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    dicts = [r.to_json_dict() for r in results]
+    json_path.write_text(json.dumps(dicts[0] if len(dicts) == 1 else dicts, indent=2, default=str))
+    rows = [
+        (bool(r.success), suite.suite_name or "",
+         describe_expectation(r.expectation_config), _observed(r.result or {}))
+        for suite in results for r in suite.results
+    ]  # fmt: skip
+    rows.sort(key=lambda row: row[0])
+    status = "passed" if all(ok for ok, *_ in rows) else "FAILED"
+    body = "".join(
+        f"<tr class={'ok' if ok else 'bad'}><td>{'pass' if ok else 'FAIL'}</td><td>{html.escape(suite)}</td>"
+        f"<td><code>{html.escape(name)}</code></td><td>{html.escape(observed)}</td></tr>\n"
+        for ok, suite, name, observed in rows
+    )
+    page = (
+        f"<!doctype html><meta charset=utf-8><title>{html.escape(title)}</title>"
+        "<style>body{font-family:sans-serif}td{padding:2px 8px}"
+        ".bad{background:#fdd}.ok{background:#efe}</style>"
+        f"<h1>{html.escape(title)}: {status}</h1>"
+        f"<p>{sum(not ok for ok, *_ in rows)} of {len(rows)} expectations failed.</p>"
+        f"<table><tr><th>result</th><th>suite</th><th>expectation</th><th>observed</th></tr>\n{body}</table>\n"
+    )
+    json_path.with_suffix(".html").write_text(page, encoding="utf-8")
+    return json_path
 
 
 def ephemeral_context():
@@ -34,7 +84,7 @@ def ephemeral_context():
 
 
 def run_gate(manifest: pd.DataFrame, out_dir: Path, *, max_side: int = 100_000) -> GateResult:
-    """Validate the manifest with a great_expectations suite; write ``ge_result.json``; raise
+    """Validate the manifest with a great_expectations suite; write ``ge_result.json`` / ``.html``; raise
     :class:`GateFailed` naming the failed expectations when it does not pass."""
     import great_expectations as gx
     import great_expectations.expectations as gxe
@@ -58,14 +108,8 @@ def run_gate(manifest: pd.DataFrame, out_dir: Path, *, max_side: int = 100_000) 
     suite.add_expectation(gxe.ExpectColumnValuesToBeInSet(column="format", value_set=ALLOWED_FORMATS))
     suite.add_expectation(gxe.ExpectTableRowCountToBeBetween(min_value=1))
     result = batch.validate(suite)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "ge_result.json"
-    path.write_text(json.dumps(result.to_json_dict(), indent=2, default=str))
-    failed = [
-        f"{r.expectation_config.type}({r.expectation_config.kwargs.get('column', '')})"
-        for r in result.results
-        if not r.success
-    ]
+    path = save_validation([result], out_dir / "ge_result.json", "ingest manifest")
+    failed = [describe_expectation(r.expectation_config) for r in result.results if not r.success]
     gate = GateResult(bool(result.success), failed, path)
     if not gate.success:
         raise GateFailed(

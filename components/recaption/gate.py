@@ -3,12 +3,17 @@ detailed > medium > short, text in the labelled language, no empty strings."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pandas as pd
 
-from components.ingest.gate import GateFailed, GateResult, ephemeral_context
+from components.ingest.gate import (
+    GateFailed,
+    GateResult,
+    describe_expectation,
+    ephemeral_context,
+    save_validation,
+)
 from components.recaption.backends import guess_language
 from components.recaption.schema import GRANULARITIES, LANGUAGES
 
@@ -40,13 +45,9 @@ def per_image_checks(captions: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _describe(config) -> str:
-    column = config.kwargs.get("column") or config.kwargs.get("column_A") or ""
-    return f"{config.type}({column})"
-
-
 def run_caption_gate(captions: pd.DataFrame, out_dir: Path) -> GateResult:
-    """Validate the captions table; write ``caption_ge_result.json``; raise :class:`GateFailed`."""
+    """Validate the captions table; write ``caption_ge_result.json`` / ``.html``; raise
+    :class:`GateFailed` naming the failed expectations."""
     import great_expectations as gx
     import great_expectations.expectations as gxe
 
@@ -86,10 +87,10 @@ def run_caption_gate(captions: pd.DataFrame, out_dir: Path) -> GateResult:
             )
         )
     results = [batch("texts", table).validate(text_suite), batch("images", checks).validate(image_suite)]
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "caption_ge_result.json"
-    path.write_text(json.dumps([r.to_json_dict() for r in results], indent=2, default=str))
-    failed = [_describe(r.expectation_config) for res in results for r in res.results if not r.success]
+    path = save_validation(results, out_dir / "caption_ge_result.json", "captions")
+    failed = [
+        describe_expectation(r.expectation_config) for res in results for r in res.results if not r.success
+    ]
     gate = GateResult(not failed, failed, path)
     if failed:
         raise GateFailed(f"captions failed {len(failed)} expectation(s): {', '.join(failed)} (see {path})")
