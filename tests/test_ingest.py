@@ -248,6 +248,33 @@ def test_great_expectations_gate(odd_folder, tmp_path):
     assert "ingest manifest: passed" in (tmp_path / "gate" / "ge_result.html").read_text()
 
 
+def test_gate_outcomes_are_logged_to_mlflow_pass_or_fail(odd_folder, tmp_path):
+    import mlflow
+
+    from components.ingest.gate import DATA_EXPERIMENT, tracked_gate
+
+    manifest = pd.read_parquet(ingest(odd_folder, tmp_path / "out").manifest)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    bad = pd.concat([manifest, manifest.iloc[:1]])
+    with pytest.raises(GateFailed):
+        tracked_gate(lambda: run_gate(bad, tmp_path / "gate-bad"), "ingest", {"dataset_hash": "h1"}, uri)
+    tracked_gate(lambda: run_gate(manifest, tmp_path / "gate-ok"), "ingest", {"dataset_hash": "h2"}, uri)
+    tracked_gate(lambda: run_gate(manifest, tmp_path / "gate-untracked"), "ingest", {}, tracking_uri="")
+
+    client = mlflow.MlflowClient(uri)
+    experiment = client.get_experiment_by_name(DATA_EXPERIMENT)
+    runs = {r.data.tags["dataset_hash"]: r for r in client.search_runs([experiment.experiment_id])}
+    assert set(runs) == {"h1", "h2"}  # the untracked call logged nothing
+    failed, passed = runs["h1"], runs["h2"]
+    assert failed.info.status == "FAILED" and failed.data.tags["gate"] == "failed"
+    assert failed.data.metrics["failed_expectations"] == 2 and passed.data.metrics["gate_passed"] == 1.0
+    assert passed.info.status == "FINISHED"
+    artifacts = {a.path for a in client.list_artifacts(failed.info.run_id)}
+    assert {"ge_result.json", "ge_result.html", "failed_expectations.txt"} <= artifacts
+    listed = mlflow.artifacts.load_text(f"{failed.info.artifact_uri}/failed_expectations.txt")
+    assert "expect_column_values_to_be_unique(id)" in listed
+
+
 def test_cli_and_kfp_component(odd_folder, tmp_path):
     import subprocess
     import sys

@@ -202,6 +202,10 @@ def test_local_run_registers_and_failing_gate_keeps_champion(tmp_path):
     ):
         assert version.tags.get(tag), f"tag {tag} missing on the model version"
     assert client.get_run(version.tags["run.hq"]).data.params["stage"] == "hq"
+    data_runs = client.search_runs([client.get_experiment_by_name("lumina-data").experiment_id])
+    gates = {r.data.tags["step"]: r for r in data_runs}
+    assert set(gates) == {"ingest", "recaption"} and all(r.data.tags["gate"] == "passed" for r in data_runs)
+    assert gates["ingest"].data.tags["dataset_hash"] == version.tags["dataset_hash"]
     assert first.report is not None and "Evaluation of" in first.report.read_text()
 
     gate = tmp_path / "gate.yaml"

@@ -13,12 +13,13 @@ def ingest_op(source: str, dataset: Output[Dataset], min_side: int = 32, dedup_d
 
     import pandas as pd
 
-    from components.ingest.gate import run_gate
+    from components.ingest.gate import run_gate, tracked_gate
     from components.ingest.ingest import IngestOptions, ingest
 
     out = Path(dataset.path)
     result = ingest(source, out, IngestOptions(min_side=min_side, dedup_distance=dedup_distance))
-    run_gate(pd.read_parquet(result.manifest), out)
+    tags = {"dataset_hash": result.dataset_hash, "source": source}
+    tracked_gate(lambda: run_gate(pd.read_parquet(result.manifest), out), "ingest", tags)
     dataset.metadata.update(
         {"dataset_hash": result.dataset_hash, "kept": result.kept, "rejected": result.rejected}
     )

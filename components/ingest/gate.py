@@ -5,7 +5,8 @@ from __future__ import annotations
 import html
 import json
 import logging
-from collections.abc import Sequence
+import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,15 +18,62 @@ from model.errors import LuminaError
 ALLOWED_FORMATS = ["PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF", "MPO"]
 
 
-class GateFailed(LuminaError):
-    """The manifest did not meet its expectations (details in the saved result)."""
-
-
 @dataclass
 class GateResult:
     success: bool
     failed: list[str]
     result_path: Path  # the great_expectations results as JSON; an HTML page beside it
+
+
+class GateFailed(LuminaError):
+    """The data did not meet its expectations (details in the saved result)."""
+
+    def __init__(self, message: str, result: GateResult | None = None) -> None:
+        super().__init__(message)
+        self.result = result
+
+
+DATA_EXPERIMENT = "lumina-data"
+
+
+def log_gate(result: GateResult, step: str, tags: dict[str, str], tracking_uri: str) -> str:
+    """Record a gate's outcome as an MLflow run (experiment ``lumina-data``): tags, the failed
+    expectations, and the JSON + HTML results as artifacts. Returns the run id. On a cluster this is
+    what keeps a failed gate's evidence: Kubeflow does not upload the outputs of a failed task."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_experiment(DATA_EXPERIMENT)
+    run = mlflow.start_run(run_name=f"{step}-gate")
+    status = "FAILED"
+    try:
+        mlflow.set_tags({**tags, "step": step, "gate": "passed" if result.success else "failed"})
+        mlflow.log_metrics({"gate_passed": float(result.success), "failed_expectations": len(result.failed)})
+        if result.failed:
+            mlflow.log_text("\n".join(result.failed) + "\n", "failed_expectations.txt")
+        for path in (result.result_path, result.result_path.with_suffix(".html")):
+            if path.is_file():
+                mlflow.log_artifact(str(path))
+        status = "FINISHED" if result.success else "FAILED"
+    finally:
+        mlflow.end_run(status=status)
+    return run.info.run_id
+
+
+def tracked_gate(gate: Callable[[], GateResult], step: str, tags: dict[str, str],
+                 tracking_uri: str | None = None) -> GateResult:  # fmt: skip
+    """Run ``gate`` and, when a tracking URI is given (default ``MLFLOW_TRACKING_URI``), log its
+    outcome to MLflow whether it passes or fails; a failure is raised after it is logged."""
+    uri = tracking_uri if tracking_uri is not None else os.environ.get("MLFLOW_TRACKING_URI", "")
+    try:
+        result = gate()
+    except GateFailed as exc:
+        if uri and exc.result is not None:
+            log_gate(exc.result, step, tags, uri)
+        raise
+    if uri:
+        log_gate(result, step, tags, uri)
+    return result
 
 
 def describe_expectation(config: Any) -> str:
@@ -113,6 +161,6 @@ def run_gate(manifest: pd.DataFrame, out_dir: Path, *, max_side: int = 100_000) 
     gate = GateResult(bool(result.success), failed, path)
     if not gate.success:
         raise GateFailed(
-            f"ingest manifest failed {len(failed)} expectation(s): {', '.join(failed)} (see {path})"
+            f"ingest manifest failed {len(failed)} expectation(s): {', '.join(failed)} (see {path})", gate
         )
     return gate

@@ -15,12 +15,16 @@ def recaption_op(
 
     import pandas as pd
 
+    from components.ingest.gate import tracked_gate
     from components.recaption.gate import run_caption_gate
     from components.recaption.recaption import run_recaption, vlm_function
 
     vlm = vlm_function(vlm_model) if vlm_model else None
     result = run_recaption(images.path, captions.path, backend=backend, vlm=vlm, progress=False)
-    run_caption_gate(pd.read_parquet(result.captions), Path(captions.path))
+    tags = {"dataset_hash": result.dataset_hash, "backend": backend}
+    tracked_gate(
+        lambda: run_caption_gate(pd.read_parquet(result.captions), Path(captions.path)), "recaption", tags
+    )
     captions.metadata.update(
         {"dataset_hash": result.dataset_hash, "images": result.images, "failed": result.failed}
     )

@@ -93,5 +93,7 @@ def run_caption_gate(captions: pd.DataFrame, out_dir: Path) -> GateResult:
     ]
     gate = GateResult(not failed, failed, path)
     if failed:
-        raise GateFailed(f"captions failed {len(failed)} expectation(s): {', '.join(failed)} (see {path})")
+        raise GateFailed(
+            f"captions failed {len(failed)} expectation(s): {', '.join(failed)} (see {path})", gate
+        )
     return gate
