@@ -86,6 +86,7 @@ def build_pipeline(cluster: ClusterSettings | None = None):
         model_name: str = "lumina-tiny",
         profile: str = "tiny",
         dedup_distance: int = 4,
+        captions_file: str = "",
         recaption_backend: str = "auto",
         vlm_model: str = "",
         tier_config_json: str = "",
@@ -99,7 +100,8 @@ def build_pipeline(cluster: ClusterSettings | None = None):
         git_sha: str = "",
         data_version: str = "",
     ) -> str:
-        ingest = ingest_op(source=source, dedup_distance=dedup_distance).set_display_name("ingest")
+        ingest = ingest_op(source=source, dedup_distance=dedup_distance, captions_file=captions_file)
+        ingest.set_display_name("ingest")
         ingest.set_retry(num_retries=2, backoff_duration="30s")  # object stores are flaky
         images = ingest.outputs["dataset"]
         recaption = recaption_op(images=images, backend=recaption_backend, vlm_model=vlm_model)

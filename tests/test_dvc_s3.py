@@ -1,6 +1,7 @@
 """DVC and the ingest S3 source against a real moto_server on loopback."""
 
 import hashlib
+import json
 import shutil
 import subprocess
 
@@ -10,6 +11,7 @@ import pytest
 from components.ingest.ingest import ingest
 from data_tools.dvc_remote import DvcError, configure_remote, pull, push, track
 from data_tools.synthetic import build_synthetic
+from model.errors import ConfigError
 from services.s3 import DUMMY_CREDENTIALS, REGION, ensure_bucket, s3_client, s3_server
 
 
@@ -72,3 +74,25 @@ def test_ingest_from_an_s3_prefix(s3, tmp_path):
     assert result.kept == 3 and result.rejected == 1
     assert manifest["source_path"].str.startswith("s3://lumina-raw/incoming/").all()
     assert "first scene" in set(manifest["caption"])
+
+
+def test_caption_sidecar_from_s3(s3, tmp_path):
+    src = tmp_path / "src"
+    build_synthetic(src, n=2, size=64)
+    ensure_bucket("lumina-sidecar", s3)
+    client = s3_client(s3)
+    for path in sorted(src.glob("*.png")):
+        client.upload_file(str(path), "lumina-sidecar", f"raw/{path.name}")
+    table = pd.DataFrame({"key": ["synthetic_00001"], "caption": ["from the sidecar"]})
+    table.to_parquet(tmp_path / "alt.parquet")
+    client.upload_file(str(tmp_path / "alt.parquet"), "lumina-sidecar", "meta/alt.parquet")
+    result = ingest(
+        "s3://lumina-sidecar/raw/", tmp_path / "out", captions="s3://lumina-sidecar/meta/alt.parquet"
+    )
+    manifest = pd.read_parquet(result.manifest).set_index("source_path")
+    assert manifest.loc["s3://lumina-sidecar/raw/synthetic_00001.png", "caption"] == "from the sidecar"
+    assert json.loads((tmp_path / "out" / "dataset.json").read_text())["sidecar"].startswith("s3://")
+    with pytest.raises(
+        ConfigError, match=r"caption sidecar s3://lumina-sidecar/meta/none\.csv cannot be fetched"
+    ):
+        ingest("s3://lumina-sidecar/raw/", tmp_path / "out2", captions="s3://lumina-sidecar/meta/none.csv")

@@ -1,5 +1,6 @@
 import csv
 import io
+import json
 import struct
 import tarfile
 import zlib
@@ -227,6 +228,57 @@ def test_interrupted_ingest_keeps_checkpointed_work_and_resumes_without_rereadin
     resumed = ingest(src, tmp_path / "resumed", opts)
     assert len(calls) == 4 and not set(calls) & set(saved["source_path"])  # saved images not read again
     assert resumed.kept == straight.kept == 12 and resumed.dataset_hash == straight.dataset_hash
+
+
+def test_caption_sidecar_tables(tmp_path):
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    _photo(64, 64, 41).save(src / "a.png")
+    (src / "a.txt").write_text("caption beside the file")
+    _photo(64, 64, 42).save(src / "sub" / "b.jpg")
+    _photo(64, 64, 43).save(src / "c.png")
+    pd.DataFrame(
+        {
+            "file": ["a.png", "sub/b", "./nowhere.png", "c.png"],
+            "alt_text": ["sidecar a", "sidecar b", "x", ""],
+        }
+    ).to_csv(tmp_path / "alt.csv", index=False)
+    result = ingest(src, tmp_path / "out", captions=tmp_path / "alt.csv")
+    captions = {
+        p.rsplit("/", 1)[-1]: c
+        for p, c in pd.read_parquet(result.manifest)[["source_path", "caption"]].values
+    }
+    assert captions["a.png"] == "sidecar a" and captions["b.jpg"] == "sidecar b"  # the sidecar wins
+    assert pd.isna(captions["c.png"])  # a blank sidecar caption gives none
+    assert result.sidecar_unmatched == 1  # nowhere.png
+    assert json.loads((tmp_path / "out" / "dataset.json").read_text())["sidecar_unmatched"] == 1
+
+    # JSON lines and parquet work the same; a rerun applies a new sidecar to images already kept
+    (tmp_path / "alt.jsonl").write_text('{"key": "a", "caption": "from jsonl"}\n')
+    again = ingest(src, tmp_path / "out", captions=tmp_path / "alt.jsonl")
+    captions = dict(pd.read_parquet(again.manifest)[["source_path", "caption"]].values)
+    assert captions[str(src / "a.png")] == "from jsonl" and again.sidecar_unmatched == 0
+
+    bad = {
+        "missing.csv": None,
+        "cols.csv": "name,words\na.png,hi\n",
+        "twice.csv": "file,caption\na.png,one\na.png,two\n",
+        "table.xlsx": "not a table",
+        "broken.parquet": "not parquet",
+    }
+    messages = {
+        "missing.csv": "caption sidecar not found",
+        "cols.csv": "needs a key column",
+        "twice.csv": "key 'a.png' has two different captions",
+        "table.xlsx": "unsupported format .xlsx",
+        "broken.parquet": "cannot be read",
+    }
+    for name, text in bad.items():
+        if text is not None:
+            (tmp_path / name).write_text(text)
+        with pytest.raises(ConfigError, match=messages[name]):
+            ingest(src, tmp_path / f"bad-{name}", captions=tmp_path / name)
+        assert not (tmp_path / f"bad-{name}").exists()  # nothing written for a bad sidecar
 
 
 def test_great_expectations_gate(odd_folder, tmp_path):

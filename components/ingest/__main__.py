@@ -22,6 +22,9 @@ def run(
     workers: Annotated[int, typer.Option(min=1, help="decode threads")] = 2,
     in_flight: Annotated[int, typer.Option(min=1, help="files read ahead at most (memory bound)")] = 64,
     checkpoint_every: Annotated[int, typer.Option(min=1, help="kept images between manifest saves")] = 500,
+    captions: Annotated[
+        Path | None, typer.Option(help="caption sidecar table: .csv/.tsv/.jsonl/.parquet with key + caption")
+    ] = None,
 ) -> None:
     """Ingest; bad files go to rejects.csv; a failed gate exits with code 2."""
     from components.ingest.gate import run_gate
@@ -35,7 +38,7 @@ def run(
         in_flight=in_flight,
         checkpoint_every=checkpoint_every,
     )
-    result = ingest(source, out_dir, opts)
+    result = ingest(source, out_dir, opts, captions=captions)
     run_gate(pd.read_parquet(result.manifest), out_dir)
     typer.echo(
         json.dumps({"kept": result.kept, "rejected": result.rejected, "dataset_hash": result.dataset_hash})

@@ -7,8 +7,15 @@ from components.image import BASE_IMAGE
 
 
 @dsl.component(base_image=BASE_IMAGE)
-def ingest_op(source: str, dataset: Output[Dataset], min_side: int = 32, dedup_distance: int = 4) -> str:
-    """Ingest ``source`` into the output dataset, run the gate, return the dataset hash."""
+def ingest_op(
+    source: str,
+    dataset: Output[Dataset],
+    min_side: int = 32,
+    dedup_distance: int = 4,
+    captions_file: str = "",
+) -> str:
+    """Ingest ``source`` into the output dataset (captions from ``captions_file``, a sidecar table, when
+    given), run the gate, return the dataset hash."""
     from pathlib import Path
 
     import pandas as pd
@@ -17,7 +24,8 @@ def ingest_op(source: str, dataset: Output[Dataset], min_side: int = 32, dedup_d
     from components.ingest.ingest import IngestOptions, ingest
 
     out = Path(dataset.path)
-    result = ingest(source, out, IngestOptions(min_side=min_side, dedup_distance=dedup_distance))
+    opts = IngestOptions(min_side=min_side, dedup_distance=dedup_distance)
+    result = ingest(source, out, opts, captions=captions_file or None)
     tags = {"dataset_hash": result.dataset_hash, "source": source}
     tracked_gate(lambda: run_gate(pd.read_parquet(result.manifest), out), "ingest", tags)
     dataset.metadata.update(

@@ -18,7 +18,7 @@ import warnings
 from collections import deque
 from collections.abc import Container, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +26,7 @@ import pandas as pd
 from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm.auto import tqdm
 
+from components.ingest.sidecar import CaptionSidecar, load_sidecar, relative_source
 from model.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,7 @@ class IngestResult:
     kept: int
     rejected: int
     dataset_hash: str
+    sidecar_unmatched: int = 0  # caption sidecar rows that named no image of the source
 
 
 def dhash(image: Image.Image, size: int = 8) -> int:
@@ -295,17 +297,35 @@ def _write_manifest(kept: list[dict], path: Path) -> pd.DataFrame:
     return frame
 
 
-def ingest(source: str | Path, out_dir: str | Path, options: IngestOptions | None = None) -> IngestResult:
+def _with_sidecar(items: Iterable[Item], sidecar: CaptionSidecar, source: str | Path) -> Iterator[Item]:
+    for item in items:
+        caption = sidecar.lookup(relative_source(source, item.source))
+        yield replace(item, caption=caption) if caption is not None else item
+
+
+def ingest(
+    source: str | Path,
+    out_dir: str | Path,
+    options: IngestOptions | None = None,
+    captions: str | Path | None = None,
+) -> IngestResult:
     """Ingest ``source`` into ``out_dir``, streaming: files are read as they are decoded, and the
     manifest is saved every ``options.checkpoint_every`` kept images, so an interrupted run keeps its
-    work and a rerun skips the sources already in the manifest without reading them again."""
+    work and a rerun skips the sources already in the manifest without reading them again.
+    ``captions``: an optional caption sidecar table (see :mod:`components.ingest.sidecar`)."""
     opts = options or IngestOptions()
     out = Path(out_dir)
+    sidecar = load_sidecar(captions) if captions else None
     manifest_path, rejects_path = out / "manifest.parquet", out / "rejects.csv"
     previous = pd.read_parquet(manifest_path) if manifest_path.is_file() else pd.DataFrame()
     kept: list[dict] = previous.to_dict("records") if len(previous) else []
     known = {row["sha256"]: row["id"] for row in kept}
     items = iter_source(source, skip={row["source_path"] for row in kept})  # a bad source fails here
+    if sidecar is not None:
+        for row in kept:  # images kept by an earlier run take the sidecar's caption too
+            caption = sidecar.lookup(relative_source(source, row["source_path"]))
+            row["caption"] = caption if caption is not None else row.get("caption")
+        items = _with_sidecar(items, sidecar, source)
     (out / "images").mkdir(parents=True, exist_ok=True)
     near_index = NearDuplicateIndex(opts.dedup_distance)
     for row in kept:
@@ -351,8 +371,18 @@ def ingest(source: str | Path, out_dir: str | Path, options: IngestOptions | Non
     digest = hashlib.sha256(
         "".join(f"{i}:{s}\n" for i, s in sorted(zip(frame["id"], frame["sha256"], strict=True))).encode()
     )
-    result = IngestResult(manifest_path, rejects_path, len(frame), len(rejects), digest.hexdigest())
-    (out / "dataset.json").write_text(json.dumps({"dataset_hash": result.dataset_hash, "kept": result.kept}))
+    unmatched = sidecar.unmatched if sidecar else 0
+    result = IngestResult(
+        manifest_path, rejects_path, len(frame), len(rejects), digest.hexdigest(), unmatched
+    )
+    summary = {"dataset_hash": result.dataset_hash, "kept": result.kept}
+    if sidecar is not None:
+        summary.update(sidecar=str(sidecar.path), sidecar_unmatched=unmatched)
+        if unmatched:
+            log.warning(
+                "caption sidecar: %d of %d rows matched no ingested image", unmatched, len(sidecar.captions)
+            )
+    (out / "dataset.json").write_text(json.dumps(summary))
     log.info(
         "ingest: kept %d, rejected %d, dataset %s", result.kept, result.rejected, result.dataset_hash[:12]
     )
