@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
+from typing import NoReturn
 
 import click
 import typer
@@ -12,6 +14,7 @@ from typer._click.exceptions import ClickException as TyperClickException  # typ
 from typer._click.exceptions import NoArgsIsHelpError
 
 from model.errors import LuminaError, validation_message
+from model.logs import LOG_FORMAT_ENV, configure_logging
 
 # typer >= 0.2x ships its own copy of click: catch its exceptions and the real click's alike
 _CLICK_ERRORS = (click.ClickException, TyperClickException)
@@ -19,26 +22,34 @@ _EXITS = (click.exceptions.Exit, typer.Exit)
 _ABORTS = (click.Abort, typer.Abort)
 
 
+def fail(message: str, code: int = 2) -> NoReturn:
+    """End a command with ``error: <message>`` on stderr (also a JSON record when logs are JSON)."""
+    if os.environ.get(LOG_FORMAT_ENV, "").strip().lower() == "json":
+        logging.getLogger("lumina.cli").error(message, extra={"exit_code": code})
+    typer.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
 def run_cli(app: typer.Typer) -> None:
-    """Run a typer app with structured logs and one-line errors for what a user can fix."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    logging.getLogger("great_expectations").setLevel(logging.WARNING)
+    """Run a typer app with structured logs (:mod:`model.logs`) and one-line errors for what a user
+    can fix."""
     try:
-        app(standalone_mode=False)
+        configure_logging()
     except LuminaError as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(2)
+    try:
+        app(standalone_mode=False)
+    except LuminaError as exc:
+        fail(str(exc))
     except ValidationError as exc:
-        typer.echo(f"error: {validation_message(exc)}", err=True)
-        sys.exit(2)
+        fail(validation_message(exc))
     except _EXITS as exc:
         sys.exit(exc.exit_code)
     except NoArgsIsHelpError as exc:
         exc.show()  # the help text
         sys.exit(2)
     except _CLICK_ERRORS as exc:  # bad usage: unknown option, value out of range, missing argument
-        typer.echo(f"error: {exc.format_message()} (see --help)", err=True)
-        sys.exit(getattr(exc, "exit_code", 2))
+        fail(f"{exc.format_message()} (see --help)", getattr(exc, "exit_code", 2))
     except _ABORTS:
-        typer.echo("error: aborted", err=True)
-        sys.exit(1)
+        fail("aborted", 1)

@@ -8,7 +8,6 @@ logs one line and exits with code 2 (Kubernetes restarts it and shows the error)
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -43,6 +42,7 @@ def serve(
     """Serve until SIGTERM / SIGINT; queued requests are cancelled on shutdown."""
     import uvicorn
 
+    from model.cli_errors import fail
     from serving.app import create_app
     from serving.settings import ServerSettings, load_defaults
 
@@ -72,14 +72,13 @@ def serve(
             server.should_exit = True
 
     application = create_app(settings, defaults=defaults, on_load_error=on_load_error)
-    config = uvicorn.Config(
-        application, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=30
+    config = uvicorn.Config(  # log_config=None: uvicorn's loggers use ours (text or JSON, model.logs)
+        application, host=host, port=port, log_level=log_level, log_config=None, timeout_graceful_shutdown=30
     )
     server = uvicorn.Server(config)
     server.run()
     if failed:
-        typer.echo(f"error: model failed to load: {failed[0]}", err=True)
-        sys.exit(2)
+        fail(f"model failed to load: {failed[0]}")
 
 
 def main() -> None:

@@ -462,6 +462,9 @@ def test_model_source_and_env(r):
         assert env["AWS_ENDPOINT_URL"]["value"] == values["s3"]["endpointUrl"]
     else:
         assert "AWS_ENDPOINT_URL" not in env
+    assert env["LUMINA_LOG_FORMAT"]["value"] == values["logging"]["format"]
+    assert env["LUMINA_LOG_LEVEL"]["value"] == values["logging"]["level"]
+    assert ("TQDM_DISABLE" in env) == (values["logging"]["format"] == "json")  # no bars in JSON logs
 
 
 def test_secrets_are_referenced_not_inlined(r):
@@ -662,6 +665,8 @@ BAD_VALUES = {
     "bad-secret-name": ("auth:\n  existingSecret: My_Secret\n", "auth.existingSecret"),
     "ingress-without-hosts": ("ingress:\n  enabled: true\n  hosts: []\n", "ingress.hosts"),
     "bad-quantity": ("resources:\n  limits:\n    memory: lots\n", "resources.limits.memory"),
+    "unknown-log-format": ("logging:\n  format: xml\n", "logging.format"),
+    "lowercase-log-level": ("logging:\n  level: info\n", "logging.level"),
 }
 
 

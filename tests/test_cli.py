@@ -95,3 +95,34 @@ def test_build_sample_and_calibrate(tmp_path):
 def test_bad_usage_is_one_line_not_a_traceback(module, args, pattern):
     proc = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=300)
     assert_one_line_error(proc, pattern)
+
+
+def test_json_logs_for_log_collectors(tmp_path):
+    import os
+
+    from data_tools.synthetic import build_synthetic
+
+    build_synthetic(tmp_path / "src", n=2, size=64)
+    env = {**os.environ, "LUMINA_LOG_FORMAT": "json", "TQDM_DISABLE": "1"}
+    ingest = [sys.executable, "-m", "components.ingest"]
+    ok = subprocess.run([*ingest, str(tmp_path / "src"), str(tmp_path / "out")],
+                        capture_output=True, text=True, timeout=300, env=env)  # fmt: skip
+    assert ok.returncode == 0, ok.stderr
+    records = [json.loads(line) for line in ok.stderr.splitlines() if line.strip()]  # every line is JSON
+    done = next(r for r in records if r["message"].startswith("ingest: kept 2"))
+    assert done["level"] == "INFO" and done["logger"] == "components.ingest.ingest" and "T" in done["time"]
+
+    bad = subprocess.run([*ingest, str(tmp_path / "nope"), str(tmp_path / "x")],
+                         capture_output=True, text=True, timeout=300, env=env)  # fmt: skip
+    assert_one_line_error(bad, "ingest source not found")
+    [record] = [json.loads(line) for line in bad.stderr.splitlines() if line.startswith("{")]
+    assert (
+        record["level"] == "ERROR"
+        and record["exit_code"] == 2
+        and "ingest source not found" in record["message"]
+    )
+
+    for name, value in (("LUMINA_LOG_FORMAT", "xml"), ("LUMINA_LOG_LEVEL", "loud")):
+        proc = subprocess.run([sys.executable, "-m", "model", "info"], capture_output=True, text=True,
+                              timeout=300, env={**os.environ, name: value})  # fmt: skip
+        assert_one_line_error(proc, f"{name}={value!r} is not one of")

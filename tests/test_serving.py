@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 import re
 import subprocess
@@ -510,6 +511,14 @@ def test_cli_server_exits_2_when_model_cannot_load(tmp_path):
         out.stderr.strip().splitlines()[-1]
         == f"error: model failed to load: model folder not found: {tmp_path / 'none'}"
     )
+    # with JSON logs (the chart's default) uvicorn's own lines and the failure are JSON records too
+    env = {**os.environ, "LUMINA_LOG_FORMAT": "json", "TQDM_DISABLE": "1"}
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=REPO, env=env)
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and lines[-1].startswith("error: model failed to load")
+    records = [json.loads(line) for line in lines[:-1]]
+    assert {"uvicorn.error", "lumina.cli"} <= {r["logger"] for r in records}
+    assert records[-1]["level"] == "ERROR" and "model folder not found" in records[-1]["message"]
 
 
 # ------------------------------------------------------------------------------- fetching

@@ -124,11 +124,15 @@ def save_validation(results: Sequence[Any], json_path: Path, title: str) -> Path
 
 
 def ephemeral_context():
-    """A great_expectations ephemeral context, its chatty INFO logging turned down."""
+    """A great_expectations ephemeral context, its chatty INFO logging turned down and its
+    progress bars off (a validation takes a fraction of a second; the bars only clutter logs)."""
     import great_expectations as gx
+    from great_expectations.data_context.types.base import ProgressBarsConfig
 
     logging.getLogger("great_expectations").setLevel(logging.WARNING)
-    return gx.get_context(mode="ephemeral")
+    context = gx.get_context(mode="ephemeral")
+    context.variables.progress_bars = ProgressBarsConfig(globally=False, metric_calculations=False)
+    return context
 
 
 def run_gate(manifest: pd.DataFrame, out_dir: Path, *, max_side: int = 100_000) -> GateResult:

@@ -146,6 +146,14 @@ MLflow and S3 settings. Credentials only ever come from secretKeyRef.
   value: /tmp/.cache
 - name: HF_HOME
   value: /tmp/.cache/huggingface
+- name: LUMINA_LOG_FORMAT
+  value: {{ .Values.logging.format | quote }}
+- name: LUMINA_LOG_LEVEL
+  value: {{ .Values.logging.level | quote }}
+{{- if eq .Values.logging.format "json" }}
+- name: TQDM_DISABLE
+  value: "1"
+{{- end }}
 {{- with .Values.mlflow.trackingUri }}
 - name: MLFLOW_TRACKING_URI
   value: {{ . | quote }}

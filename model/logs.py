@@ -1,0 +1,64 @@
+"""Logging for every entry point: readable text on a terminal, JSON lines on a cluster.
+
+``LUMINA_LOG_FORMAT`` = ``text`` (default) or ``json`` (one object per line: ``time``, ``level``,
+``logger``, ``message`` and any ``extra=`` fields, what log collectors such as Loki, Fluent Bit or
+Cloud Logging parse; set ``TQDM_DISABLE=1`` beside it, as the Helm chart does, so progress bars do
+not interleave with the records); ``LUMINA_LOG_LEVEL`` = ``DEBUG`` / ``INFO`` (default) /
+``WARNING`` / ``ERROR`` (below DEBUG, the INFO lines of chatty libraries are dropped).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from model.errors import ConfigError
+
+LOG_FORMAT_ENV = "LUMINA_LOG_FORMAT"
+LOG_LEVEL_ENV = "LUMINA_LOG_LEVEL"
+FORMATS = ("text", "json")
+LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
+# libraries whose INFO chatter drowns the pipeline's own lines
+QUIET_LOGGERS = ("great_expectations", "alembic", "botocore", "urllib3", "httpx")
+
+
+def log_formatter(fmt: str) -> logging.Formatter:
+    """The formatter for ``fmt`` (``text`` or ``json``)."""
+    if fmt == "json":
+        from pythonjsonlogger.json import JsonFormatter
+
+        return JsonFormatter(
+            "%(asctime)s %(levelname)s %(name)s %(message)s",
+            rename_fields={"asctime": "time", "levelname": "level", "name": "logger"},
+            datefmt="%Y-%m-%dT%H:%M:%S%z",
+            json_ensure_ascii=False,
+        )
+    return logging.Formatter(TEXT_FORMAT)
+
+
+class _QuietLibraries(logging.Filter):
+    """Drop records under WARNING from the chatty libraries, whatever level they set themselves."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or record.name.split(".", 1)[0] not in QUIET_LOGGERS
+
+
+def configure_logging(fmt: str | None = None, level: str | None = None) -> None:
+    """Send every logger's records to stderr in ``fmt`` at ``level`` (defaults from the
+    environment); a value outside the known ones is a one-line :class:`ConfigError`."""
+    given_fmt = fmt or os.environ.get(LOG_FORMAT_ENV) or "text"
+    given_level = level or os.environ.get(LOG_LEVEL_ENV) or "INFO"
+    fmt, level = given_fmt.strip().lower(), given_level.strip().upper()
+    if fmt not in FORMATS:
+        raise ConfigError(f"{LOG_FORMAT_ENV}={given_fmt!r} is not one of {', '.join(FORMATS)}")
+    if level not in LEVELS:
+        raise ConfigError(f"{LOG_LEVEL_ENV}={given_level!r} is not one of {', '.join(LEVELS)}")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(log_formatter(fmt))
+    if level != "DEBUG":
+        handler.addFilter(_QuietLibraries())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
