@@ -1,6 +1,7 @@
 import csv
 import io
 import json
+import os
 import struct
 import tarfile
 import zlib
@@ -307,11 +308,13 @@ def test_gate_outcomes_are_logged_to_mlflow_pass_or_fail(odd_folder, tmp_path):
 
     manifest = pd.read_parquet(ingest(odd_folder, tmp_path / "out").manifest)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env_before = os.environ.get("MLFLOW_TRACKING_URI")
     bad = pd.concat([manifest, manifest.iloc[:1]])
     with pytest.raises(GateFailed):
         tracked_gate(lambda: run_gate(bad, tmp_path / "gate-bad"), "ingest", {"dataset_hash": "h1"}, uri)
     tracked_gate(lambda: run_gate(manifest, tmp_path / "gate-ok"), "ingest", {"dataset_hash": "h2"}, uri)
     tracked_gate(lambda: run_gate(manifest, tmp_path / "gate-untracked"), "ingest", {}, tracking_uri="")
+    assert os.environ.get("MLFLOW_TRACKING_URI") == env_before  # no process-wide MLflow state changed
 
     client = mlflow.MlflowClient(uri)
     experiment = client.get_experiment_by_name(DATA_EXPERIMENT)

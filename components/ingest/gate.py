@@ -39,25 +39,28 @@ DATA_EXPERIMENT = "lumina-data"
 def log_gate(result: GateResult, step: str, tags: dict[str, str], tracking_uri: str) -> str:
     """Record a gate's outcome as an MLflow run (experiment ``lumina-data``): tags, the failed
     expectations, and the JSON + HTML results as artifacts. Returns the run id. On a cluster this is
-    what keeps a failed gate's evidence: Kubeflow does not upload the outputs of a failed task."""
-    import mlflow
+    what keeps a failed gate's evidence: Kubeflow does not upload the outputs of a failed task.
+    Uses a client bound to ``tracking_uri``: no process-wide MLflow state is changed."""
+    from mlflow import MlflowClient
 
-    mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_experiment(DATA_EXPERIMENT)
-    run = mlflow.start_run(run_name=f"{step}-gate")
-    status = "FAILED"
+    client = MlflowClient(tracking_uri=tracking_uri)
+    experiment = client.get_experiment_by_name(DATA_EXPERIMENT)
+    experiment_id = experiment.experiment_id if experiment else client.create_experiment(DATA_EXPERIMENT)
+    run_tags = {**tags, "step": step, "gate": "passed" if result.success else "failed"}
+    run = client.create_run(experiment_id, run_name=f"{step}-gate", tags=run_tags)
+    run_id, status = run.info.run_id, "FAILED"
     try:
-        mlflow.set_tags({**tags, "step": step, "gate": "passed" if result.success else "failed"})
-        mlflow.log_metrics({"gate_passed": float(result.success), "failed_expectations": len(result.failed)})
+        client.log_metric(run_id, "gate_passed", float(result.success))
+        client.log_metric(run_id, "failed_expectations", len(result.failed))
         if result.failed:
-            mlflow.log_text("\n".join(result.failed) + "\n", "failed_expectations.txt")
+            client.log_text(run_id, "\n".join(result.failed) + "\n", "failed_expectations.txt")
         for path in (result.result_path, result.result_path.with_suffix(".html")):
             if path.is_file():
-                mlflow.log_artifact(str(path))
+                client.log_artifact(run_id, str(path))
         status = "FINISHED" if result.success else "FAILED"
     finally:
-        mlflow.end_run(status=status)
-    return run.info.run_id
+        client.set_terminated(run_id, status=status)
+    return run_id
 
 
 def tracked_gate(gate: Callable[[], GateResult], step: str, tags: dict[str, str],
