@@ -136,7 +136,7 @@ def test_tar_shards_with_captions(tmp_path):
         ingest(tmp_path / "missing", tmp_path / "out2")
 
 
-def test_broken_json_sidecar_gives_no_caption_and_unreadable_keeps_its_reason(tmp_path):
+def test_broken_json_sidecar_gives_no_caption_and_unreadable_keeps_its_reason(tmp_path, monkeypatch):
     shard = tmp_path / "shard-000.tar"
     with tarfile.open(shard, "w") as tar:
         buf = io.BytesIO()
@@ -147,6 +147,14 @@ def test_broken_json_sidecar_gives_no_caption_and_unreadable_keeps_its_reason(tm
             tar.addfile(info, io.BytesIO(data))
     manifest = pd.read_parquet(ingest(shard, tmp_path / "out").manifest)
     assert len(manifest) == 1 and manifest["caption"].isna().all()
+
+    # a decoder crashing on a malformed file (PIL plugins raise struct.error, IndexError...) is a reject
+    def crashing(item, max_pixels):
+        raise IndexError("tile index out of range")
+
+    monkeypatch.setattr(ingest_module, "decode", crashing)
+    [(_, crashed)] = list(decode_stream([Item("x.tif", b"II*\x00")], IngestOptions()))
+    assert crashed == "decode_error: IndexError: tile index out of range"
     # a file that could not be read is rejected with why, whatever caption sat beside it
     unreadable = Item("s3://b/k.png", b"", caption="a caption", error="unreadable: AccessDenied")
     [(item, reason)] = list(decode_stream([unreadable], IngestOptions()))

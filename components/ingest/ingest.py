@@ -27,7 +27,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from components.ingest.sidecar import CaptionSidecar, load_sidecar, relative_source
-from model.errors import ConfigError
+from model.errors import ConfigError, first_line
 
 log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
@@ -125,7 +125,7 @@ def decode(item: Item, max_pixels: int) -> Decoded | str:
     except UnidentifiedImageError:
         return "not_an_image"
     except (OSError, SyntaxError, ValueError) as exc:
-        return f"corrupt: {str(exc).splitlines()[0][:80]}"
+        return f"corrupt: {first_line(exc)[:80]}"
     del frames  # animated images keep their first frame
     return Decoded(
         source=item.source,
@@ -236,7 +236,13 @@ def _filter(d: Decoded, opts: IngestOptions) -> str | None:
 
 
 def _check(item: Item, max_pixels: int) -> Decoded | str:
-    return item.error if item.error else decode(item, max_pixels)
+    """Decode one item; whatever a malformed file makes a decoder raise is a rejection, never fatal."""
+    if item.error:
+        return item.error
+    try:
+        return decode(item, max_pixels)
+    except Exception as exc:  # image plugins raise struct.error, IndexError, ... on fuzzed input
+        return f"decode_error: {type(exc).__name__}: {first_line(exc)[:80]}"
 
 
 def decode_stream(items: Iterable[Item], opts: IngestOptions) -> Iterator[tuple[Item, Decoded | str]]:
