@@ -114,3 +114,32 @@ def test_a_scorer_without_weights_is_reported_not_faked(tmp_path, monkeypatch):
     report = json.loads(result.report.read_text())
     assert report["scorers_not_run"] == {"fake": "weights for fake not found"}
     assert "fake" not in pd.read_parquet(tmp_path / "t" / "scores.parquet").columns
+
+
+def test_a_scorer_crashing_on_some_images_reports_them_and_tiers_the_rest(tmp_path, monkeypatch):
+    from components.tier import scorers as registry
+    from components.tier.scorers import Scorer
+    from model.errors import LuminaError
+
+    build_synthetic(tmp_path / "raw", n=24, size=128)
+    ingest(tmp_path / "raw", tmp_path / "ingest")
+    run_recaption(tmp_path / "ingest", tmp_path / "cap", progress=False)
+    manifest = pd.read_parquet(tmp_path / "cap" / "manifest.parquet")
+    unlucky = set(manifest["id"][:3])
+
+    def fragile(image, row):
+        if row["id"] in unlucky:
+            raise RuntimeError("onnxruntime: invalid input shape")
+        return 1.0
+
+    monkeypatch.setitem(registry.SCORERS, "fragile", Scorer("fragile", "1", fragile))
+    names = ["sharpness", "fragile"]
+    result = run_tier(tmp_path / "cap", tmp_path / "ingest", tmp_path / "t", None, names, progress=False)
+    lowres = pd.read_parquet(tmp_path / "t" / "lowres.parquet")
+    assert not unlucky & set(lowres["id"]) and len(lowres) == len(manifest) - 3
+    report = json.loads(result.report.read_text())
+    assert "scorer fragile: RuntimeError: onnxruntime: invalid input shape" in json.dumps(report)
+
+    monkeypatch.setitem(registry.SCORERS, "broken", Scorer("broken", "1", lambda i, r: 1 / 0))
+    with pytest.raises(LuminaError, match=r"no image could be scored .*ZeroDivisionError"):
+        run_tier(tmp_path / "cap", tmp_path / "ingest", tmp_path / "t2", None, ["broken"], progress=False)

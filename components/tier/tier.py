@@ -33,18 +33,25 @@ class TierResult:
 def score_images(
     manifest: pd.DataFrame, image_root: Path, scorers: list[Scorer], progress: bool = True
 ) -> pd.DataFrame:
-    """One row per image with a column per scorer; an unreadable image is reported, not scored."""
+    """One row per image with a column per scorer. An unreadable image, or one a scorer fails on
+    (e.g. a ``cv2.error`` or an ONNX runtime error on an odd input), is reported, not scored."""
     rows = []
     for row in tqdm(manifest.to_dict("records"), desc="scoring", disable=not progress, leave=False):
         entry = {"id": row["id"], "error": None}
+        rows.append(entry)
         try:
             with Image.open(image_root / row["image_path"]) as img:
                 img.load()
                 image = img.convert("RGB")
-            entry.update({s.name: s(image, row) for s in scorers})
-        except (OSError, ValueError) as exc:
-            entry["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
-        rows.append(entry)
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:
+            entry["error"] = f"{type(exc).__name__}: {first_line(exc)[:80]}"
+            continue
+        for scorer in scorers:
+            try:
+                entry[scorer.name] = scorer(image, row)
+            except Exception as exc:  # one bad image must not end the step
+                entry["error"] = f"scorer {scorer.name}: {type(exc).__name__}: {first_line(exc)[:80]}"
+                break
     return pd.DataFrame(rows)
 
 
@@ -84,6 +91,8 @@ def run_tier(
     scorers, not_run = prepared(available(scorer_names))
     scores = score_images(manifest, image_root, scorers, progress)
     failed = scores[scores["error"].notna()]
+    if len(failed) == len(manifest) and len(manifest):
+        raise LuminaError(f"no image could be scored ({len(failed)} failed, e.g. {failed['error'].iloc[0]})")
     scored = manifest.merge(scores[scores["error"].isna()].drop(columns="error"), on="id")
     lower = frozenset(s.name for s in scorers if not s.higher_is_better)
     scored["score"] = combined_score(scored[[s.name for s in scorers]], config.weights, lower)
