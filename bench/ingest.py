@@ -1,4 +1,5 @@
-"""Ingest throughput (images/s and images/s per worker) on the synthetic sample set.
+"""Ingest throughput (images/s and images/s per worker) on the synthetic sample set, and the
+near-duplicate index against a full scan of the kept hashes (the peer, same process, same answers).
 Run: ``python -m bench.ingest --out bench/results/ingest.json``."""
 
 from __future__ import annotations
@@ -10,8 +11,38 @@ import tempfile
 import time
 from pathlib import Path
 
-from components.ingest.ingest import IngestOptions, ingest
+import numpy as np
+
+from components.ingest.ingest import IngestOptions, NearDuplicateIndex, hamming, ingest
 from data_tools.synthetic import build_synthetic
+
+
+def near_duplicate_lookup(kept: int, queries: int, distance: int = 4, seed: int = 0) -> dict:
+    """Lookups/s of :class:`NearDuplicateIndex` and of a scan over every kept hash, on random
+    64-bit hashes where half the queries are near copies of kept ones; both must agree."""
+    rng = np.random.default_rng(seed)
+    hashes = [int(v) for v in rng.integers(0, 2**63, kept, dtype=np.int64)]
+    probes = [
+        hashes[int(i)] ^ (1 << int(b))
+        for i, b in zip(rng.integers(0, kept, queries // 2), rng.integers(0, 64, queries // 2), strict=True)
+    ]
+    probes += [int(v) for v in rng.integers(0, 2**63, queries - len(probes), dtype=np.int64)]  # fmt: skip
+    sig = "00" * 8
+    index = NearDuplicateIndex(distance)
+    for i, h in enumerate(hashes):
+        index.add(h, sig, str(i))
+    start = time.perf_counter()
+    found = [index.find(q, sig) for q in probes]
+    index_s = time.perf_counter() - start
+    start = time.perf_counter()
+    scanned = [
+        next((str(i) for i, h in enumerate(hashes) if hamming(h, q) <= distance), None) for q in probes
+    ]
+    scan_s = time.perf_counter() - start
+    assert found == scanned, "the index and the scan disagree"
+    return {"kept": kept, "queries": queries, "distance": distance,
+            "index_lookups_per_s": queries / index_s, "scan_lookups_per_s": queries / scan_s,
+            "speedup_vs_scan": scan_s / index_s}  # fmt: skip
 
 
 def main() -> None:
@@ -19,6 +50,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench/results/ingest.json"))
     parser.add_argument("--images", type=int, default=400)
     parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--kept-hashes", type=int, default=20_000, help="index size for the lookup bench")
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -36,8 +68,12 @@ def main() -> None:
                          "images_per_s": rate, "images_per_s_per_worker": rate / workers})  # fmt: skip
             print(f"workers={workers}: {rate:.0f} images/s ({rate / workers:.0f}/s per worker), "
                   f"{args.size}x{args.size} PNG")  # fmt: skip
+    lookup = near_duplicate_lookup(kept=args.kept_hashes, queries=1000)
+    print(f"near-duplicate lookups with {lookup['kept']} kept: index {lookup['index_lookups_per_s']:.0f}/s, "
+          f"scan {lookup['scan_lookups_per_s']:.0f}/s ({lookup['speedup_vs_scan']:.0f}x)")  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"cpus": os.cpu_count(), "size": args.size, "rows": rows}, indent=2))
+    report = {"cpus": os.cpu_count(), "size": args.size, "rows": rows, "near_duplicate_lookup": lookup}
+    args.out.write_text(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":

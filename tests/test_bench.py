@@ -22,3 +22,14 @@ def test_bench_rejects_a_bad_profile(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "error: unknown model profile 'huge'" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_ingest_bench_runs_and_its_index_agrees_with_the_scan(tmp_path):
+    out = tmp_path / "ingest.json"
+    cmd = [sys.executable, "-m", "bench.ingest", "--images", "8", "--size", "64", "--kept-hashes", "500",
+           "--out", str(out)]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]  # the bench asserts the index matches the scan
+    report = json.loads(out.read_text())
+    assert [r["workers"] for r in report["rows"]] == [1, 2] and report["rows"][0]["images"] == 8
+    assert report["near_duplicate_lookup"]["kept"] == 500
