@@ -134,6 +134,7 @@ def build_pipeline(cluster: ClusterSettings | None = None):
             model=final_model,
             eval_result=evaluate.outputs["Output"],
             model_name=model_name,
+            profile=profile,
             data_version=data_version,
             dataset_hash=ingest.outputs["Output"],
             captions_hash=recaption.outputs["Output"],

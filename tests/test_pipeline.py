@@ -202,6 +202,7 @@ def test_local_run_registers_and_failing_gate_keeps_champion(tmp_path):
     ):
         assert version.tags.get(tag), f"tag {tag} missing on the model version"
     assert client.get_run(version.tags["run.hq"]).data.params["stage"] == "hq"
+    assert "model profile: `tiny`" in version.description and "| val_loss |" in version.description
     data_runs = client.search_runs([client.get_experiment_by_name("lumina-data").experiment_id])
     gates = {r.data.tags["step"]: r for r in data_runs}
     assert set(gates) == {"ingest", "recaption"} and all(r.data.tags["gate"] == "passed" for r in data_runs)

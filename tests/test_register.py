@@ -45,6 +45,30 @@ def test_register_promote_and_hold(tiny_folder, tmp_path):
     LuminaSampler.load(folder)  # loads with our sampler
 
 
+def test_model_card_describes_the_version(tiny_folder, tmp_path):
+    import mlflow
+
+    from components.register.model_card import transformer_summary
+    from model.checkpoint import load_pipeline
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    tags = {"profile": "tiny", "dataset_hash": "abc123", "run.hq": "r-hq"}
+    first = register_model(tiny_folder, "card", uri, {"val_loss": 0.25}, tags=tags)
+    held = register_model(tiny_folder, "card", uri, {"val_loss": 0.9}, tags=tags)
+    card = client.get_model_version("card", first.version).description
+    assert card.startswith(f"# card v{first.version}") and "| val_loss | 0.25 |" in card
+    assert "ingest dataset hash: `abc123`" in card and "stage 3 run (HQ tuning): `r-hq`" in card
+    assert "promoted to `champion`" in card and "random weights" in card  # the tiny profile says so
+    held_card = client.get_model_version("card", held.version).description
+    assert "not promoted: val_loss=0.9 regresses" in held_card
+    params = sum(p.numel() for p in load_pipeline(tiny_folder).transformer.parameters())
+    assert transformer_summary(tiny_folder)["parameters"] == params  # counted from headers, exactly
+    run = client.get_run(first.run_id)
+    assert run.info.status == "FINISHED"
+    assert mlflow.artifacts.load_text(f"{run.info.artifact_uri}/model_card.md") == card
+
+
 def test_bad_inputs(tmp_path):
     with pytest.raises(ConfigError, match="not a diffusers pipeline folder"):
         register_model(tmp_path, "m", f"sqlite:///{tmp_path / 'db'}", {"val_loss": 1.0})

@@ -11,6 +11,7 @@ def register_op(
     model: Input[Model],
     eval_result: str,
     model_name: str,
+    profile: str = "",
     data_version: str = "",
     dataset_hash: str = "",
     captions_hash: str = "",
@@ -34,6 +35,7 @@ def register_op(
     gate = PromotionGate.model_validate_json(gate_json) if gate_json else PromotionGate()
     evaluation = json.loads(eval_result)
     tags = {
+        "profile": profile,
         "data_version": data_version,
         "dataset_hash": dataset_hash,
         "captions_hash": captions_hash,
