@@ -74,3 +74,51 @@ def test_bad_inputs(tmp_path):
         register_model(tmp_path, "m", f"sqlite:///{tmp_path / 'db'}", {"val_loss": 1.0})
     with pytest.raises(ConfigError, match="not a registry URI"):
         download_version("runs:/abc/model", tmp_path)
+
+
+def test_registry_cli_lists_promotes_and_rolls_back(tiny_folder, tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    good = register_model(tiny_folder, "ops", uri, {"val_loss": 0.4})
+    bad = register_model(tiny_folder, "ops", uri, {"val_loss": 3.0})  # over the default max: held
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "components.register", *args]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+
+    listed = json.loads(cli("versions", "ops", "--json").stdout)
+    assert [v["version"] for v in listed] == [bad.version, good.version]
+    assert listed[1]["aliases"] == ["champion"] and listed[0]["aliases"] == ["challenger"]
+    assert "val_loss=3 > max 2" in listed[0]["promotion"]
+    assert f"v{good.version}" in cli("versions", "ops").stdout  # the table
+
+    refused = cli("promote", "ops", bad.version)
+    assert refused.returncode == 2 and "not promoted to champion: val_loss=3 > max 2" in refused.stderr
+    client = MlflowClient(tracking_uri=uri)
+    assert str(client.get_model_version_by_alias("ops", "champion").version) == good.version  # unchanged
+
+    forced = cli("promote", "ops", bad.version, "--force")
+    assert forced.returncode == 0 and "forced past: val_loss=3 > max 2" in forced.stdout
+    assert str(client.get_model_version_by_alias("ops", "champion").version) == bad.version
+    back = cli("promote", "ops", good.version)  # the rollback passes the gate: better than the champion
+    assert back.returncode == 0, back.stderr
+    version = client.get_model_version("ops", good.version)
+    assert (
+        version.tags["promotion"].startswith("manual champion by")
+        and f"replacing v{bad.version}" in version.tags["promotion"]
+    )
+    assert str(client.get_model_version_by_alias("ops", "champion").version) == good.version
+
+    for args, message in (
+        (("promote", "ops", "99"), "model 'ops' has no version '99'"),
+        (("versions", "nope"), "no registered model 'nope'"),
+    ):
+        proc = cli(*args)
+        assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
+    env.pop("MLFLOW_TRACKING_URI")
+    assert "no MLflow tracking URI" in cli("versions", "ops").stderr

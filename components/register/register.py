@@ -73,14 +73,20 @@ def _metric_tags(metrics: dict[str, float]) -> dict[str, str]:
     return {f"metric.{k}": repr(float(v)) for k, v in metrics.items()}
 
 
-def _champion_metrics(client, name: str) -> dict[str, float] | None:
+def tag_metrics(tags: dict[str, str]) -> dict[str, float]:
+    """The metrics a model version carries as ``metric.<name>`` tags."""
+    return {k.removeprefix("metric."): float(v) for k, v in tags.items() if k.startswith("metric.")}
+
+
+def champion_metrics(client, name: str) -> dict[str, float] | None:
+    """The current champion's metrics; None when there is no champion."""
     from mlflow.exceptions import MlflowException
 
     try:
         version = client.get_model_version_by_alias(name, CHAMPION)
     except MlflowException:
         return None
-    return {k.removeprefix("metric."): float(v) for k, v in version.tags.items() if k.startswith("metric.")}
+    return tag_metrics(version.tags)
 
 
 def register_model(
@@ -121,7 +127,7 @@ def register_model(
     except MlflowException:  # not registered yet
         client.create_registered_model(name, description="Lumina-Image 2.0-style text-to-image pipeline")
     version = client.create_model_version(name, source=source, run_id=run_id, tags=all_tags)
-    champion = _champion_metrics(client, name)
+    champion = champion_metrics(client, name)
     reasons = gate.check(metrics, champion)
     client.set_registered_model_alias(name, CHALLENGER, version.version)
     aliases = [CHALLENGER]
