@@ -62,3 +62,11 @@ def configure_logging(fmt: str | None = None, level: str | None = None) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+
+
+def configure_logging_if_requested() -> None:
+    """:func:`configure_logging` when ``LUMINA_LOG_FORMAT`` or ``LUMINA_LOG_LEVEL`` is set (the
+    compiled pipeline sets them on every task); otherwise the caller's logging is left alone (the
+    KFP executor's own handler on the local runner)."""
+    if os.environ.get(LOG_FORMAT_ENV) or os.environ.get(LOG_LEVEL_ENV):
+        configure_logging()

@@ -8,6 +8,8 @@ env, /dev/shm) or for the local runner (``cluster=False``: the same graph withou
 settings, which the local runner does not apply).
 """
 
+from typing import Literal
+
 from kfp import dsl, kubernetes
 from pydantic import BaseModel, ConfigDict
 
@@ -40,6 +42,7 @@ class ClusterSettings(BaseModel):
     s3_secret: str = "lumina-s3"
     mlflow_secret: str = "lumina-mlflow"
     shm_size: str = "16Gi"
+    log_format: Literal["json", "text"] = "json"  # LUMINA_LOG_FORMAT of every task (json: log collectors)
 
 
 def _with_secrets(task: dsl.PipelineTask, cluster: ClusterSettings) -> None:
@@ -58,6 +61,12 @@ def _with_secrets(task: dsl.PipelineTask, cluster: ClusterSettings) -> None:
         secret_name=cluster.mlflow_secret,
         secret_key_to_env={"MLFLOW_TRACKING_URI": "MLFLOW_TRACKING_URI"},
     )
+
+
+def _with_logging(task: dsl.PipelineTask, cluster: ClusterSettings) -> None:
+    task.set_env_variable("LUMINA_LOG_FORMAT", cluster.log_format)
+    if cluster.log_format == "json":
+        task.set_env_variable("TQDM_DISABLE", "1")  # no progress bars between the JSON records
 
 
 def _train_on_gpus(task: dsl.PipelineTask, cluster: ClusterSettings) -> None:
@@ -124,6 +133,7 @@ def build_pipeline(cluster: ClusterSettings | None = None):
             task.set_display_name(f"train-{stage}")
             if cluster is not None:
                 _train_on_gpus(task, cluster)
+                _with_logging(task, cluster)
             runs[stage], previous = task.outputs["Output"], task
         final_model = previous.outputs["pipeline"]
         evaluate = evaluate_op(
@@ -151,6 +161,7 @@ def build_pipeline(cluster: ClusterSettings | None = None):
         if cluster is not None:
             for task in (ingest, recaption, tiers, evaluate, register):
                 _with_secrets(task, cluster)
+                _with_logging(task, cluster)
             for task in (ingest, recaption, tiers):
                 task.set_cpu_limit("8").set_memory_limit("32G")
         return register.outputs["Output"]

@@ -126,3 +126,23 @@ def test_json_logs_for_log_collectors(tmp_path):
         proc = subprocess.run([sys.executable, "-m", "model", "info"], capture_output=True, text=True,
                               timeout=300, env={**os.environ, name: value})  # fmt: skip
         assert_one_line_error(proc, f"{name}={value!r} is not one of")
+
+
+def test_component_logging_only_when_the_task_asks_for_it(monkeypatch):
+    import logging
+
+    from model.logs import configure_logging_if_requested
+
+    root = logging.getLogger()
+    before = list(root.handlers)
+    monkeypatch.delenv("LUMINA_LOG_FORMAT", raising=False)
+    monkeypatch.delenv("LUMINA_LOG_LEVEL", raising=False)
+    configure_logging_if_requested()
+    assert root.handlers == before  # the local runner's own handler is left alone
+    monkeypatch.setenv("LUMINA_LOG_FORMAT", "json")
+    try:
+        configure_logging_if_requested()
+        [handler] = root.handlers
+        assert type(handler.formatter).__name__ == "JsonFormatter"
+    finally:
+        root.handlers[:] = before

@@ -67,6 +67,10 @@ def test_spec_parses_strictly_and_references_resolve(compiled):
         assert k8s[label]["pvcMount"][0]["mountPath"] == "/cache"
         assert k8s[label]["emptyDirMounts"][0]["mountPath"] == "/dev/shm"
     assert "secretAsEnv" in k8s["exec-register-op"]
+    for task in tasks.values():  # every pod logs JSON records for the cluster's log collector
+        executor = deployment.executors[spec.components[task.component_ref.name].executor_label]
+        env = {e.name: e.value for e in executor.container.env}
+        assert env.get("LUMINA_LOG_FORMAT") == "json" and env.get("TQDM_DISABLE") == "1"
     assert tasks["register-op"].caching_options.enable_cache is False
     assert tasks["ingest-op"].retry_policy.max_retry_count == 2
     stages = [

@@ -16,6 +16,9 @@ def ingest_op(
 ) -> str:
     """Ingest ``source`` into the output dataset (captions from ``captions_file``, a sidecar table, when
     given), run the gate, return the dataset hash."""
+    from model.logs import configure_logging_if_requested
+
+    configure_logging_if_requested()  # JSON records on a cluster (LUMINA_LOG_FORMAT set on the task)
     from pathlib import Path
 
     import pandas as pd

@@ -11,6 +11,9 @@ def recaption_op(
     images: Input[Dataset], captions: Output[Dataset], backend: str = "auto", vlm_model: str = ""
 ) -> str:
     """Caption the ingested images, run the caption gate, return the captions' content hash."""
+    from model.logs import configure_logging_if_requested
+
+    configure_logging_if_requested()  # JSON records on a cluster (LUMINA_LOG_FORMAT set on the task)
     from pathlib import Path
 
     import pandas as pd

@@ -25,6 +25,9 @@ def register_op(
 ) -> str:
     """Register the model version (tagged with data hashes, stage runs, metrics, git sha);
     ``champion`` only if the promotion gate passes. Returns the registration as JSON."""
+    from model.logs import configure_logging_if_requested
+
+    configure_logging_if_requested()  # JSON records on a cluster (LUMINA_LOG_FORMAT set on the task)
     import json
     import os
     from dataclasses import asdict

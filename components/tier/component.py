@@ -11,6 +11,9 @@ def tier_op(
     captions: Input[Dataset], images: Input[Dataset], tiers: Output[Dataset], config_json: str = ""
 ) -> str:
     """Score and split into nested tiers (lowres ⊇ highres ⊇ hq); returns the tiers' content hash."""
+    from model.logs import configure_logging_if_requested
+
+    configure_logging_if_requested()  # JSON records on a cluster (LUMINA_LOG_FORMAT set on the task)
     from components.tier.tier import run_tier
     from components.tier.tiering import TierConfig
 

@@ -27,6 +27,9 @@ def train_stage_op(
     images: Input[Dataset] = None,
 ) -> str:
     """Train one stage into ``pipeline`` (diffusers folder); returns the stage's MLflow run id."""
+    from model.logs import configure_logging_if_requested
+
+    configure_logging_if_requested()  # JSON records on a cluster (LUMINA_LOG_FORMAT set on the task)
     import json
     import os
     import shutil
