@@ -24,7 +24,9 @@ from data_tools.debian import SourceUnavailable
 from data_tools.imagefiles import (
     PHOTO_MAX_SIDE,
     PHOTO_QUALITY,
+    SOURCE_KEYS,
     encode,
+    is_current,
     jsonl,
     load_rgb,
     read_records,
@@ -114,16 +116,9 @@ def loader_doc(image: BundledImage) -> str | None:
     return doc.strip() if doc and doc.strip() else None
 
 
-def description(image: BundledImage) -> str | None:
-    """The first line of the describing loader's docstring: a human-written alt text."""
-    doc = loader_doc(image)
+def description(doc: str | None) -> str | None:
+    """The first line of a loader's docstring (:func:`loader_doc`): a human-written alt text."""
     return doc.splitlines()[0].strip() or None if doc else None
-
-
-def _is_current(previous: dict | None, record: dict, files: Sequence[Path]) -> bool:
-    keys = ("package", "version", "original_path", "render_version", "alt_text")
-    return (previous is not None and all(previous.get(k) == record.get(k) for k in keys)
-            and all(f.is_file() for f in files))  # fmt: skip
 
 
 def build_bundled(out_dir: str | Path, packages: Sequence[str] | None = None) -> Path:
@@ -162,11 +157,12 @@ def build_bundled(out_dir: str | Path, packages: Sequence[str] | None = None) ->
     out.mkdir(parents=True, exist_ok=True)
     previous = read_records(out / "bundled.jsonl")
     versions = {name: importlib.metadata.version(name) for name in folders}
-    records, keep = [], set()
+    records, keep, docs = [], set(), {}
     for i, img in enumerate(tqdm(chosen, desc="bundled images", leave=False)):
         path, txt = out / f"bundled_{i:04d}.jpg", out / f"bundled_{i:04d}.txt"
         module_path = PACKAGES[img.package].module.replace(".", "/")
-        alt_text = description(img)
+        docs[path.name] = loader_doc(img)
+        alt_text = description(docs[path.name])
         record = {
             "file": path.name, "source": "wheel", "package": img.package, "version": versions[img.package],
             "original_path": f"{module_path}/{img.filename}", "license": img.license, "credit": img.credit,
@@ -174,7 +170,7 @@ def build_bundled(out_dir: str | Path, packages: Sequence[str] | None = None) ->
         }  # fmt: skip
         prev = previous.get(path.name)
         files = (path, txt) if alt_text else (path,)
-        if _is_current(prev, record, files):
+        if is_current(prev, record, files, (*SOURCE_KEYS, "alt_text")):
             record["width"], record["height"] = prev["width"], prev["height"]
         else:
             image = load_rgb(folders[img.package] / img.filename, PHOTO_MAX_SIDE, photo=True)
@@ -187,7 +183,6 @@ def build_bundled(out_dir: str | Path, packages: Sequence[str] | None = None) ->
     remove_stale(out, r"bundled_\d{4,}\.(jpg|txt)", keep)
     write_if_changed(out / "bundled.jsonl", jsonl(records))
     write_if_changed(out / "SOURCES.md", _sources(records).encode())
-    docs = {r["file"]: loader_doc(img) for r, img in zip(records, chosen, strict=True)}
     write_if_changed(out / "LICENSE", _license_text(records, folders, docs).encode())
     return out
 

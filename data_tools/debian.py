@@ -25,7 +25,7 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
@@ -37,6 +37,7 @@ from data_tools.imagefiles import (
     PHOTO_MAX_SIDE,
     PHOTO_QUALITY,
     encode,
+    is_current,
     jsonl,
     load_rgb,
     read_records,
@@ -248,12 +249,6 @@ def dep5_lookup(paragraphs: Sequence[_Dep5Files], path: str) -> tuple[str, str]:
 # --------------------------------------------------------------------------- outputs
 
 
-def _is_current(previous: dict | None, record: dict, files: Iterable[Path]) -> bool:
-    keys = ("package", "version", "original_path", "render_version")
-    return (previous is not None and all(previous.get(k) == record[k] for k in keys)
-            and all(f.is_file() for f in files))  # fmt: skip
-
-
 def _license_text(packages: Sequence[DebianPackage]) -> bytes:
     parts = []
     for pkg in packages:
@@ -373,7 +368,7 @@ def build_tuxpaint(
             "english": stamp.english, "zh_locale": stamp.zh_locale, "zh": stamp.zh,
         }  # fmt: skip
         prev = previous.get(png_path.name)
-        if _is_current(prev, record, (png_path, txt_path)):
+        if is_current(prev, record, (png_path, txt_path)):
             record["width"], record["height"] = prev["width"], prev["height"]
         else:
             src = stamps_dir / stamp.rel
@@ -527,7 +522,7 @@ def build_photos(out_dir: str | Path, cache_dir: str | Path, limit: int = 32, se
             "license": photo.license, "copyright": photo.copyright, "render_version": RENDER_VERSION,
         }  # fmt: skip
         prev = previous.get(path.name)
-        if _is_current(prev, record, (path,)):
+        if is_current(prev, record, (path,)):
             record["width"], record["height"] = prev["width"], prev["height"]
         else:
             image = load_rgb(photo.package.root / photo.original_path, PHOTO_MAX_SIDE, photo=True)

@@ -8,6 +8,7 @@ import json
 import math
 import os
 import re
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from PIL import Image, ImageCms, ImageOps
@@ -89,6 +90,18 @@ def encode(image: Image.Image, fmt: str) -> bytes:
     else:
         image.save(buffer, "PNG")
     return buffer.getvalue()
+
+
+SOURCE_KEYS = ("package", "version", "original_path", "render_version")
+
+
+def is_current(
+    previous: dict | None, record: dict, files: Iterable[Path], keys: Sequence[str] = SOURCE_KEYS
+) -> bool:
+    """Whether the files of ``record`` were built from the same source by the same renderer (its
+    ``keys`` equal in the ``previous`` record) and are all still there: a rebuild can skip them."""
+    return (previous is not None and all(previous.get(k) == record.get(k) for k in keys)
+            and all(f.is_file() for f in files))  # fmt: skip
 
 
 def read_records(path: Path) -> dict[str, dict]:
