@@ -66,7 +66,7 @@ def run_local(
     """Run the pipeline locally; ``dvc_data`` (e.g. ``data/raw``) is versioned first when given."""
     import kfp.local
 
-    from components.train.tracking import git_sha
+    from components.tracking import git_sha
     from pipelines.lumina_pipeline import build_pipeline
     from services.mlflow_server import mlflow_server as start_mlflow
     from services.s3 import DUMMY_CREDENTIALS, REGION, s3_server

@@ -213,6 +213,24 @@ def test_stage_logs_to_a_real_mlflow_server(tmp_path, manifest):
         assert {"aux_loss", "grad_norm", "lr", "images_per_s", "tokens_per_s"} <= set(run.data.metrics)
         names = {a.path for a in client.list_artifacts(run.info.run_id)}
         assert {"config.json", "loss_curve.png", "samples.png", "losses.jsonl", "samples"} <= names
+        assert run.info.status == "FINISHED"
+
+
+def test_a_stage_run_left_open_by_a_crash_ends_failed(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    code = (
+        "from components.tracking import MlflowTracker\n"
+        f"t = MlflowTracker({uri!r}, 'crash')\n"
+        "t.log_metrics({'loss': 1.0}, step=1)\n"
+        "raise RuntimeError('the stage crashed')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "the stage crashed" in proc.stderr
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("lumina-train").experiment_id])
+    assert run.info.status == "FAILED" and run.data.metrics["loss"] == 1.0
 
 
 def _torchrun(tmp_path: Path, manifest: Path, name: str, zero_stage: int) -> Path:

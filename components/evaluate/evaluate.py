@@ -163,12 +163,11 @@ def log_evaluation(
     tags: dict[str, str] | None = None,
 ) -> str:
     """Log metrics and the report folder to MLflow (experiment ``lumina-eval``); returns the run id."""
-    import mlflow
+    from components.tracking import client_run
 
-    mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_experiment("lumina-eval")
-    with mlflow.start_run(run_name=run_name) as run:
-        mlflow.set_tags({**(tags or {}), **{f"not_run.{k}": v[:250] for k, v in result.not_run.items()}})
-        mlflow.log_metrics(result.metrics)
-        mlflow.log_artifacts(str(out_dir), artifact_path="evaluation")
-        return run.info.run_id
+    run_tags = {**(tags or {}), **{f"not_run.{k}": v[:250] for k, v in result.not_run.items()}}
+    with client_run(tracking_uri, "lumina-eval", run_name, run_tags) as run:
+        for key, value in result.metrics.items():
+            run.client.log_metric(run.run_id, key, float(value))
+        run.client.log_artifacts(run.run_id, str(out_dir), artifact_path="evaluation")
+    return run.run_id

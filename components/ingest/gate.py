@@ -40,27 +40,20 @@ def log_gate(result: GateResult, step: str, tags: dict[str, str], tracking_uri: 
     """Record a gate's outcome as an MLflow run (experiment ``lumina-data``): tags, the failed
     expectations, and the JSON + HTML results as artifacts. Returns the run id. On a cluster this is
     what keeps a failed gate's evidence: Kubeflow does not upload the outputs of a failed task.
-    Uses a client bound to ``tracking_uri``: no process-wide MLflow state is changed."""
-    from mlflow import MlflowClient
+    No process-wide MLflow state is changed (:mod:`components.tracking`)."""
+    from components.tracking import client_run
 
-    client = MlflowClient(tracking_uri=tracking_uri)
-    experiment = client.get_experiment_by_name(DATA_EXPERIMENT)
-    experiment_id = experiment.experiment_id if experiment else client.create_experiment(DATA_EXPERIMENT)
     run_tags = {**tags, "step": step, "gate": "passed" if result.success else "failed"}
-    run = client.create_run(experiment_id, run_name=f"{step}-gate", tags=run_tags)
-    run_id, status = run.info.run_id, "FAILED"
-    try:
-        client.log_metric(run_id, "gate_passed", float(result.success))
-        client.log_metric(run_id, "failed_expectations", len(result.failed))
+    with client_run(tracking_uri, DATA_EXPERIMENT, f"{step}-gate", run_tags) as run:
+        run.client.log_metric(run.run_id, "gate_passed", float(result.success))
+        run.client.log_metric(run.run_id, "failed_expectations", len(result.failed))
         if result.failed:
-            client.log_text(run_id, "\n".join(result.failed) + "\n", "failed_expectations.txt")
+            run.client.log_text(run.run_id, "\n".join(result.failed) + "\n", "failed_expectations.txt")
         for path in (result.result_path, result.result_path.with_suffix(".html")):
             if path.is_file():
-                client.log_artifact(run_id, str(path))
-        status = "FINISHED" if result.success else "FAILED"
-    finally:
-        client.set_terminated(run_id, status=status)
-    return run_id
+                run.client.log_artifact(run.run_id, str(path))
+        run.status = "FINISHED" if result.success else "FAILED"
+    return run.run_id
 
 
 def tracked_gate(gate: Callable[[], GateResult], step: str, tags: dict[str, str],

@@ -99,48 +99,40 @@ def register_model(
     tags: dict[str, str] | None = None,
 ) -> Registration:
     """Log ``model_dir`` as run artifacts, create a model version, set aliases per the gate, and
-    write its model card (the version's description and ``model_card.md`` in the run). Uses a
-    client bound to ``tracking_uri``: no process-wide MLflow state is changed."""
-    from mlflow import MlflowClient
+    write its model card (the version's description and ``model_card.md`` in the run). No
+    process-wide MLflow state is changed (:mod:`components.tracking`)."""
     from mlflow.exceptions import MlflowException
+
+    from components.tracking import client_run
 
     model_dir = Path(model_dir)
     if not (model_dir / "model_index.json").is_file():
         raise ConfigError(f"{model_dir} is not a diffusers pipeline folder (no model_index.json)")
     gate = gate or PromotionGate()
-    client = MlflowClient(tracking_uri=tracking_uri)
-    experiment = client.get_experiment_by_name(EXPERIMENT)
-    experiment_id = experiment.experiment_id if experiment else client.create_experiment(EXPERIMENT)
     all_tags = {**(tags or {}), **_metric_tags(metrics)}
-    run = client.create_run(experiment_id, run_name=f"register-{name}", tags=all_tags)
-    run_id = run.info.run_id
-    try:
+    with client_run(tracking_uri, EXPERIMENT, f"register-{name}", all_tags) as run:
+        client = run.client
         for key, value in metrics.items():
-            client.log_metric(run_id, key, float(value))
-        client.log_artifacts(run_id, str(model_dir), artifact_path=ARTIFACT_DIR)
-    except BaseException:
-        client.set_terminated(run_id, status="FAILED")
-        raise
-    source = f"{run.info.artifact_uri}/{ARTIFACT_DIR}"
-    try:
-        client.get_registered_model(name)
-    except MlflowException:  # not registered yet
-        client.create_registered_model(name, description="Lumina-Image 2.0-style text-to-image pipeline")
-    version = client.create_model_version(name, source=source, run_id=run_id, tags=all_tags)
-    champion = champion_metrics(client, name)
-    reasons = gate.check(metrics, champion)
-    client.set_registered_model_alias(name, CHALLENGER, version.version)
-    aliases = [CHALLENGER]
-    if not reasons:
-        client.set_registered_model_alias(name, CHAMPION, version.version)
-        aliases.append(CHAMPION)
-    client.set_model_version_tag(name, version.version, "promotion", "; ".join(reasons) or "promoted")
-    card = model_card(name, str(version.version), model_dir, metrics, all_tags, aliases, reasons)
-    client.update_model_version(name, version.version, description=card)
-    client.log_text(run_id, card, "model_card.md")
-    client.set_terminated(run_id)
+            client.log_metric(run.run_id, key, float(value))
+        client.log_artifacts(run.run_id, str(model_dir), artifact_path=ARTIFACT_DIR)
+        try:
+            client.get_registered_model(name)
+        except MlflowException:  # not registered yet
+            client.create_registered_model(name, description="Lumina-Image 2.0-style text-to-image pipeline")
+        source = f"{run.artifact_uri}/{ARTIFACT_DIR}"
+        version = client.create_model_version(name, source=source, run_id=run.run_id, tags=all_tags)
+        reasons = gate.check(metrics, champion_metrics(client, name))
+        client.set_registered_model_alias(name, CHALLENGER, version.version)
+        aliases = [CHALLENGER]
+        if not reasons:
+            client.set_registered_model_alias(name, CHAMPION, version.version)
+            aliases.append(CHAMPION)
+        client.set_model_version_tag(name, version.version, "promotion", "; ".join(reasons) or "promoted")
+        card = model_card(name, str(version.version), model_dir, metrics, all_tags, aliases, reasons)
+        client.update_model_version(name, version.version, description=card)
+        client.log_text(run.run_id, card, "model_card.md")
     log.info("registered %s v%s aliases=%s %s", name, version.version, aliases, reasons or "")
-    return Registration(name, str(version.version), aliases, not reasons, reasons, run_id)
+    return Registration(name, str(version.version), aliases, not reasons, reasons, run.run_id)
 
 
 def download_version(uri: str, dest: str | Path, tracking_uri: str | None = None) -> Path:

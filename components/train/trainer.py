@@ -18,9 +18,9 @@ import torch
 from diffusers import Lumina2Transformer2DModel
 from PIL import Image
 
+from components.tracking import MlflowTracker, default_tracking_uri, file_sha256, git_sha
 from components.train.config import TrainConfig
 from components.train.data import FeatureCache, build_cache, choose_caption, read_manifest
-from components.train.tracking import MlflowTracker, default_tracking_uri, file_sha256, git_sha
 from model.checkpoint import build_pipeline, load_pipeline, save_pipeline
 from model.flow import TimestepSampler, flow_matching_loss
 from services.process import free_port
