@@ -14,6 +14,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 from model.errors import ConfigError
 
@@ -55,6 +56,11 @@ def find_report(pipeline_root: Path) -> Path | None:
     return reports[-1] if reports else None
 
 
+def _environment(defaults: dict[str, str]):
+    """Set the ``defaults`` the environment lacks until the ``with`` block ends."""
+    return mock.patch.dict(os.environ, {k: v for k, v in defaults.items() if k not in os.environ})
+
+
 def run_local(
     source: Path,
     out_dir: Path,
@@ -75,12 +81,13 @@ def run_local(
         raise ConfigError(f"pipeline source not found: {source} (run `make sample-data` first)")
     out_dir = out_dir.resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
     data_version = ""
     with contextlib.ExitStack() as stack:
+        # The run's settings reach the component subprocesses through the environment, for this run
+        # only: it is restored on exit (the MLflow server and S3 endpoint are gone by then).
+        stack.enter_context(_environment({"TORCH_EXTENSIONS_DIR": str(REPO / ".cache" / "torch_extensions")}))
         if dvc_data is not None:
-            for key, value in {**DUMMY_CREDENTIALS, "AWS_DEFAULT_REGION": REGION}.items():
-                os.environ.setdefault(key, value)
+            stack.enter_context(_environment({**DUMMY_CREDENTIALS, "AWS_DEFAULT_REGION": REGION}))
             endpoint = stack.enter_context(s3_server())
             data_version = version_data(dvc_data, endpoint)
             log.info(
@@ -94,7 +101,7 @@ def run_local(
             tracking_uri = stack.enter_context(start_mlflow(out_dir / "mlflow"))
         else:
             tracking_uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{out_dir / 'mlflow.db'}"
-        os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
+        stack.enter_context(mock.patch.dict(os.environ, {"MLFLOW_TRACKING_URI": tracking_uri}))
         pipeline_root = out_dir / "kfp"
         kfp.local.init(
             runner=kfp.local.SubprocessRunner(use_venv=False),

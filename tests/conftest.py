@@ -31,15 +31,3 @@ def tiny_sampler(tiny_pipe) -> LuminaSampler:
 def tiny_folder(tiny_pipe, tmp_path_factory):
     """The tiny pipeline saved in diffusers format."""
     return save_pipeline(tiny_pipe, tmp_path_factory.mktemp("tiny") / "pipeline")
-
-
-@pytest.fixture(autouse=True)
-def _restore_mlflow_tracking_uri():
-    """``mlflow.set_tracking_uri`` also sets ``MLFLOW_TRACKING_URI`` in the environment, where the
-    pipeline's local runner and the components read it: never let one test's store leak into the next."""
-    before = os.environ.get("MLFLOW_TRACKING_URI")
-    yield
-    if before is None:
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
-    else:
-        os.environ["MLFLOW_TRACKING_URI"] = before

@@ -2,6 +2,7 @@
 recording loopback server, and the end-to-end local run with MLflow registration."""
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -188,7 +189,9 @@ def test_local_run_registers_and_failing_gate_keeps_champion(tmp_path):
         "hq_steps": 4,
         "eval_config_json": eval_cfg,
     }
+    env_before = dict(os.environ)
     first = run_local(tmp_path / "raw" / "synthetic", tmp_path / "out", args)
+    assert dict(os.environ) == env_before  # the run's MLflow URI and settings do not outlive it
     reg = first.registration
     assert reg["promoted"] and reg["aliases"] == ["challenger", "champion"], reg
     client = MlflowClient(tracking_uri=first.tracking_uri)
