@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from typing import NoReturn
 
@@ -14,7 +13,7 @@ from typer._click.exceptions import ClickException as TyperClickException  # typ
 from typer._click.exceptions import NoArgsIsHelpError
 
 from model.errors import LuminaError, validation_message
-from model.logs import LOG_FORMAT_ENV, configure_logging
+from model.logs import configure_logging, log_format
 
 # typer >= 0.2x ships its own copy of click: catch its exceptions and the real click's alike
 _CLICK_ERRORS = (click.ClickException, TyperClickException)
@@ -24,7 +23,7 @@ _ABORTS = (click.Abort, typer.Abort)
 
 def fail(message: str, code: int = 2) -> NoReturn:
     """End a command with ``error: <message>`` on stderr (also a JSON record when logs are JSON)."""
-    if os.environ.get(LOG_FORMAT_ENV, "").strip().lower() == "json":
+    if log_format() == "json":  # run_cli has checked the setting already
         logging.getLogger("lumina.cli").error(message, extra={"exit_code": code})
     typer.echo(f"error: {message}", err=True)
     sys.exit(code)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Callable
 
 from model.errors import ConfigError
 
@@ -45,16 +46,25 @@ class _QuietLibraries(logging.Filter):
         return record.levelno >= logging.WARNING or record.name.split(".", 1)[0] not in QUIET_LOGGERS
 
 
-def configure_logging(fmt: str | None = None, level: str | None = None) -> None:
-    """Send every logger's records to stderr in ``fmt`` at ``level`` (defaults from the
-    environment); a value outside the known ones is a one-line :class:`ConfigError`."""
-    given_fmt = fmt or os.environ.get(LOG_FORMAT_ENV) or "text"
-    given_level = level or os.environ.get(LOG_LEVEL_ENV) or "INFO"
-    fmt, level = given_fmt.strip().lower(), given_level.strip().upper()
-    if fmt not in FORMATS:
-        raise ConfigError(f"{LOG_FORMAT_ENV}={given_fmt!r} is not one of {', '.join(FORMATS)}")
-    if level not in LEVELS:
-        raise ConfigError(f"{LOG_LEVEL_ENV}={given_level!r} is not one of {', '.join(LEVELS)}")
+def _setting(name: str, default: str, allowed: tuple[str, ...], normalise: Callable[[str], str]) -> str:
+    """An environment setting, normalised and checked against ``allowed``."""
+    given = os.environ.get(name) or default
+    value = normalise(given.strip())
+    if value not in allowed:
+        raise ConfigError(f"{name}={given!r} is not one of {', '.join(allowed)}")
+    return value
+
+
+def log_format() -> str:
+    """``LUMINA_LOG_FORMAT`` (``text`` or ``json``; default ``text``)."""
+    return _setting(LOG_FORMAT_ENV, "text", FORMATS, str.lower)
+
+
+def configure_logging() -> None:
+    """Send every logger's records to stderr in :func:`log_format` at ``LUMINA_LOG_LEVEL``; a value
+    outside the known ones is a one-line :class:`ConfigError`."""
+    fmt = log_format()
+    level = _setting(LOG_LEVEL_ENV, "INFO", LEVELS, str.upper)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(log_formatter(fmt))
     if level != "DEBUG":
