@@ -131,6 +131,32 @@ def ephemeral_context():
     return context
 
 
+def validate_frames(
+    context: Any, checks: Sequence[tuple[str, pd.DataFrame, Any]], json_path: Path, title: str
+) -> GateResult:
+    """Validate each ``(name, frame, suite)`` in ``context`` (:func:`ephemeral_context`, made before
+    the suites: great_expectations needs an active context to build them), save the results
+    (:func:`save_validation`) and raise :class:`GateFailed` naming every failed expectation."""
+    source = context.data_sources.add_pandas(title.replace(" ", "_"))
+    results = [
+        source.add_dataframe_asset(name)
+        .add_batch_definition_whole_dataframe("all")
+        .get_batch(batch_parameters={"dataframe": frame})
+        .validate(suite)
+        for name, frame, suite in checks
+    ]
+    path = save_validation(results, json_path, title)
+    failed = [
+        describe_expectation(r.expectation_config) for res in results for r in res.results if not r.success
+    ]
+    gate = GateResult(not failed, failed, path)
+    if failed:
+        raise GateFailed(
+            f"{title} failed {len(failed)} expectation(s): {', '.join(failed)} (see {path})", gate
+        )
+    return gate
+
+
 def run_gate(manifest: pd.DataFrame, out_dir: Path, *, max_side: int = 100_000) -> GateResult:
     """Validate the manifest with a great_expectations suite; write ``ge_result.json`` / ``.html``; raise
     :class:`GateFailed` naming the failed expectations when it does not pass."""
@@ -138,12 +164,6 @@ def run_gate(manifest: pd.DataFrame, out_dir: Path, *, max_side: int = 100_000) 
     import great_expectations.expectations as gxe
 
     context = ephemeral_context()
-    batch = (
-        context.data_sources.add_pandas("ingest")
-        .add_dataframe_asset("manifest")
-        .add_batch_definition_whole_dataframe("all")
-        .get_batch(batch_parameters={"dataframe": manifest})
-    )
     suite = gx.ExpectationSuite(name="ingest_manifest")
     for column in ("id", "path", "sha256", "width", "height", "format"):
         suite.add_expectation(gxe.ExpectColumnValuesToNotBeNull(column=column))
@@ -155,12 +175,5 @@ def run_gate(manifest: pd.DataFrame, out_dir: Path, *, max_side: int = 100_000) 
         )
     suite.add_expectation(gxe.ExpectColumnValuesToBeInSet(column="format", value_set=ALLOWED_FORMATS))
     suite.add_expectation(gxe.ExpectTableRowCountToBeBetween(min_value=1))
-    result = batch.validate(suite)
-    path = save_validation([result], out_dir / "ge_result.json", "ingest manifest")
-    failed = [describe_expectation(r.expectation_config) for r in result.results if not r.success]
-    gate = GateResult(bool(result.success), failed, path)
-    if not gate.success:
-        raise GateFailed(
-            f"ingest manifest failed {len(failed)} expectation(s): {', '.join(failed)} (see {path})", gate
-        )
-    return gate
+    checks = [("manifest", manifest, suite)]
+    return validate_frames(context, checks, out_dir / "ge_result.json", "ingest manifest")

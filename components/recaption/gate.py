@@ -7,13 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from components.ingest.gate import (
-    GateFailed,
-    GateResult,
-    describe_expectation,
-    ephemeral_context,
-    save_validation,
-)
+from components.ingest.gate import GateResult, ephemeral_context, validate_frames
 from components.recaption.backends import guess_language
 from components.recaption.schema import GRANULARITIES, LANGUAGES
 
@@ -58,15 +52,6 @@ def run_caption_gate(captions: pd.DataFrame, out_dir: Path) -> GateResult:
     )
     checks = per_image_checks(captions)
     context = ephemeral_context()
-    source = context.data_sources.add_pandas("captions")
-
-    def batch(name: str, frame: pd.DataFrame):
-        return (
-            source.add_dataframe_asset(name)
-            .add_batch_definition_whole_dataframe("all")
-            .get_batch(batch_parameters={"dataframe": frame})
-        )
-
     text_suite = gx.ExpectationSuite(name="caption_texts")
     for column in ("image_id", "granularity", "language", "text", "backend"):
         text_suite.add_expectation(gxe.ExpectColumnValuesToNotBeNull(column=column))
@@ -86,14 +71,5 @@ def run_caption_gate(captions: pd.DataFrame, out_dir: Path) -> GateResult:
                 column_A=longer, column_B=shorter, or_equal=False, ignore_row_if="either_value_is_missing"
             )
         )
-    results = [batch("texts", table).validate(text_suite), batch("images", checks).validate(image_suite)]
-    path = save_validation(results, out_dir / "caption_ge_result.json", "captions")
-    failed = [
-        describe_expectation(r.expectation_config) for res in results for r in res.results if not r.success
-    ]
-    gate = GateResult(not failed, failed, path)
-    if failed:
-        raise GateFailed(
-            f"captions failed {len(failed)} expectation(s): {', '.join(failed)} (see {path})", gate
-        )
-    return gate
+    suites = [("texts", table, text_suite), ("images", checks, image_suite)]
+    return validate_frames(context, suites, out_dir / "caption_ge_result.json", "captions")
