@@ -23,6 +23,14 @@ def first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+def error_summary(exc: BaseException, limit: int | None = None) -> str:
+    """``Type: first message line`` (just ``Type`` when the message is empty), the line cut to
+    ``limit`` characters: how a reported, non-fatal failure is described."""
+    text = str(exc).strip()
+    line = text.splitlines()[0][:limit] if text else ""
+    return f"{type(exc).__name__}: {line}" if line else type(exc).__name__
+
+
 def validation_message(exc: ValidationError, what: str = "value") -> str:
     """A pydantic error as one line: ``invalid <field path>: <message>`` (first error only)."""
     first = exc.errors()[0]

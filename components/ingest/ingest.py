@@ -27,7 +27,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from components.ingest.sidecar import CaptionSidecar, load_sidecar, relative_source
-from model.errors import ConfigError, first_line
+from model.errors import ConfigError, error_summary, first_line
 
 log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
@@ -242,7 +242,7 @@ def _check(item: Item, max_pixels: int) -> Decoded | str:
     try:
         return decode(item, max_pixels)
     except Exception as exc:  # image plugins raise struct.error, IndexError, ... on fuzzed input
-        return f"decode_error: {type(exc).__name__}: {first_line(exc)[:80]}"
+        return f"decode_error: {error_summary(exc, 80)}"
 
 
 def decode_stream(items: Iterable[Item], opts: IngestOptions) -> Iterator[tuple[Item, Decoded | str]]:

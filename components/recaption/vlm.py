@@ -27,6 +27,7 @@ import torch
 from PIL import Image
 
 from components.recaption.schema import GRANULARITIES, LANGUAGES
+from model.errors import error_summary
 
 __all__ = ["GRANULARITIES", "LANGUAGES", "PROMPT_VERSION", "CaptionerError", "VlmCaptioner", "parse_captions"]
 
@@ -289,11 +290,6 @@ def _quiet_transformers() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
-
-
 @lru_cache(maxsize=1)
 def _image_only_processor_class() -> type:
     """A ``Qwen2VLProcessor`` without its video processor.
@@ -400,7 +396,7 @@ class VlmCaptioner:
                 processor = _load_processor(source)
                 net = AutoModelForImageTextToText.from_pretrained(source, dtype=self.dtype)
         except Exception as exc:  # OSError (missing/offline), ValueError (unknown architecture), ...
-            raise CaptionerError(f"cannot load VLM captioner {source!r}: {_first_line(exc)}") from None
+            raise CaptionerError(f"cannot load VLM captioner {source!r}: {error_summary(exc)}") from None
         if not hasattr(processor, "image_processor") or not hasattr(processor, "tokenizer"):
             raise CaptionerError(f"cannot load VLM captioner {source!r}: it has no image processor/tokenizer")
         template = processor.chat_template or getattr(processor.tokenizer, "chat_template", None)
@@ -473,7 +469,7 @@ class VlmCaptioner:
             try:
                 rgb[i] = self._to_rgb(image)
             except Exception as exc:  # unreadable/degenerate image: report it, caption the others
-                results[i] = ImageCaptions({}, "", f"image not captioned: {_first_line(exc)}")
+                results[i] = ImageCaptions({}, "", f"image not captioned: {error_summary(exc)}")
         work = [(i, lang) for i in rgb for lang in self.languages]
         prompts = {lang: self.build_prompt(lang) for lang in self.languages}
         raw: dict[int, dict[str, str]] = {i: {} for i in rgb}

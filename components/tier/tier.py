@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from components.tier.scorers import Scorer, available
 from components.tier.tiering import TIERS, TierConfig, assign_tiers, combined_score
-from model.errors import ConfigError, LuminaError, first_line
+from model.errors import ConfigError, LuminaError, error_summary, first_line
 
 log = logging.getLogger(__name__)
 TRAIN_COLUMNS = ["id", "image_path", "domain", "captions", "system_prompt", "score", "width", "height"]
@@ -44,13 +44,13 @@ def score_images(
                 img.load()
                 image = img.convert("RGB")
         except (OSError, ValueError, Image.DecompressionBombError) as exc:
-            entry["error"] = f"{type(exc).__name__}: {first_line(exc)[:80]}"
+            entry["error"] = error_summary(exc, 80)
             continue
         for scorer in scorers:
             try:
                 entry[scorer.name] = scorer(image, row)
             except Exception as exc:  # one bad image must not end the step
-                entry["error"] = f"scorer {scorer.name}: {type(exc).__name__}: {first_line(exc)[:80]}"
+                entry["error"] = f"scorer {scorer.name}: {error_summary(exc, 80)}"
                 break
     return pd.DataFrame(rows)
 
