@@ -45,7 +45,8 @@ class ClusterSettings(BaseModel):
     log_format: Literal["json", "text"] = "json"  # LUMINA_LOG_FORMAT of every task (json: log collectors)
 
 
-def _with_secrets(task: dsl.PipelineTask, cluster: ClusterSettings) -> None:
+def _with_cluster_env(task: dsl.PipelineTask, cluster: ClusterSettings) -> None:
+    """What every task needs on a cluster: S3 and MLflow secrets as env, and the log format."""
     kubernetes.use_secret_as_env(
         task,
         secret_name=cluster.s3_secret,
@@ -61,9 +62,6 @@ def _with_secrets(task: dsl.PipelineTask, cluster: ClusterSettings) -> None:
         secret_name=cluster.mlflow_secret,
         secret_key_to_env={"MLFLOW_TRACKING_URI": "MLFLOW_TRACKING_URI"},
     )
-
-
-def _with_logging(task: dsl.PipelineTask, cluster: ClusterSettings) -> None:
     task.set_env_variable("LUMINA_LOG_FORMAT", cluster.log_format)
     if cluster.log_format == "json":
         task.set_env_variable("TQDM_DISABLE", "1")  # no progress bars between the JSON records
@@ -118,7 +116,7 @@ def build_pipeline(cluster: ClusterSettings | None = None):
         tiers = tier_op(captions=recaption.outputs["captions"], images=images, config_json=tier_config_json)
         tiers.set_display_name("tier")
         previous = None
-        runs = {}
+        runs, train_tasks = {}, []
         for stage, steps in zip(STAGES, (lowres_steps, highres_steps, hq_steps), strict=True):
             kwargs = {"init_from": previous.outputs["pipeline"]} if previous is not None else {}
             task = train_stage_op(
@@ -133,8 +131,8 @@ def build_pipeline(cluster: ClusterSettings | None = None):
             task.set_display_name(f"train-{stage}")
             if cluster is not None:
                 _train_on_gpus(task, cluster)
-                _with_logging(task, cluster)
             runs[stage], previous = task.outputs["Output"], task
+            train_tasks.append(task)
         final_model = previous.outputs["pipeline"]
         evaluate = evaluate_op(
             model=final_model, config_json=eval_config_json, mlflow_tracking_uri=mlflow_tracking_uri
@@ -159,9 +157,8 @@ def build_pipeline(cluster: ClusterSettings | None = None):
         register.set_display_name("register").set_retry(num_retries=2)
         register.set_caching_options(False)  # registering is a side effect: never served from cache
         if cluster is not None:
-            for task in (ingest, recaption, tiers, evaluate, register):
-                _with_secrets(task, cluster)
-                _with_logging(task, cluster)
+            for task in (ingest, recaption, tiers, *train_tasks, evaluate, register):
+                _with_cluster_env(task, cluster)  # the stage runs log to the same MLflow as the rest
             for task in (ingest, recaption, tiers):
                 task.set_cpu_limit("8").set_memory_limit("32G")
         return register.outputs["Output"]

@@ -67,7 +67,10 @@ def test_spec_parses_strictly_and_references_resolve(compiled):
         assert k8s[label]["tolerations"][0]["key"] == "nvidia.com/gpu"
         assert k8s[label]["pvcMount"][0]["mountPath"] == "/cache"
         assert k8s[label]["emptyDirMounts"][0]["mountPath"] == "/dev/shm"
-    assert "secretAsEnv" in k8s["exec-register-op"]
+    for task in tasks.values():  # every task, the train stages included, reaches the same MLflow and S3
+        secrets = k8s[spec.components[task.component_ref.name].executor_label]["secretAsEnv"]
+        envs = {kv["envVar"] for secret in secrets for kv in secret["keyToEnv"]}
+        assert {"MLFLOW_TRACKING_URI", "AWS_ACCESS_KEY_ID"} <= envs
     for task in tasks.values():  # every pod logs JSON records for the cluster's log collector
         executor = deployment.executors[spec.components[task.component_ref.name].executor_label]
         env = {e.name: e.value for e in executor.container.env}
