@@ -181,12 +181,10 @@ def _fetch_locked(name: str, pkg_dir: Path, what: str) -> Path:
             extract = Path(tempfile.mkdtemp(prefix=".extract-", dir=pkg_dir))
             _run([dpkg_deb, "-x", str(deb), str(extract)], what=what, timeout=DOWNLOAD_TIMEOUT_S)
             os.replace(extract, root)
-            digest = hashlib.sha256()
             with open(deb, "rb") as fh:
-                for block in iter(lambda: fh.read(1 << 20), b""):
-                    digest.update(block)
+                sha256 = hashlib.file_digest(fh, "sha256").hexdigest()
             info = {"name": fields[0], "version": fields[1], "architecture": fields[2].strip(),
-                    "deb": deb.name, "sha256": digest.hexdigest()}  # fmt: skip
+                    "deb": deb.name, "sha256": sha256}  # fmt: skip
             write_atomic(meta, (json.dumps(info, indent=1) + "\n").encode())
             logger.info("%s %s ready in %.1f s", name, info["version"], time.perf_counter() - start)
         finally:
