@@ -178,7 +178,9 @@ def parse_models_uri(source: str) -> tuple[str, str | None, str | None]:
     raise WeightsNotFoundError(f"bad MLflow source {source!r}: expected models:/<name>@<alias>")
 
 
-def fetch_mlflow(source: str, dest: Path) -> Path:
+def fetch_mlflow(source: str, dest: Path, tracking_uri: str | None = None) -> Path:
+    """Download a registry version (``models:/name@alias``, ``/<version>`` or ``/latest``) into
+    ``dest``; ``tracking_uri`` defaults to ``MLFLOW_TRACKING_URI``."""
     import mlflow
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
@@ -186,7 +188,7 @@ def fetch_mlflow(source: str, dest: Path) -> Path:
     name, alias, version = parse_models_uri(source)
     staging = None
     try:
-        client = MlflowClient()
+        client = MlflowClient(tracking_uri=tracking_uri)
         if alias is not None:
             mv = client.get_model_version_by_alias(name, alias)
         elif version == "latest":
@@ -198,11 +200,13 @@ def fetch_mlflow(source: str, dest: Path) -> Path:
             mv = client.get_model_version(name, version)
         log.info("%s -> version %s, source %s", source, mv.version, mv.source)
         staging = _staging(dest)
-        mlflow.artifacts.download_artifacts(artifact_uri=mv.source, dst_path=str(staging))
+        mlflow.artifacts.download_artifacts(
+            artifact_uri=mv.source, dst_path=str(staging), tracking_uri=tracking_uri
+        )
     except MlflowException as exc:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
-        uri = mlflow.get_tracking_uri()
+        uri = tracking_uri or mlflow.get_tracking_uri()
         raise WeightsNotFoundError(f"cannot resolve {source} at {uri}: {first_line(exc)}") from exc
     except OSError as exc:
         if staging is not None:

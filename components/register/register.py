@@ -136,20 +136,10 @@ def register_model(
 
 
 def download_version(uri: str, dest: str | Path, tracking_uri: str | None = None) -> Path:
-    """``models:/<name>@<alias>`` or ``models:/<name>/<version>`` → a local diffusers folder."""
-    import mlflow
-    from mlflow import MlflowClient
+    """``models:/<name>@<alias>`` or ``models:/<name>/<version>`` → a local diffusers folder
+    (the server's fetch: staged download into an empty or earlier-download ``dest``)."""
+    from serving.fetch import fetch_mlflow
 
     if not uri.startswith("models:/"):
         raise ConfigError(f"not a registry URI: {uri!r} (expected models:/<name>@<alias>)")
-    client = MlflowClient(tracking_uri=tracking_uri)
-    ref = uri.removeprefix("models:/")
-    if "@" in ref:
-        name, alias = ref.split("@", 1)
-        version = client.get_model_version_by_alias(name, alias)
-    else:
-        name, number = ref.rsplit("/", 1)
-        version = client.get_model_version(name, number)
-    path = mlflow.artifacts.download_artifacts(artifact_uri=version.source, dst_path=str(dest),
-                                               tracking_uri=tracking_uri)  # fmt: skip
-    return Path(path)
+    return fetch_mlflow(uri, Path(dest), tracking_uri)
