@@ -41,7 +41,7 @@ endif
 setup: $(STAMP)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=25
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
@@ -61,6 +61,8 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.ingest --out bench/results/ingest.json
 	$(BIN)/python -m bench.recaption --out bench/results/recaption.json
 	$(BIN)/python -m bench.serve --out bench/results/serve.json
+	$(BIN)/python -m bench.text_features --out bench/results/text_features.json
+	$(BIN)/python -m bench.scale --out bench/results/scale.json
 
 sample-data: $(STAMP)
 	$(BIN)/python -m data_tools sample-data --out data/raw

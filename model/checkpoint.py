@@ -66,6 +66,13 @@ def build_vae(profile: ModelProfile, seed: int = 0) -> AutoencoderKL:
     return vae.eval()
 
 
+def pipeline_vae(profile: str | ModelProfile, seed: int = 0) -> AutoencoderKL:
+    """The VAE :func:`build_pipeline` puts into a pipeline built with ``seed`` (the latent cache
+    builds it alone, without the transformer and the text encoder)."""
+    profile = get_profile(profile) if isinstance(profile, str) else profile
+    return build_vae(profile, seed=seed + 2)
+
+
 def build_scheduler(profile: ModelProfile) -> FlowMatchEulerDiscreteScheduler:
     """The flow-matching scheduler config saved with the pipeline (static time shift)."""
     return FlowMatchEulerDiscreteScheduler(
@@ -85,7 +92,7 @@ def build_pipeline(profile: str | ModelProfile, seed: int = 0, zero_init: bool =
     return Lumina2Pipeline(
         transformer=build_transformer(profile, seed=seed, zero_init=zero_init),
         scheduler=build_scheduler(profile),
-        vae=build_vae(profile, seed=seed + 2),
+        vae=pipeline_vae(profile, seed),
         text_encoder=text_encoder,
         tokenizer=tokenizer,
     )

@@ -74,9 +74,13 @@ def run(
     param: Annotated[list[str] | None, typer.Option(help="extra pipeline argument key=value")] = None,
     mlflow_server: Annotated[bool, typer.Option(help="start a real mlflow server on loopback")] = False,
     dvc_data: Annotated[Path | None, typer.Option(help="data folder to version with DVC first")] = None,
+    parallelism: Annotated[
+        int, typer.Option(min=1, help="groups at once per ParallelFor (local runner)")
+    ] = 2,
+    group_size: Annotated[int, typer.Option(min=1, help="source entries per group (the fan-out unit)")] = 64,
 ) -> None:
     """Run the pipeline: locally (embedded default) or on a Kubeflow host."""
-    args = _arguments(profile, model_name, steps, eval_suite_size, gate, param)
+    args = {"group_size": group_size, **_arguments(profile, model_name, steps, eval_suite_size, gate, param)}
     if host:
         client = _client(host, token)
         result = client.create_run_from_pipeline_package(
@@ -88,7 +92,9 @@ def run(
         raise ConfigError("--no-local needs --host")
     from pipelines.local import run_local
 
-    result = run_local(Path(source), out, args, mlflow_server=mlflow_server, dvc_data=dvc_data)
+    result = run_local(
+        Path(source), out, args, mlflow_server=mlflow_server, dvc_data=dvc_data, parallelism=parallelism
+    )
     reg = result.registration
     typer.echo(f"registered model : {reg['name']} version {reg['version']}")
     typer.echo(

@@ -68,8 +68,11 @@ def run_local(
     *,
     mlflow_server: bool = False,
     dvc_data: Path | None = None,
+    parallelism: int = 2,
 ) -> LocalRun:
-    """Run the pipeline locally; ``dvc_data`` (e.g. ``data/raw``) is versioned first when given."""
+    """Run the pipeline locally; ``dvc_data`` (e.g. ``data/raw``) is versioned first when given.
+    Shards go under ``out_dir/data`` unless ``arguments`` names a ``data_root``; ``parallelism`` groups
+    run at once in each ParallelFor."""
     import kfp.local
 
     from components.tracking import git_sha
@@ -112,9 +115,10 @@ def run_local(
             "mlflow_tracking_uri": tracking_uri,
             "git_sha": git_sha(REPO),
             "data_version": data_version,
+            "data_root": str(out_dir / "data"),
             **arguments,
             "source": str(source.resolve()),
         }
-        task = build_pipeline(None)(**args)
+        task = build_pipeline(None, parallelism)(**args)
         registration = json.loads(task.output)
     return LocalRun(registration, tracking_uri, find_report(pipeline_root), data_version, pipeline_root)

@@ -1,4 +1,10 @@
-"""The Kubeflow pipeline: ingest → recaption → tier → train (3 stages) → evaluate → register.
+"""The Kubeflow pipeline: plan → ingest ×groups → merge → (recaption → score) ×groups → captions
+merge → tier → train (3 stages) → evaluate → register.
+
+The data steps fan out with ``dsl.ParallelFor`` over the plan's groups and fan in with
+``dsl.Collected``; images stay in tar shards under ``data_root`` and only manifests, URIs and
+hashes move between tasks. ``parallelism`` (how many groups run at once) is a compile-time setting
+because KFP 2.17 writes it into the IR as a constant (``iteratorPolicy.parallelismLimit``).
 
 (No ``from __future__ import annotations``: KFP reads real annotations.)
 
@@ -14,10 +20,12 @@ from kfp import dsl, kubernetes
 from pydantic import BaseModel, ConfigDict
 
 from components.evaluate.component import evaluate_op
-from components.ingest.component import ingest_op
-from components.recaption.component import recaption_op
+from components.ingest.component import ingest_group_op, ingest_merge_op
+from components.latents.component import latents_group_op
+from components.plan.component import plan_op
+from components.recaption.component import captions_merge_op, recaption_group_op
 from components.register.component import register_op
-from components.tier.component import tier_op
+from components.tier.component import score_group_op, tier_op
 from components.train.component import train_stage_op
 
 PIPELINE_NAME = "lumina-pipeline"
@@ -42,6 +50,13 @@ class ClusterSettings(BaseModel):
     s3_secret: str = "lumina-s3"
     mlflow_secret: str = "lumina-mlflow"
     shm_size: str = "16Gi"
+    data_root: str = "s3://lumina-data/plane"  # default of the data_root parameter: shards and latents
+    parallelism: int = 16  # groups processed at once by each ParallelFor
+    recaption_gpus: int = 1  # per recaption task (the VLM captioner)
+    data_cpu_request: str = "2"
+    data_memory_request: str = "8G"
+    data_cpu_limit: str = "8"
+    data_memory_limit: str = "32G"
     log_format: Literal["json", "text"] = "json"  # LUMINA_LOG_FORMAT of every task (json: log collectors)
 
 
@@ -81,8 +96,26 @@ def _train_on_gpus(task: dsl.PipelineTask, cluster: ClusterSettings) -> None:
     task.set_env_variable("TORCH_EXTENSIONS_DIR", f"{cluster.cache_mount}/torch_extensions")
 
 
-def build_pipeline(cluster: ClusterSettings | None = None):
-    """The pipeline function; Kubernetes settings are applied when ``cluster`` is given."""
+def _data_task(task: dsl.PipelineTask, cluster: ClusterSettings) -> None:
+    """CPU/memory requests and limits of a data step (ingest, merge, scoring, tiering)."""
+    task.set_cpu_request(cluster.data_cpu_request).set_memory_request(cluster.data_memory_request)
+    task.set_cpu_limit(cluster.data_cpu_limit).set_memory_limit(cluster.data_memory_limit)
+
+
+def _recaption_on_gpu(task: dsl.PipelineTask, cluster: ClusterSettings) -> None:
+    task.set_accelerator_type(cluster.accelerator_type).set_accelerator_limit(cluster.recaption_gpus)
+    task.set_cpu_limit(cluster.data_cpu_limit).set_memory_limit(cluster.data_memory_limit)
+    for key, value in cluster.node_selector.items():
+        kubernetes.add_node_selector(task, label_key=key, label_value=value)
+    for tol in cluster.tolerations:
+        kubernetes.add_toleration(task, **tol)
+
+
+def build_pipeline(cluster: ClusterSettings | None = None, parallelism: int | None = None):
+    """The pipeline function; Kubernetes settings are applied when ``cluster`` is given.
+    ``parallelism``: groups at once per ParallelFor (default: the cluster's, or 2 locally)."""
+    limit = parallelism or (cluster.parallelism if cluster is not None else 2)
+    default_root = cluster.data_root if cluster is not None else ""
 
     @dsl.pipeline(
         name=PIPELINE_NAME,
@@ -90,6 +123,9 @@ def build_pipeline(cluster: ClusterSettings | None = None):
     )
     def lumina_pipeline(
         source: str,
+        data_root: str = default_root,
+        group_size: int = 5000,
+        shard_size: int = 1000,
         model_name: str = "lumina-tiny",
         profile: str = "tiny",
         dedup_distance: int = 4,
@@ -107,21 +143,60 @@ def build_pipeline(cluster: ClusterSettings | None = None):
         git_sha: str = "",
         data_version: str = "",
     ) -> str:
-        ingest = ingest_op(source=source, dedup_distance=dedup_distance, captions_file=captions_file)
-        ingest.set_display_name("ingest")
-        ingest.set_retry(num_retries=2, backoff_duration="30s")  # object stores are flaky
-        images = ingest.outputs["dataset"]
-        recaption = recaption_op(images=images, backend=recaption_backend, vlm_model=vlm_model)
-        recaption.set_display_name("recaption")
-        tiers = tier_op(captions=recaption.outputs["captions"], images=images, config_json=tier_config_json)
+        plan = plan_op(
+            source=source, data_root=data_root, group_size=group_size, dedup_distance=dedup_distance
+        )
+        plan.set_display_name("plan")
+        # The plan lists the source on every run (never from cache); its groups carry the listing's
+        # fingerprint, so the steps after it hit KFP's cache exactly when the source is unchanged.
+        plan.set_caching_options(False)
+        groups = plan.outputs["Output"]
+        with dsl.ParallelFor(groups, parallelism=limit) as group:
+            ingest_group = ingest_group_op(group=group, shard_size=shard_size)
+            ingest_group.set_display_name("ingest-group")
+            ingest_group.set_retry(num_retries=2, backoff_duration="30s")  # object stores are flaky
+        ingest = ingest_merge_op(
+            groups=groups,
+            parts=dsl.Collected(ingest_group.outputs["manifest"]),
+            source=source,
+            dedup_distance=dedup_distance,
+            captions_file=captions_file,
+        )
+        ingest.set_display_name("ingest-merge")
+        with dsl.ParallelFor(groups, parallelism=limit) as group:
+            recaption_group = recaption_group_op(
+                group=group,
+                dataset_hash=ingest.outputs["Output"],
+                backend=recaption_backend,
+                vlm_model=vlm_model,
+            )
+            recaption_group.set_display_name("recaption-group")
+            score_group = score_group_op(captions=recaption_group.outputs["captions"])
+            score_group.set_display_name("score-group")
+        recaption = captions_merge_op(
+            groups=groups, parts=dsl.Collected(recaption_group.outputs["captions"]), backend=recaption_backend
+        )
+        recaption.set_display_name("captions-merge")
+        tiers = tier_op(
+            captions=dsl.Collected(recaption_group.outputs["captions"]),
+            scores=dsl.Collected(score_group.outputs["scores"]),
+            config_json=tier_config_json,
+            groups=groups,
+        )
         tiers.set_display_name("tier")
+        tiers.after(recaption)  # tiers only from captions that passed the gate
+        with dsl.ParallelFor(groups, parallelism=limit) as group:
+            latents_group = latents_group_op(
+                group=group, tiers_hash=tiers.outputs["Output"], profile=profile, seed=seed
+            )
+            latents_group.set_display_name("latents-group")
         previous = None
         runs, train_tasks = {}, []
         for stage, steps in zip(STAGES, (lowres_steps, highres_steps, hq_steps), strict=True):
             kwargs = {"init_from": previous.outputs["pipeline"]} if previous is not None else {}
             task = train_stage_op(
                 manifest=tiers.outputs["tiers"],
-                images=images,
+                latents=dsl.Collected(latents_group.outputs["index"]),
                 stage=stage,
                 profile=profile,
                 steps=steps,
@@ -157,10 +232,12 @@ def build_pipeline(cluster: ClusterSettings | None = None):
         register.set_display_name("register").set_retry(num_retries=2)
         register.set_caching_options(False)  # registering is a side effect: never served from cache
         if cluster is not None:
-            for task in (ingest, recaption, tiers, *train_tasks, evaluate, register):
+            data_tasks = (plan, ingest_group, ingest, score_group, recaption, tiers, latents_group)
+            for task in (*data_tasks, recaption_group, *train_tasks, evaluate, register):
                 _with_cluster_env(task, cluster)  # the stage runs log to the same MLflow as the rest
-            for task in (ingest, recaption, tiers):
-                task.set_cpu_limit("8").set_memory_limit("32G")
+            for task in data_tasks:
+                _data_task(task, cluster)
+            _recaption_on_gpu(recaption_group, cluster)
         return register.outputs["Output"]
 
     return lumina_pipeline

@@ -7,14 +7,14 @@ Users point the same code at AWS or MinIO by setting ``AWS_ENDPOINT_URL`` (or th
 from __future__ import annotations
 
 import contextlib
-import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-import boto3
-
 from services.process import free_port, http_answers, running
+from storage import s3_client  # the project's one S3 client factory (re-exported for callers here)
+
+__all__ = ["DUMMY_CREDENTIALS", "REGION", "ensure_bucket", "moto_binary", "s3_client", "s3_server"]
 
 DUMMY_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "lumina", "AWS_SECRET_ACCESS_KEY": "lumina-secret"}
 REGION = "us-east-1"
@@ -36,12 +36,6 @@ def s3_server(port: int | None = None, timeout: float = 60.0) -> Iterator[str]:
     cmd = [str(moto_binary()), "-H", "127.0.0.1", "-p", str(port)]
     with running(cmd, http_answers(endpoint), timeout=timeout):
         yield endpoint
-
-
-def s3_client(endpoint: str | None = None):
-    """boto3 S3 client for ``endpoint`` (default ``AWS_ENDPOINT_URL``, else AWS itself)."""
-    endpoint = endpoint or os.environ.get("AWS_ENDPOINT_URL")
-    return boto3.client("s3", endpoint_url=endpoint, region_name=os.environ.get("AWS_DEFAULT_REGION", REGION))
 
 
 def ensure_bucket(bucket: str, endpoint: str | None = None) -> None:

@@ -3,6 +3,13 @@
 Options override the environment: ``--model`` replaces ``LUMINA_MODEL_SOURCE``,
 ``--defaults-file`` replaces ``LUMINA_DEFAULTS_FILE``. If the model cannot be loaded the server
 logs one line and exits with code 2 (Kubernetes restarts it and shows the error).
+
+Connection bounds (``LUMINA_TIMEOUT_KEEP_ALIVE_S``, ``LUMINA_MAX_HEADER_BYTES``,
+``LUMINA_LIMIT_CONCURRENCY``, see :mod:`serving.settings`): uvicorn runs with its h11 protocol, so
+the request head is bounded in size (h11's ``max_incomplete_event_size``; the httptools parser has
+no such setting) and idle keep-alive connections close after the timeout. uvicorn cannot bound the
+*time* a client takes to send its headers or body; that needs a proxy in front (the ingress).
+The body size is bounded by the app itself (``max_body_bytes``, 413).
 """
 
 from __future__ import annotations
@@ -73,7 +80,16 @@ def serve(
 
     application = create_app(settings, defaults=defaults, on_load_error=on_load_error)
     config = uvicorn.Config(  # log_config=None: uvicorn's loggers use ours (text or JSON, model.logs)
-        application, host=host, port=port, log_level=log_level, log_config=None, timeout_graceful_shutdown=30
+        application,
+        host=host,
+        port=port,
+        log_level=log_level,
+        log_config=None,
+        timeout_graceful_shutdown=30,
+        http="h11",  # the protocol whose request-head size uvicorn can bound
+        h11_max_incomplete_event_size=settings.max_header_bytes,
+        timeout_keep_alive=settings.timeout_keep_alive_s,
+        limit_concurrency=settings.limit_concurrency,
     )
     server = uvicorn.Server(config)
     server.run()

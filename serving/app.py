@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import json
 import logging
 import math
 import secrets
@@ -25,7 +26,8 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from fastapi_offline import FastAPIOffline
+from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError, field_validator
 from starlette.concurrency import run_in_threadpool
 
 from model.errors import ConfigError, LuminaError
@@ -54,23 +56,44 @@ class GenerateRequest(BaseModel):
         },
     )
 
-    prompt: str | list[str] = Field(description="one prompt, or a list for a batch (one image each)")
-    negative_prompt: str | list[str] | None = Field(
+    # strict: no coercion (``true`` is not 1, ``2.0`` is not an int, ``"3"`` is not a number; an int
+    # is fine for a float); floats must be finite (Python's JSON parser accepts NaN / Infinity)
+    prompt: StrictStr | list[StrictStr] = Field(
+        description="one prompt, or a list for a batch (one image each)"
+    )
+    negative_prompt: StrictStr | list[StrictStr] | None = Field(
         None, description="one negative prompt for all, or one per prompt"
     )
-    height: int | None = Field(None, description=f"pixels, a multiple of {PIXEL_MULTIPLE}")
-    width: int | None = Field(None, description=f"pixels, a multiple of {PIXEL_MULTIPLE}")
-    steps: int | None = Field(None, ge=1)
-    guidance_scale: float | None = Field(None, ge=0.0, le=50.0)
-    cfg_trunc: float | None = Field(None, ge=0.0, le=1.0)
-    renorm: float | None = Field(None, ge=0.0)
+    height: int | None = Field(None, strict=True, description=f"pixels, a multiple of {PIXEL_MULTIPLE}")
+    width: int | None = Field(None, strict=True, description=f"pixels, a multiple of {PIXEL_MULTIPLE}")
+    steps: int | None = Field(None, ge=1, strict=True)
+    guidance_scale: float | None = Field(None, ge=0.0, le=50.0, strict=True, allow_inf_nan=False)
+    cfg_trunc: float | None = Field(None, ge=0.0, le=1.0, strict=True, allow_inf_nan=False)
+    renorm: float | None = Field(None, ge=0.0, strict=True, allow_inf_nan=False)
     solver: Solver | None = None
-    teacache: float | None = Field(None, ge=0.0)
-    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="random when left out")
+    teacache: float | None = Field(None, ge=0.0, strict=True, allow_inf_nan=False)
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, strict=True, description="random when left out")
     system_prompt: Literal["A", "B", "C"] | None = None
     response_format: Literal["png", "b64_json"] = Field(
         "png", description="png: an image/png body for a single image; b64_json (or several images): JSON"
     )
+
+    @field_validator("prompt", "negative_prompt", "system_prompt", mode="before")
+    @classmethod
+    def _utf8(cls, value: Any) -> Any:
+        """Text must encode as UTF-8: JSON can carry a lone UTF-16 surrogate (``"\\ud800"``) that
+        the tokenizer cannot take."""
+        texts = [value] if isinstance(value, str) else value if isinstance(value, list) else []
+        for i, text in enumerate(texts):
+            if isinstance(text, str):
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError as exc:
+                    where = "" if isinstance(value, str) else f"item {i}: "
+                    raise ValueError(
+                        f"{where}not valid Unicode text (lone UTF-16 surrogate at character {exc.start})"
+                    ) from None
+        return value
 
 
 class GenerateResponse(BaseModel):
@@ -145,11 +168,20 @@ class Runtime:
             micro_batch=d.micro_batch,
             on_depth=self.metrics.queue_depth.set,
             on_call=self._record_call,
+            heartbeat_s=min(1.0, d.liveness_timeout_s / 4),  # idle beats well inside the bound
         )
         self.worker.start()
         self.metrics.ready.set(1)
         self.ready.set()
         log.info("model ready: %s (%s) in %.1f s", source, folder, self.info["load_seconds"])
+
+    def liveness_problem(self) -> str | None:
+        """Why the server is not live: the worker thread died or is stuck (``None``: it is live;
+        also while the model loads or after a failed load, which ``/readyz`` reports)."""
+        worker = self.worker
+        if worker is None or self._stopping:
+            return None
+        return worker.problem(self.defaults.liveness_timeout_s)
 
     def _record_call(self, requests: int, rows: int, seconds: float) -> None:
         self.metrics.batches.inc()
@@ -219,7 +251,13 @@ def describe_validation(errors: list[dict]) -> tuple[int, str]:
             messages.append(f"{where}: field required")
         else:
             messages.append(f"{where}: {err.get('msg')}")
-    return 422, "; ".join(dict.fromkeys(messages)) or "invalid request"
+    message = "; ".join(dict.fromkeys(messages)) or "invalid request"
+    return 422, _printable(message)
+
+
+def _printable(text: str) -> str:
+    """``text`` with anything UTF-8 cannot carry (lone surrogates) escaped, so it can be sent."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def check_request(
@@ -281,6 +319,148 @@ def _png_bytes(image: Any) -> bytes:
     return buffer.getvalue()
 
 
+# ------------------------------------------------------------------------------- middleware
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
+PROTECTED_PREFIX = "/v1/"
+
+
+class BodyTooLarge(Exception):
+    """Raised from ``receive`` once a request body passes ``max_body_bytes``."""
+
+
+async def _send_json(send, status: int, detail: str, headers: list[tuple[bytes, bytes]] = ()) -> None:
+    body = json.dumps({"detail": detail}).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                *headers,
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+def _header(scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers", ()):
+        if key.lower() == name:
+            return value.decode("latin-1")
+    return None
+
+
+class RequestGuard:
+    """Pure ASGI middleware (nothing buffered) that runs before the app reads a request body.
+
+    - ``/v1/*`` with a token set: the bearer token is checked first; a wrong or missing one is a
+      401 and the body is never read.
+    - A ``Content-Length`` above ``max_body_bytes`` is a 413 before anything is read; a body that
+      passes the limit while it streams in (chunked, or a lying length) is a 413 as soon as it does,
+      the rest is not read (the connection is closed).
+    """
+
+    def __init__(self, app, *, token: str | None, max_body_bytes: int):
+        self.app, self.token, self.max_body_bytes = app, token, max_body_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        if self.token is not None and scope.get("path", "").startswith(PROTECTED_PREFIX):
+            scheme, _, given = (_header(scope, b"authorization") or "").partition(" ")
+            given = given.strip() if scheme.lower() == "bearer" else ""
+            if not secrets.compare_digest(given.encode(), self.token.encode()):
+                detail = (
+                    "missing or invalid bearer token" if given else "authorization required: Bearer token"
+                )
+                return await _send_json(send, 401, detail, [(b"www-authenticate", b"Bearer")])
+        too_large = f"request body larger than max_body_bytes {self.max_body_bytes}"
+        declared = _header(scope, b"content-length")
+        if declared is not None and declared.strip().isdigit() and int(declared) > self.max_body_bytes:
+            return await _send_json(send, 413, too_large, [(b"connection", b"close")])
+        received, exceeded, started = 0, False, False
+
+        async def limited_receive():
+            nonlocal received, exceeded
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body_bytes:
+                    exceeded = True
+                    raise BodyTooLarge(too_large)
+            return message
+
+        async def guarded_send(message):
+            nonlocal started
+            if exceeded and not started:
+                return  # the app's answer to the aborted read; the 413 below replaces it
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, guarded_send)
+        except BodyTooLarge:
+            pass
+        except Exception:
+            if not exceeded:
+                raise
+        if exceeded and not started:
+            await _send_json(send, 413, too_large, [(b"connection", b"close")])
+
+
+class MetricsMiddleware:
+    """Request latency and error counts. Labels are bounded: the method is one of
+    :data:`KNOWN_METHODS` or ``other``, the path a route of the app or ``other``."""
+
+    def __init__(self, app, *, metrics: ServerMetrics, routes: list):
+        self.app, self.metrics, self.routes = app, metrics, routes
+        self._paths: frozenset[str] | None = None
+
+    def _path_label(self, scope) -> str:
+        route = scope.get("route")
+        path = getattr(route, "path", None)
+        if path:
+            return path
+        if self._paths is None:  # routes are all added by the first request
+            self._paths = frozenset(p for r in self.routes if (p := getattr(r, "path", None)))
+        return scope.get("path") if scope.get("path") in self._paths else "other"
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start, status = time.perf_counter(), [500]
+
+        async def send_status(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            method = scope.get("method", "")
+            code = str(status[0])
+            self.metrics.request_latency.observe(
+                time.perf_counter() - start,
+                path=self._path_label(scope),
+                method=method if method in KNOWN_METHODS else "other",
+                status=code,
+            )
+            if status[0] >= 400:
+                self.metrics.errors.inc(status=code)
+
+
+async def _client_gone(request: Request) -> None:
+    """Returns once the client has disconnected (the body is read already: the next message the
+    server has for this request is ``http.disconnect``)."""
+    try:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+    except Exception:  # a receive that fails has no client left either
+        return
+
+
 # -------------------------------------------------------------------------------------- app
 def create_app(
     settings: ServerSettings | None = None,
@@ -303,7 +483,7 @@ def create_app(
         finally:
             await run_in_threadpool(runtime.stop)
 
-    app = FastAPI(
+    app = FastAPIOffline(  # /docs and /redoc from the package's own Swagger UI / ReDoc files, no CDN
         title="Lumina-Image 2.0 sampler",
         version="0.1.0",
         description="Text-to-image generation with the Lumina-Image 2.0 sampler.",
@@ -322,33 +502,8 @@ def create_app(
     async def _request_error(request: Request, exc: RequestError) -> JSONResponse:
         return JSONResponse({"detail": exc.message}, status_code=exc.status, headers=exc.headers)
 
-    class MetricsMiddleware:
-        def __init__(self, inner):
-            self.inner = inner
-
-        async def __call__(self, scope, receive, send):
-            if scope["type"] != "http":
-                return await self.inner(scope, receive, send)
-            start, status = time.perf_counter(), [500]
-
-            async def send_status(message):
-                if message["type"] == "http.response.start":
-                    status[0] = message["status"]
-                await send(message)
-
-            try:
-                await self.inner(scope, receive, send_status)
-            finally:
-                route = scope.get("route")
-                path = getattr(route, "path", None) or "other"
-                code = str(status[0])
-                metrics.request_latency.observe(
-                    time.perf_counter() - start, path=path, method=scope.get("method", ""), status=code
-                )
-                if status[0] >= 400:
-                    metrics.errors.inc(status=code)
-
-    app.add_middleware(MetricsMiddleware)
+    app.add_middleware(RequestGuard, token=runtime.token, max_body_bytes=defaults.max_body_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=metrics, routes=app.routes)
 
     def authorize(
         credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
@@ -376,14 +531,23 @@ def create_app(
         return INDEX_HTML
 
     @app.get("/healthz", tags=["ops"])
-    def healthz() -> dict:
-        """Liveness: 200 while the process serves HTTP."""
-        return {"status": "ok"}
+    async def healthz() -> JSONResponse:
+        """Liveness: 200 while the event loop answers and the generation worker thread is alive and
+        not stuck (heartbeat while idle; one sampler call at most ``liveness_timeout_s``), else
+        503. While the model loads it is 200 (``/readyz`` says when it is ready)."""
+        problem = runtime.liveness_problem()
+        if problem is not None:
+            return JSONResponse({"status": "unhealthy", "error": problem}, status_code=503)
+        return JSONResponse({"status": "ok"})
 
     @app.get("/readyz", tags=["ops"])
-    def readyz() -> JSONResponse:
-        """Readiness: 503 until the model is loaded (or after a failed load), then 200."""
+    async def readyz() -> JSONResponse:
+        """Readiness: 503 until the model is loaded (or after a failed load, or while the worker is
+        not live), then 200."""
         if runtime.ready.is_set():
+            problem = runtime.liveness_problem()
+            if problem is not None:
+                return JSONResponse({"status": "unhealthy", "error": problem}, status_code=503)
             return JSONResponse({"status": "ready"})
         if runtime.error is not None:
             return JSONResponse({"status": "failed", "error": runtime.error}, status_code=503)
@@ -415,13 +579,14 @@ def create_app(
             200: {"content": {"image/png": {}}, "description": "PNG (one image, png format) or JSON"},
             400: {"description": "invalid JSON or settings the model cannot run"},
             401: {"description": "missing or wrong bearer token"},
+            413: {"description": "body larger than max_body_bytes"},
             422: {"description": "a field is out of range or unknown"},
             429: {"description": "queue full; retry after Retry-After seconds"},
             503: {"description": "model not loaded yet, or shutting down"},
             504: {"description": "not finished within request_timeout_s"},
         },
     )
-    async def generate(body: GenerateRequest) -> Response:
+    async def generate(body: GenerateRequest, request: Request) -> Response:
         """Generate one image per prompt."""
         start = time.perf_counter()
         prompts, negatives, height, width, config = check_request(body, defaults)
@@ -441,13 +606,26 @@ def create_app(
             raise RequestError(429, str(exc), headers={"Retry-After": str(min(max(retry, 1), 60))}) from exc
         except ShuttingDownError as exc:
             raise RequestError(503, str(exc), headers={"Retry-After": "5"}) from exc
+        # wait for the job, the client going away or the timeout; the last two cancel the job: it
+        # leaves the queue unrun (a sampler call already running cannot be interrupted)
+        waiting = asyncio.ensure_future(asyncio.wrap_future(future))
+        gone = asyncio.ensure_future(_client_gone(request))
         try:
-            result = await asyncio.wait_for(asyncio.wrap_future(future), defaults.request_timeout_s)
-        except TimeoutError as exc:
-            future.cancel()  # drops it if still queued; a running model call cannot be interrupted
-            raise RequestError(
-                504, f"generation did not finish within {defaults.request_timeout_s:g} s"
-            ) from exc
+            done, _ = await asyncio.wait(
+                {waiting, gone}, timeout=defaults.request_timeout_s, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            gone.cancel()
+            if not waiting.done():
+                waiting.cancel()
+                future.cancel()
+        if waiting not in done:
+            if gone in done:
+                log.info("client disconnected; its request is dropped")
+                raise RequestError(499, "client closed the request")
+            raise RequestError(504, f"generation did not finish within {defaults.request_timeout_s:g} s")
+        try:
+            result = waiting.result()
         except ShuttingDownError as exc:
             raise RequestError(503, str(exc), headers={"Retry-After": "5"}) from exc
         except LuminaError as exc:

@@ -10,7 +10,8 @@ Sources:
 - a local folder holding ``model_index.json`` (used in place, nothing is copied)
 
 Downloads land in ``dest`` and finish with a marker file naming the source, so a second resolve
-of the same source (an init container, then the server) reuses the folder.
+of the same source (an init container, then the server) reuses the folder. The S3 client, the
+registry download and the staging live in :mod:`storage` (shared with the pipeline steps).
 
 CLI: ``python -m serving.fetch --source SRC --dest DIR`` prints the resolved folder; errors are
 one line on stderr and exit code 2.
@@ -18,10 +19,8 @@ one line on stderr and exit code 2.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Annotated
@@ -29,112 +28,46 @@ from typing import Annotated
 import typer
 
 from model.errors import WeightsNotFoundError, first_line
+from storage import StorageError, parse_s3, s3_client
+from storage.registry import fetch_mlflow, parse_models_uri
+from storage.staging import (
+    MARKER,
+    MODEL_INDEX,
+    abandon_staging,
+    cached_download,
+    find_pipeline_folder,
+    finish_staging,
+    start_staging,
+)
+
+__all__ = [
+    "DEFAULT_MODEL_DIR",
+    "MARKER",
+    "MODEL_INDEX",
+    "fetch_mlflow",
+    "fetch_s3",
+    "find_pipeline_folder",
+    "parse_models_uri",
+    "resolve_source",
+]
 
 log = logging.getLogger(__name__)
 
-MARKER = ".lumina-source.json"
 DEFAULT_MODEL_DIR = Path(tempfile.gettempdir()) / "lumina-model"
-MODEL_INDEX = "model_index.json"
-
-
-def find_pipeline_folder(root: Path, max_depth: int = 3) -> Path | None:
-    """``root`` or the shallowest folder below it (up to ``max_depth``) holding ``model_index.json``."""
-    frontier = [root]
-    for _ in range(max_depth + 1):
-        for folder in frontier:
-            if (folder / MODEL_INDEX).is_file():
-                return folder
-        frontier = sorted(
-            p for f in frontier for p in f.iterdir() if p.is_dir() and not p.name.startswith(".")
-        )
-        if not frontier:
-            return None
-    return None
-
-
-def _cached(dest: Path, source: str) -> Path | None:
-    marker = dest / MARKER
-    if not marker.is_file():
-        return None
-    try:
-        info = json.loads(marker.read_text())
-    except (OSError, ValueError):
-        return None
-    if info.get("source") != source:
-        return None
-    folder = dest / info.get("folder", ".")
-    return folder if (folder / MODEL_INDEX).is_file() else None
-
-
-def _finish(dest: Path, source: str, staging: Path) -> Path:
-    """Move a complete download from ``staging`` into ``dest`` and write the marker."""
-    folder = find_pipeline_folder(staging)
-    if folder is None:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise WeightsNotFoundError(f"{source} holds no diffusers pipeline ({MODEL_INDEX} not found)")
-    for name in _previous_entries(dest):  # replace an older download (of another source)
-        old = dest / name
-        if old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old)
-        elif old.exists() or old.is_symlink():
-            old.unlink()
-    entries = sorted(child.name for child in staging.iterdir())
-    for name in entries:
-        (staging / name).rename(dest / name)
-    staging.rmdir()
-    relative = folder.relative_to(staging)
-    info = {"source": source, "folder": str(relative), "entries": entries}
-    (dest / MARKER).write_text(json.dumps(info))
-    return dest / relative
-
-
-def _previous_entries(dest: Path) -> list[str]:
-    """Top-level names an earlier download wrote into ``dest`` (from its marker)."""
-    try:
-        names = json.loads((dest / MARKER).read_text()).get("entries", [])
-    except (OSError, ValueError):
-        return []
-    return [n for n in names if isinstance(n, str) and n and "/" not in n and n not in (".", "..")]
-
-
-def _staging(dest: Path) -> Path:
-    """A fresh ``dest/.partial``. ``dest`` must be empty or hold only an earlier download: nothing
-    else in it is ever deleted."""
-    dest.mkdir(parents=True, exist_ok=True)
-    ours = {MARKER, ".partial", "lost+found", *_previous_entries(dest)}  # lost+found: a volume root
-    foreign = sorted(child.name for child in dest.iterdir() if child.name not in ours)
-    if foreign:
-        raise WeightsNotFoundError(
-            f"download folder {dest} holds other files ({', '.join(foreign[:3])}...); use an empty folder"
-            if len(foreign) > 3
-            else f"download folder {dest} holds other files ({', '.join(foreign)}); use an empty folder"
-        )
-    staging = dest / ".partial"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    return staging
 
 
 # ------------------------------------------------------------------------------------ S3
-def parse_s3(source: str) -> tuple[str, str]:
-    rest = source[len("s3://") :]
-    bucket, _, prefix = rest.partition("/")
-    if not bucket:
-        raise WeightsNotFoundError(f"bad S3 source {source!r}: expected s3://bucket/prefix")
-    return bucket, prefix.strip("/")
-
-
 def fetch_s3(source: str, dest: Path, page_size: int | None = None) -> Path:
-    import boto3
+    """Every object under the ``s3://`` prefix (listed ``page_size`` keys a page) into ``dest``."""
     from botocore.exceptions import BotoCoreError, ClientError
 
-    bucket, prefix = parse_s3(source)
-    client = boto3.client(
-        "s3",
-        endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or None,
-        region_name=os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or "us-east-1",
-    )
-    staging = _staging(dest)
+    try:
+        bucket, prefix = parse_s3(source)
+    except StorageError:
+        raise WeightsNotFoundError(f"bad S3 source {source!r}: expected s3://bucket/prefix") from None
+    prefix = prefix.strip("/")
+    client = s3_client()
+    staging = start_staging(dest)
     listed = f"{prefix}/" if prefix else ""
     count = 0
     try:
@@ -154,65 +87,16 @@ def fetch_s3(source: str, dest: Path, page_size: int | None = None) -> Path:
                 client.download_file(bucket, key, str(target))
                 count += 1
     except (BotoCoreError, ClientError) as exc:
-        shutil.rmtree(staging, ignore_errors=True)
+        abandon_staging(staging)
         raise WeightsNotFoundError(f"cannot download {source}: {first_line(exc)}") from exc
+    except WeightsNotFoundError:
+        abandon_staging(staging)
+        raise
     if count == 0:
-        shutil.rmtree(staging, ignore_errors=True)
+        abandon_staging(staging)
         raise WeightsNotFoundError(f"no objects under {source}")
     log.info("downloaded %d objects from %s", count, source)
-    return _finish(dest, source, staging)
-
-
-# -------------------------------------------------------------------------------- MLflow
-def parse_models_uri(source: str) -> tuple[str, str | None, str | None]:
-    """``models:/name@alias`` -> (name, alias, None); ``models:/name/3`` -> (name, None, "3")."""
-    rest = source[len("models:/") :].strip("/")
-    if "@" in rest:
-        name, _, alias = rest.rpartition("@")
-        if name and alias:
-            return name, alias, None
-    elif "/" in rest:
-        name, _, version = rest.rpartition("/")
-        if name and version:
-            return name, None, version
-    raise WeightsNotFoundError(f"bad MLflow source {source!r}: expected models:/<name>@<alias>")
-
-
-def fetch_mlflow(source: str, dest: Path, tracking_uri: str | None = None) -> Path:
-    """Download a registry version (``models:/name@alias``, ``/<version>`` or ``/latest``) into
-    ``dest``; ``tracking_uri`` defaults to ``MLFLOW_TRACKING_URI``."""
-    import mlflow
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
-    name, alias, version = parse_models_uri(source)
-    staging = None
-    try:
-        client = MlflowClient(tracking_uri=tracking_uri)
-        if alias is not None:
-            mv = client.get_model_version_by_alias(name, alias)
-        elif version == "latest":
-            versions = client.search_model_versions(f"name = '{name}'")
-            if not versions:
-                raise WeightsNotFoundError(f"registered model {name!r} has no versions")
-            mv = max(versions, key=lambda v: int(v.version))
-        else:
-            mv = client.get_model_version(name, version)
-        log.info("%s -> version %s, source %s", source, mv.version, mv.source)
-        staging = _staging(dest)
-        mlflow.artifacts.download_artifacts(
-            artifact_uri=mv.source, dst_path=str(staging), tracking_uri=tracking_uri
-        )
-    except MlflowException as exc:
-        if staging is not None:
-            shutil.rmtree(staging, ignore_errors=True)
-        uri = tracking_uri or mlflow.get_tracking_uri()
-        raise WeightsNotFoundError(f"cannot resolve {source} at {uri}: {first_line(exc)}") from exc
-    except OSError as exc:
-        if staging is not None:
-            shutil.rmtree(staging, ignore_errors=True)
-        raise WeightsNotFoundError(f"cannot download {source}: {first_line(exc)}") from exc
-    return _finish(dest, source, staging)
+    return finish_staging(dest, source, staging)
 
 
 # --------------------------------------------------------------------------------- entry
@@ -224,7 +108,7 @@ def resolve_source(source: str, dest: str | Path) -> Path:
         raise WeightsNotFoundError("no model source: set LUMINA_MODEL_SOURCE or pass --model / --source")
     dest = Path(dest).expanduser()
     if source.startswith(("models:/", "s3://")):
-        cached = _cached(dest, source)
+        cached = cached_download(dest, source)
         if cached is not None:
             log.info("using cached %s in %s", source, cached)
             return cached

@@ -11,6 +11,16 @@ Environment (what the Helm chart sets):
 - ``LUMINA_TORCH_THREADS``: CPU threads for torch (0: torch's default, one per core). Set it to the
   container's CPU limit: OpenMP teams larger than the CPU time a pod gets spin at every barrier
   and can slow tiny models down a hundredfold (measured on 2 shared cores).
+- ``LUMINA_TIMEOUT_KEEP_ALIVE_S``: uvicorn closes an idle keep-alive connection after this long
+- ``LUMINA_MAX_HEADER_BYTES``: h11's bound on a request's head (request line + headers); more
+  is a 400 and the connection is closed
+- ``LUMINA_LIMIT_CONCURRENCY``: optional cap on open connections + running tasks (uvicorn answers
+  503 beyond it)
+
+uvicorn has no timeout for reading a request's headers or body (a client that trickles bytes
+keeps its connection): the keep-alive timeout only runs between requests, the header bound is a
+size, not a time. Put a proxy / ingress with read timeouts in front of the server, and use
+``LUMINA_LIMIT_CONCURRENCY`` to bound how many such connections it holds.
 """
 
 from __future__ import annotations
@@ -52,6 +62,15 @@ class ServingDefaults(SamplerConfig):
     )
     request_timeout_s: float = Field(
         600.0, gt=0.0, description="a request waiting longer than this (queue + generation) gets 504"
+    )
+    max_body_bytes: int = Field(
+        1 << 20, ge=1024, description="largest request body; a longer one gets 413 without being read"
+    )
+    liveness_timeout_s: float = Field(
+        900.0,
+        gt=0.0,
+        description="/healthz is 503 once the worker has not come back from one job (or its idle "
+        "loop) for this long",
     )
 
     @model_validator(mode="after")
@@ -95,6 +114,9 @@ class ServerSettings(BaseSettings):
     defaults_file: Path | None = None
     device: str = "auto"
     torch_threads: int = Field(0, ge=0)
+    timeout_keep_alive_s: int = Field(5, ge=1, description="idle keep-alive connections close after this")
+    max_header_bytes: int = Field(16 * 1024, ge=1024, description="h11 bound on a request's head")
+    limit_concurrency: int | None = Field(None, ge=1, description="uvicorn: connections + tasks; 503 beyond")
 
     def resolved_device(self) -> str:
         if self.device != "auto":

@@ -13,6 +13,12 @@ rounding (batched matmuls, prompt padding to the longest prompt).
 
 TeaCache decides which steps to skip from the whole batch, so jobs with ``teacache > 0`` are never
 merged.
+
+If a merged call fails (any exception), each of its jobs is run again on its own, so a bad
+request fails alone. A job whose future is cancelled (its client went away, or it timed out)
+leaves the queue at once and is never run. The worker thread updates :attr:`GenerationWorker.beat`
+while idle (every ``heartbeat_s``) and around each call; :meth:`GenerationWorker.problem` is what
+``/healthz`` reports.
 """
 
 from __future__ import annotations
@@ -128,6 +134,7 @@ class GenerationWorker:
         micro_batch: bool = True,
         on_depth: Callable[[int], None] | None = None,
         on_call: Callable[[int, int, float], None] | None = None,
+        heartbeat_s: float = 1.0,
     ):
         self.sampler = sampler
         self.queue_size = queue_size
@@ -141,6 +148,9 @@ class GenerationWorker:
         self._closed = False
         self._running: list[Job] = []
         self._contended = False  # requests overlapped recently: worth waiting batch_window for more
+        self.heartbeat_s = heartbeat_s
+        self.beat = time.monotonic()  # last time the worker thread showed it was not stuck
+        self.dropped = 0  # cancelled jobs taken out of the queue unrun
         self._thread = threading.Thread(target=self._loop, name="lumina-worker", daemon=True)
 
     # ------------------------------------------------------------------ producer side
@@ -151,6 +161,8 @@ class GenerationWorker:
         with self._cond:
             if self._closed:
                 raise ShuttingDownError("server is shutting down")
+            if self._thread.ident is not None and not self._thread.is_alive():
+                raise ShuttingDownError("the generation worker is not running")
             if len(self._pending) >= self.queue_size:
                 raise QueueFullError(f"queue full ({self.queue_size} requests waiting)")
             self._pending.append(job)
@@ -158,7 +170,29 @@ class GenerationWorker:
                 self._contended = True  # arrived while the worker was busy
             self._on_depth(len(self._pending))
             self._cond.notify_all()
+        job.future.add_done_callback(lambda future: self._discard(job) if future.cancelled() else None)
         return job.future
+
+    def _discard(self, job: Job) -> None:
+        """A cancelled job leaves the queue (it is never run and frees its place)."""
+        with self._cond:
+            if job in self._pending:
+                self._pending.remove(job)
+                self.dropped += 1
+                self._on_depth(len(self._pending))
+
+    def problem(self, max_silence_s: float) -> str | None:
+        """Why the worker is not live (``None`` when it is): its thread ended while the server
+        is not stopping, or it has been silent (one job, or a stuck loop) for ``max_silence_s``."""
+        if self._thread.ident is None or self._closed:
+            return None
+        if not self._thread.is_alive():
+            return "the generation worker thread has died"
+        silent = time.monotonic() - self.beat
+        if silent > max_silence_s:
+            doing = "running one sampler call" if self._running else "not responding"
+            return f"the generation worker has been {doing} for {silent:.0f} s (bound {max_silence_s:g} s)"
+        return None
 
     @property
     def depth(self) -> int:
@@ -188,7 +222,9 @@ class GenerationWorker:
     def _take(self) -> list[Job] | None:
         with self._cond:
             while not self._pending and not self._closed:
-                self._cond.wait()
+                self.beat = time.monotonic()
+                self._cond.wait(self.heartbeat_s)
+            self.beat = time.monotonic()
             if not self._pending:
                 return None
             first = self._pending.popleft()
@@ -213,7 +249,11 @@ class GenerationWorker:
 
     def _loop(self) -> None:
         while True:
-            batch = self._take()
+            try:
+                batch = self._take()
+            except BaseException:  # a bug: the thread ends, /healthz reports it (503), k8s restarts
+                log.critical("the generation worker thread died", exc_info=True)
+                return
             if batch is None:
                 return
             try:
@@ -225,17 +265,21 @@ class GenerationWorker:
                         job.future.set_exception(exc)
             finally:
                 self._running = []
+                self.beat = time.monotonic()
 
     def _run(self, batch: list[Job]) -> None:
-        batch = [job for job in batch if job.future.set_running_or_notify_cancel()]
+        runnable = [job for job in batch if job.future.set_running_or_notify_cancel()]
+        self.dropped += len(batch) - len(runnable)
+        batch = runnable
         if not batch:
             return
         if len(batch) > 1:
             try:
                 self._call(batch)
                 return
-            except LuminaError:
-                pass  # report each request's own error below
+            except Exception as exc:  # any failure: run each job alone so a bad request fails alone
+                kind = "" if isinstance(exc, LuminaError) else f" ({type(exc).__name__}: {exc})"
+                log.info("merged call of %d requests failed%s; running them one by one", len(batch), kind)
         for job in batch:
             try:
                 self._call([job])
@@ -244,6 +288,7 @@ class GenerationWorker:
 
     def _call(self, batch: list[Job]) -> None:
         first = batch[0]
+        self.beat = time.monotonic()  # the liveness bound is per sampler call
         start = time.perf_counter()
         result = generate_rows(
             self.sampler,

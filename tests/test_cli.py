@@ -110,7 +110,7 @@ def test_json_logs_for_log_collectors(tmp_path):
     assert ok.returncode == 0, ok.stderr
     records = [json.loads(line) for line in ok.stderr.splitlines() if line.strip()]  # every line is JSON
     done = next(r for r in records if r["message"].startswith("ingest: kept 2"))
-    assert done["level"] == "INFO" and done["logger"] == "components.ingest.ingest" and "T" in done["time"]
+    assert done["level"] == "INFO" and done["logger"] == "components.ingest.merge" and "T" in done["time"]
 
     bad = subprocess.run([*ingest, str(tmp_path / "nope"), str(tmp_path / "x")],
                          capture_output=True, text=True, timeout=300, env=env)  # fmt: skip

@@ -1,4 +1,5 @@
 import csv
+import hashlib
 import io
 import json
 import os
@@ -23,6 +24,7 @@ from components.ingest.ingest import (
     ingest,
 )
 from model.errors import ConfigError
+from storage.shards import read_member
 
 
 def _photo(w: int, h: int, seed: int) -> Image.Image:
@@ -95,8 +97,9 @@ def test_broken_and_odd_files_are_kept_or_reported(odd_folder, tmp_path):
     assert rejects["strip.png"].startswith("bad_aspect")
     assert rejects["tiny.png"].startswith("too_small")
     assert result.kept + result.rejected == len(list(odd_folder.glob("*.*"))) - 1  # minus the caption .txt
-    for row in kept.values():
-        assert (tmp_path / "out" / row["path"]).read_bytes()  # original bytes stored in a shard
+    for row in kept.values():  # the original bytes, stored in a tar shard, read back by range
+        assert hashlib.sha256(read_member(row)).hexdigest() == row["sha256"]
+        assert tarfile.is_tarfile(row["shard"])
 
 
 def test_near_duplicates_and_resume(tmp_path):
@@ -209,8 +212,6 @@ def test_interrupted_ingest_keeps_checkpointed_work_and_resumes_without_rereadin
     src.mkdir()
     for i in range(12):
         _photo(64, 48, 100 + i).save(src / f"img{i:02d}.png")
-    straight = ingest(src, tmp_path / "straight")
-
     real_decode = ingest_module.decode
     calls = []
 
@@ -220,12 +221,16 @@ def test_interrupted_ingest_keeps_checkpointed_work_and_resumes_without_rereadin
             raise KeyboardInterrupt  # the process is stopped mid-run
         return real_decode(item, max_pixels)
 
-    opts = IngestOptions(workers=1, in_flight=1, checkpoint_every=4)
+    opts = IngestOptions(workers=1, in_flight=1, shard_size=4)
+    straight = ingest(src, tmp_path / "straight", opts)
     monkeypatch.setattr(ingest_module, "decode", failing_decode)
     with pytest.raises(KeyboardInterrupt):
         ingest(src, tmp_path / "resumed", opts)
-    saved = pd.read_parquet(tmp_path / "resumed" / "manifest.parquet")
-    assert len(saved) == 8  # two checkpoints of 4; the image in flight is redone
+    assert not (tmp_path / "resumed" / "manifest.parquet").exists()
+    parts = sorted((tmp_path / "resumed").glob("ingest-*/groups/g00000/parts/rows-*.parquet"))
+    saved = pd.concat([pd.read_parquet(p) for p in parts])
+    assert len(parts) == 2 and len(saved) == 8  # two closed shards of 4; the image in flight is redone
+    assert len(list((tmp_path / "resumed").glob("ingest-*/groups/g00000/shards/*.tar"))) == 2
 
     calls.clear()
 
@@ -302,7 +307,7 @@ def test_great_expectations_gate(odd_folder, tmp_path):
     assert "expect_column_values_to_be_in_set(format)" in str(err.value)
     assert (tmp_path / "gate-bad" / "ge_result.json").is_file()
     page = (tmp_path / "gate-bad" / "ge_result.html").read_text()
-    assert "ingest manifest: FAILED" in page and "3 of 12 expectations failed" in page
+    assert "ingest manifest: FAILED" in page and "3 of 13 expectations failed" in page
     first_row = page.index("<tr class=")
     assert page.index("FAIL</td>", first_row) < page.index("pass</td>", first_row)  # failures listed first
     assert "expect_column_values_to_be_in_set(format)" in page and "XCF" in page  # what was seen
@@ -344,7 +349,8 @@ def test_cli_and_kfp_component(odd_folder, tmp_path):
 
     from kfp import compiler, dsl
 
-    from components.ingest.component import ingest_op
+    from components.ingest.component import ingest_group_op, ingest_merge_op
+    from components.plan.component import plan_op
 
     proc = subprocess.run([sys.executable, "-m", "components.ingest", str(odd_folder), str(tmp_path / "cli")],
                           capture_output=True, text=True, timeout=300)  # fmt: skip
@@ -355,8 +361,14 @@ def test_cli_and_kfp_component(odd_folder, tmp_path):
     assert missing.returncode == 2 and missing.stderr.strip().startswith("error: ingest source not found")
 
     @dsl.pipeline(name="ingest-only")
-    def only(source: str = "/data/raw"):
-        ingest_op(source=source)
+    def only(source: str = "/data/raw", data_root: str = "s3://b/plane"):
+        plan = plan_op(source=source, data_root=data_root)
+        with dsl.ParallelFor(plan.outputs["Output"], parallelism=3) as group:
+            part = ingest_group_op(group=group)
+        ingest_merge_op(
+            groups=plan.outputs["Output"], parts=dsl.Collected(part.outputs["manifest"]), source=source
+        )
 
     compiler.Compiler().compile(only, str(tmp_path / "p.yaml"))
-    assert "ingest-op" in (tmp_path / "p.yaml").read_text()
+    text = (tmp_path / "p.yaml").read_text()
+    assert "ingest-group-op" in text and "ingest-merge-op" in text and "parallelismLimit: 3" in text

@@ -43,8 +43,26 @@ def test_spec_parses_strictly_and_references_resolve(compiled):
     deployment = json_format.ParseDict(
         spec_doc["deploymentSpec"], pipeline_spec_pb2.PipelineDeploymentConfig()
     )
-    tasks = spec.root.dag.tasks
-    assert {"ingest-op", "recaption-op", "tier-op", "evaluate-op", "register-op"} <= set(tasks)
+    root = spec.root.dag.tasks
+    assert {
+        "plan-op",
+        "ingest-merge-op",
+        "captions-merge-op",
+        "tier-op",
+        "evaluate-op",
+        "register-op",
+    } <= set(root)
+    loops = {n: t for n, t in root.items() if t.WhichOneof("iterator") == "parameter_iterator"}
+    assert len(loops) == 3  # ingest per group; recaption + scoring per group; latents per group
+    inner = {}
+    for loop in loops.values():
+        assert loop.iterator_policy.parallelism_limit == 16  # ClusterSettings.parallelism
+        assert loop.parameter_iterator.items.input_parameter  # the plan's groups
+        inner.update(spec.components[loop.component_ref.name].dag.tasks)
+    assert {"ingest-group-op", "recaption-group-op", "score-group-op", "latents-group-op"} == set(inner)
+    merge_inputs = root["ingest-merge-op"].inputs.artifacts["parts"]
+    assert merge_inputs.task_output_artifact.producer_task.startswith("for-loop")  # dsl.Collected fan-in
+    tasks = {n: t for n, t in {**root, **inner}.items() if n not in loops}
     for task in tasks.values():
         component = spec.components[task.component_ref.name]
         assert component.executor_label in deployment.executors
@@ -76,13 +94,22 @@ def test_spec_parses_strictly_and_references_resolve(compiled):
         env = {e.name: e.value for e in executor.container.env}
         assert env.get("LUMINA_LOG_FORMAT") == "json" and env.get("TQDM_DISABLE") == "1"
     assert tasks["register-op"].caching_options.enable_cache is False
-    assert tasks["ingest-op"].retry_policy.max_retry_count == 2
+    assert tasks["ingest-group-op"].retry_policy.max_retry_count == 2
+    recaption = deployment.executors[
+        spec.components[inner["recaption-group-op"].component_ref.name].executor_label
+    ]
+    assert recaption.container.resources.accelerator.resource_count == "1"  # a GPU per recaption task
+    score = deployment.executors[spec.components[inner["score-group-op"].component_ref.name].executor_label]
+    assert score.container.resources.resource_cpu_request == "2"
     stages = [
         t.inputs.parameters["stage"].runtime_value.constant.string_value
         for n, t in tasks.items()
         if n in train
     ]
     assert sorted(stages) == ["highres", "hq", "lowres"]
+    for name in train:  # every stage reads the latent cache the per-group latent tasks wrote
+        latents = tasks[name].inputs.artifacts["latents"].task_output_artifact
+        assert latents.producer_task.startswith("for-loop") and latents.output_artifact_key.endswith("index")
 
 
 class _Recorder(BaseHTTPRequestHandler):

@@ -52,7 +52,7 @@ def test_auto_backend_metadata_alt_text_and_failures(ingested):
     assert len(real) == 1 and set(table[table["image_id"].isin(real["id"])]["backend"]) == {"alt-text"}
     failures = pd.read_csv(result.failures)
     assert len(failures) == 1 and "no alt text" in failures["reason"].iloc[0]
-    assert {"id", "image_path", "domain", "captions"} <= set(manifest.columns)
+    assert {"id", "shard", "member", "domain", "captions"} <= set(manifest.columns)
     run_caption_gate(table, ingested / "cap")
     assert (ingested / "cap" / "caption_ge_result.json").is_file()
     assert "captions: passed" in (ingested / "cap" / "caption_ge_result.html").read_text()

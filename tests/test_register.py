@@ -13,7 +13,7 @@ def test_gate_thresholds_and_regressions():
     )
     assert gate.check({"val_loss": 0.5, "acc": 0.7}, None) == []
     assert gate.check({"val_loss": 1.5, "acc": 0.7}, None) == ["val_loss=1.5 > max 1"]
-    assert "acc missing" in gate.check({"val_loss": 0.5}, None)
+    assert "acc missing from the evaluation" in gate.check({"val_loss": 0.5}, None)
     assert gate.check({"val_loss": 0.5, "acc": 0.7}, {"val_loss": 0.4, "acc": 0.7})[0].startswith(
         "val_loss=0.5 regresses"
     )
@@ -122,3 +122,113 @@ def test_registry_cli_lists_promotes_and_rolls_back(tiny_folder, tmp_path):
         assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
     env.pop("MLFLOW_TRACKING_URI")
     assert "no MLflow tracking URI" in cli("versions", "ops").stderr
+
+
+@pytest.mark.parametrize(
+    ("value", "shown"), [(float("nan"), "NaN"), (float("inf"), "+inf"), (float("-inf"), "-inf")]
+)
+def test_gate_never_promotes_a_non_finite_metric(value, shown):
+    lower = PromotionGate()  # val_loss ≤ 2, lower is better
+    higher = PromotionGate(rules={"acc": MetricRule(better="higher", min=0.5)})
+    unbounded = PromotionGate(rules={"val_loss": MetricRule(better="lower")})  # only the champion check
+    for gate, name in ((lower, "val_loss"), (higher, "acc"), (unbounded, "val_loss")):
+        for champion in (None, {name: 0.8}):
+            assert gate.check({name: value}, champion) == [f"{name} is {shown} (not a finite number)"]
+
+
+def test_gate_never_promotes_a_missing_metric():
+    gate = PromotionGate(
+        rules={"val_loss": MetricRule(better="lower", max=1.0), "acc": MetricRule(better="higher", min=0.5)}
+    )
+    assert gate.check({"val_loss": 0.5}, None) == ["acc missing from the evaluation"]
+    assert gate.check({"val_loss": 0.5}, {"val_loss": 0.6, "acc": 0.7}) == ["acc missing from the evaluation"]
+
+
+def test_gate_names_a_champion_metric_it_cannot_compare():
+    gate = PromotionGate(
+        rules={"val_loss": MetricRule(better="lower", max=1.0), "acc": MetricRule(better="higher", min=0.5)}
+    )
+    result = gate.evaluate({"val_loss": 0.5, "acc": 0.7}, {"val_loss": float("nan")})
+    assert result.passed and result.reasons == []
+    assert result.notes == [
+        "champion's val_loss is NaN (not a finite number): not compared",
+        "champion has no acc: not compared",
+    ]
+    assert result.deltas == []  # nothing finite on both sides
+    bounded = gate.evaluate({"val_loss": 1.5, "acc": 0.7}, {"val_loss": float("inf"), "acc": 0.7})
+    assert bounded.reasons == ["val_loss=1.5 > max 1"]  # the bounds still apply
+    assert bounded.notes == ["champion's val_loss is +inf (not a finite number): not compared"]
+
+
+def test_gate_reports_deltas_against_the_champion():
+    gate = PromotionGate(
+        rules={"val_loss": MetricRule(better="lower", max=1.0), "acc": MetricRule(better="higher", min=0.5)}
+    )
+    result = gate.evaluate({"val_loss": 0.6, "acc": 0.75, "extra": 3.0}, {"val_loss": 0.8, "acc": 0.7})
+    assert result.passed
+    assert [(d.metric, round(d.delta, 6), round(d.relative, 4)) for d in result.deltas] == [
+        ("acc", 0.05, 7.1429),
+        ("val_loss", -0.2, -25.0),
+    ]
+    assert result.summary() == "promoted; vs champion: acc +0.05 (+7.14%), val_loss -0.2 (-25.00%)"
+    regressed = gate.check({"val_loss": 1.0, "acc": 0.7}, {"val_loss": 0.8, "acc": 0.7})
+    assert regressed == ["val_loss=1 regresses against champion 0.8 +0.2 (+25.00%)"]
+    zero = gate.evaluate({"val_loss": 0.1, "acc": 0.7}, {"val_loss": 0.0, "acc": 0.7})
+    assert zero.deltas[1].relative is None and "val_loss +0.1 (n/a %)" in zero.summary()
+
+
+def test_register_holds_non_finite_and_missing_metrics(tiny_folder, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    good = register_model(tiny_folder, "div", uri, {"val_loss": 0.8})
+    for metrics, reason in (
+        ({"val_loss": float("nan")}, "val_loss is NaN (not a finite number)"),
+        ({"val_loss": float("inf")}, "val_loss is +inf (not a finite number)"),
+        ({"val_loss": float("-inf")}, "val_loss is -inf (not a finite number)"),
+        ({"clip_score": 30.0}, "val_loss missing from the evaluation"),
+    ):
+        held = register_model(tiny_folder, "div", uri, metrics)
+        assert not held.promoted and held.aliases == ["challenger"] and held.reasons == [reason]
+        version = client.get_model_version("div", held.version)
+        assert version.tags["promotion"].startswith(reason)
+        assert f"not promoted: {reason}" in version.description
+        assert str(client.get_model_version_by_alias("div", "champion").version) == good.version
+
+
+def test_nan_champion_does_not_block_and_deltas_are_recorded(tiny_folder, tmp_path):
+    from components.register.registry import PromotionRefused, promote
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    first = register_model(tiny_folder, "nan", uri, {"val_loss": 0.8, "acc": 0.5})
+    diverged = register_model(tiny_folder, "nan", uri, {"val_loss": float("nan"), "acc": 0.5})
+    assert not diverged.promoted
+    with pytest.raises(PromotionRefused, match=r"val_loss is NaN \(not a finite number\)") as refused:
+        promote("nan", diverged.version, uri)  # the manual promotion goes through the same gate
+    assert refused.value.reasons == ["val_loss is NaN (not a finite number)"]
+    assert str(client.get_model_version_by_alias("nan", "champion").version) == first.version
+    assert promote("nan", diverged.version, uri, force=True) == ["val_loss is NaN (not a finite number)"]
+    note = client.get_model_version("nan", diverged.version).tags["promotion"]
+    assert (
+        f"replacing v{first.version}" in note and "forced past: val_loss is NaN (not a finite number)" in note
+    )
+    assert "vs champion: acc +0 (+0.00%)" in note
+
+    fixed = register_model(tiny_folder, "nan", uri, {"val_loss": 0.6, "acc": 0.55})
+    assert fixed.promoted and fixed.reasons == [] and fixed.champion == diverged.version
+    assert fixed.notes == ["champion's val_loss is NaN (not a finite number): not compared"]
+    assert [d.metric for d in fixed.deltas] == ["acc"]  # NaN on one side: no delta
+    version = client.get_model_version("nan", fixed.version)
+    assert "champion's val_loss is NaN (not a finite number): not compared" in version.tags["promotion"]
+    assert "champion's val_loss is NaN" in version.description
+
+    better = register_model(tiny_folder, "nan", uri, {"val_loss": 0.45, "acc": 0.6})
+    assert better.promoted and better.champion == fixed.version
+    card = client.get_model_version("nan", better.version).description
+    assert f"Against the champion v{fixed.version}" in card
+    assert f"| metric | this version | champion v{fixed.version} | Δ | Δ % |" in card
+    assert "| val_loss | 0.45 | 0.6 | -0.15 | -25.00% |" in card
+    assert "| acc | 0.6 | 0.55 | +0.05 | +9.09% |" in card
+    promotion = client.get_model_version("nan", better.version).tags["promotion"]
+    assert promotion == "promoted; vs champion: acc +0.05 (+9.09%), val_loss -0.15 (-25.00%)"
+    assert "no current champion to compare with" in client.get_model_version("nan", first.version).description

@@ -4,11 +4,14 @@ from a folder, a loopback S3 server and an MLflow registry."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import json
 import os
+import random
 import re
+import string
 import subprocess
 import sys
 import threading
@@ -95,6 +98,50 @@ class BlockingSampler:
         if not self.release.wait(60):
             raise TimeoutError("test never released the sampler")
         return self.inner.generate(prompts, **kwargs)
+
+
+def asgi_request(app, method, path, *, headers=(), chunks=(b"",)):
+    """Call the ASGI app directly (no server, no lifespan): (status, headers, body, receive calls).
+
+    ``chunks`` is the request body as it streams in (an iterable, maybe long); once it is used up
+    the client stays connected until the response is sent."""
+
+    async def run():
+        calls, sent = 0, []
+        pieces = iter(chunks)
+        current = next(pieces, None)
+
+        async def receive():
+            nonlocal calls, current
+            calls += 1
+            if current is None:
+                await asyncio.sleep(3600)
+            body, current = current, next(pieces, None)
+            return {"type": "http.request", "body": body, "more_body": current is not None}
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": method,
+            "scheme": "http",
+            "path": path,
+            "raw_path": path.encode(),
+            "root_path": "",
+            "query_string": b"",
+            "headers": [(k.lower().encode(), v.encode()) for k, v in headers],
+            "client": ("127.0.0.1", 1234),
+            "server": ("testserver", 80),
+        }
+        await asyncio.wait_for(app(scope, receive, send), 30)
+        start = next(m for m in sent if m["type"] == "http.response.start")
+        body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+        return start["status"], {k.decode(): v.decode() for k, v in start["headers"]}, body, calls
+
+    return asyncio.run(run())
 
 
 @pytest.fixture(scope="module")
@@ -196,6 +243,38 @@ def test_invalid_requests_get_4xx_with_message(client, body, status, message):
     assert message in r.json()["detail"]
 
 
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ('{"prompt": "\\ud800"}', "prompt: Value error, not valid Unicode text (lone UTF-16 surrogate"),
+        ('{"prompt": ["ok", "a\\udfff"]}', "prompt: Value error, item 1: not valid Unicode text"),
+        ('{"prompt": "x", "negative_prompt": "\\ud800"}', "negative_prompt: Value error, not valid Unicode"),
+        ('{"prompt": "x", "system_prompt": "\\udbff"}', "system_prompt: Value error, not valid Unicode"),
+        ('{"prompt": "x", "\\ud800": 1}', "body: Input should be a valid string"),  # a surrogate key
+        ('{"prompt": "x", "steps": true}', "steps: Input should be a valid integer"),
+        ('{"prompt": "x", "steps": 2.0}', "steps: Input should be a valid integer"),
+        ('{"prompt": "x", "height": "64"}', "height: Input should be a valid integer"),
+        ('{"prompt": "x", "seed": true}', "seed: Input should be a valid integer"),
+        ('{"prompt": 5}', "prompt"),
+        ('{"prompt": "x", "guidance_scale": true}', "guidance_scale: Input should be a valid number"),
+        ('{"prompt": "x", "renorm": Infinity}', "renorm: Input should be a finite number"),
+        ('{"prompt": "x", "teacache": NaN}', "teacache: Input should be a finite number"),
+        ('{"prompt": "x", "guidance_scale": -Infinity}', "guidance_scale: Input should be a finite number"),
+        ('{"prompt": "x", "cfg_trunc": 1e400}', "cfg_trunc: Input should be a finite number"),
+    ],
+)
+def test_bad_text_and_loose_types_get_422(client, content, message):
+    r = client.post("/v1/generate", content=content, headers={"content-type": "application/json"})
+    assert r.status_code == 422, r.text
+    assert message in r.json()["detail"]
+
+
+def test_strict_types_still_take_ints_for_floats_and_unicode(client):
+    body = {"prompt": "café 猫 🐱", "guidance_scale": 4, "renorm": 1, "cfg_trunc": 1, "steps": 2, "seed": 1}
+    r = client.post("/v1/generate", json=body)
+    assert r.status_code == 200, r.text
+
+
 def test_metrics_move(client):
     before = client.get("/metrics")
     assert before.headers["content-type"].startswith("text/plain")
@@ -274,6 +353,83 @@ def test_auth_and_sampler_config_error(tiny_sampler, tiny_folder, tmp_path):
         assert metric(c.get("/metrics").text, "lumina_request_errors_total", 'status="401"') == 3
 
 
+def test_metric_labels_stay_bounded(client):
+    rng = random.Random(0)
+    paths = ["/healthz", "/v1/generate", "/metrics", "/no/such/path"]
+
+    def junk() -> str:
+        return "".join(rng.choice(string.ascii_uppercase) for _ in range(10))
+
+    for path in paths:  # every (path, method="other", status) series the loop below can make
+        client.request(junk(), path)
+    client.request(junk(), f"/{junk()}")
+    before = client.get("/metrics").text
+    for _ in range(300):
+        client.request(junk(), rng.choice([*paths, f"/{junk()}"]))
+    after = client.get("/metrics").text
+    assert len(after.splitlines()) == len(before.splitlines())
+    methods = set(re.findall(r'method="([^"]*)"', after))
+    paths = set(re.findall(r'path="([^"]*)"', after))
+    assert methods <= {"GET", "POST", "HEAD", "other"}, methods
+    assert paths <= {r.path for r in client.app.routes} | {"other"}, paths
+
+
+def test_auth_before_body_and_body_limit(tiny_sampler, tiny_folder, tmp_path):
+    # the app is not started: these are answered before the body is read or the model is needed
+    app = make_app(tiny_folder, tmp_path, token="tok", max_body_bytes=100_000)
+    body = json.dumps({"prompt": "x"}).encode()
+    ok = ("authorization", "Bearer tok")
+    typed = ("content-type", "application/json")
+    # wrong or missing token: 401 without a single receive()
+    for headers in [
+        (typed,),
+        (typed, ("authorization", "Bearer nope")),
+        (typed, ("authorization", "Basic tok")),
+    ]:
+        status, response_headers, text, calls = asgi_request(
+            app, "POST", "/v1/generate", headers=headers, chunks=[body]
+        )
+        assert (status, calls) == (401, 0), text
+        assert response_headers["www-authenticate"] == "Bearer" and b"bearer" in text.lower()
+    # a Content-Length above the limit: 413 before reading
+    status, _, text, calls = asgi_request(
+        app, "POST", "/v1/generate", headers=[ok, typed, ("content-length", str(10**9))], chunks=[body]
+    )
+    assert (status, calls) == (413, 0) and b"max_body_bytes 100000" in text
+    # a streamed body (no length) is cut off as soon as it passes the limit; the rest is not read
+    endless = (b"x" * 32_768 for _ in range(10_000))
+    status, headers, text, calls = asgi_request(
+        app, "POST", "/v1/generate", headers=[ok, typed], chunks=endless
+    )
+    assert (status, calls) == (413, 4) and headers["connection"] == "close", text
+    # a body within the limit goes through (the model is not loaded: 503)
+    status, _, text, calls = asgi_request(app, "POST", "/v1/generate", headers=[ok, typed], chunks=[body])
+    assert status == 503 and b"loading" in text and calls >= 1
+    # unprotected routes need no token; the limit holds there too
+    assert asgi_request(app, "GET", "/healthz")[0] == 200
+    assert asgi_request(app, "POST", "/healthz", headers=[("content-length", "200000")])[0] == 413
+    # through the test client as well, with the counted statuses
+    with TestClient(app) as c:
+        assert (
+            c.post(
+                "/v1/generate", content=b"{" + b" " * 200_000 + b"}", headers=dict([ok, typed])
+            ).status_code
+            == 413
+        )
+        assert c.post("/v1/generate", json={"prompt": "x"}).status_code == 401
+        text = c.get("/metrics").text
+        # counted with the direct calls above (same app): 413 three times before, 401 three times
+        assert metric(text, "lumina_request_errors_total", 'status="413"') == 4
+        assert (
+            metric(
+                text,
+                "lumina_request_duration_seconds_count",
+                'path="/v1/generate",method="POST",status="401"',
+            )
+            == 4
+        )
+
+
 def test_defaults_file(tmp_path):
     path = tmp_path / "defaults.yaml"
     path.write_text("steps: 4\nmax_steps: 10\nsolver: midpoint\nqueue_size: 3\nmerge_rows: 16\n")
@@ -319,6 +475,153 @@ def test_request_timeout_gives_504_and_the_server_recovers(tiny_sampler, tiny_fo
         blocking.release.set()  # the model call finishes; the next request is served normally
         wait_until(lambda: app.state.runtime.worker.depth == 0, what="the worker to be idle")
         assert c.post("/v1/generate", json={"prompt": "fine", "seed": 2}).status_code == 200
+
+
+def test_liveness_reflects_stuck_and_dead_worker(tiny_sampler, tiny_folder, tmp_path):
+    blocking = BlockingSampler(tiny_sampler)
+    app = make_app(tiny_folder, tmp_path, sampler_factory=lambda f: blocking, liveness_timeout_s=1.0)
+    with TestClient(app) as c:
+        assert app.state.runtime.ready.wait(60)
+        worker = app.state.runtime.worker
+        assert c.get("/healthz").json() == {"status": "ok"}
+        time.sleep(1.5)  # idle longer than the bound: the idle heartbeat keeps it live
+        assert c.get("/healthz").status_code == 200 and c.get("/readyz").status_code == 200
+        with ThreadPoolExecutor(1) as pool:
+            try:
+                stuck = pool.submit(c.post, "/v1/generate", json={"prompt": "slow", "seed": 1})
+                assert blocking.entered.wait(30)
+                wait_until(
+                    lambda: c.get("/healthz").status_code == 503, 30, "liveness to notice the stuck call"
+                )
+                r = c.get("/healthz").json()
+                assert r["status"] == "unhealthy" and "running one sampler call" in r["error"]
+                assert c.get("/readyz").status_code == 503
+            finally:
+                blocking.release.set()
+            assert stuck.result(60).status_code == 200
+        wait_until(lambda: c.get("/healthz").status_code == 200, 30, "liveness after the call")
+
+        def die():
+            raise RuntimeError("a bug in the worker loop")  # ends the worker thread
+
+        worker._take = die  # the worker calls it for the job after the one it waits for now
+        assert c.post("/v1/generate", json={"prompt": "last"}).status_code == 200
+        wait_until(lambda: not worker._thread.is_alive(), 30, "the worker thread to end")
+        r = c.get("/healthz")
+        assert r.status_code == 503 and "died" in r.json()["error"]
+        assert c.get("/readyz").status_code == 503
+        r = c.post("/v1/generate", json={"prompt": "x"})
+        assert r.status_code == 503 and "not running" in r.json()["detail"]
+
+
+def test_disconnected_client_is_dropped_from_queue(tiny_sampler, tiny_folder, tmp_path):
+    blocking = BlockingSampler(tiny_sampler)
+    app = make_app(tiny_folder, tmp_path, sampler_factory=lambda f: blocking)
+    with TestClient(app) as c, ThreadPoolExecutor(1) as pool:
+        assert app.state.runtime.ready.wait(60)
+        worker = app.state.runtime.worker
+        try:
+            first = pool.submit(c.post, "/v1/generate", json={"prompt": "first", "seed": 1})
+            assert blocking.entered.wait(30)
+
+            async def leave_while_queued():
+                left, sent = asyncio.Event(), []
+                messages = [
+                    {
+                        "type": "http.request",
+                        "body": json.dumps({"prompt": "second"}).encode(),
+                        "more_body": False,
+                    }
+                ]
+
+                async def receive():
+                    if messages:
+                        return messages.pop(0)
+                    await left.wait()
+                    return {"type": "http.disconnect"}
+
+                async def send(message):
+                    sent.append(message)
+
+                scope = {
+                    "type": "http",
+                    "asgi": {"version": "3.0"},
+                    "http_version": "1.1",
+                    "method": "POST",
+                    "scheme": "http",
+                    "path": "/v1/generate",
+                    "raw_path": b"/v1/generate",
+                    "root_path": "",
+                    "query_string": b"",
+                    "headers": [(b"content-type", b"application/json")],
+                    "client": ("127.0.0.1", 1234),
+                    "server": ("testserver", 80),
+                }
+                task = asyncio.ensure_future(app(scope, receive, send))
+                for _ in range(3000):
+                    if worker.depth == 1:
+                        break
+                    await asyncio.sleep(0.01)
+                assert worker.depth == 1
+                left.set()
+                await asyncio.wait_for(task, 10)
+                return sent
+
+            sent = asyncio.run(leave_while_queued())
+            assert sent[0]["status"] == 499
+            assert worker.depth == 0 and worker.dropped == 1
+        finally:
+            blocking.release.set()
+        assert first.result(60).status_code == 200
+    assert blocking.calls == [1]  # the second request was never generated
+
+
+def test_cancelled_job_leaves_queue_unrun(tiny_sampler):
+    blocking = BlockingSampler(tiny_sampler)
+    worker = GenerationWorker(blocking, queue_size=4, max_rows=4)
+    worker.start()
+    try:
+        head = worker.submit(_job(["head"], 0))
+        assert blocking.entered.wait(30)
+        gone, kept = worker.submit(_job(["gone"], 1)), worker.submit(_job(["kept"], 2))
+        assert worker.depth == 2 and gone.cancel()
+        assert worker.depth == 1 and worker.dropped == 1  # its place is free at once
+        blocking.release.set()
+        assert kept.result(60).merged_requests == 1 and head.result(60)
+    finally:
+        blocking.release.set()
+        worker.stop()
+    assert blocking.calls == [1, 1]
+
+
+class PoisonSampler(BlockingSampler):
+    """Raises a plain RuntimeError (not a LuminaError) for any call that holds the prompt "poison"."""
+
+    def generate(self, prompts, **kwargs):
+        if "poison" in prompts:
+            self.calls.append(len(prompts))
+            raise RuntimeError("cannot draw poison")
+        return super().generate(prompts, **kwargs)
+
+
+def test_failed_merged_call_fails_only_the_bad_request(tiny_sampler):
+    sampler = PoisonSampler(tiny_sampler)
+    worker = GenerationWorker(sampler, queue_size=10, max_rows=4)
+    worker.start()
+    try:
+        head = worker.submit(_job(["head"], 0))
+        assert sampler.entered.wait(30)
+        good_a, bad, good_b = (worker.submit(_job([p], i)) for i, p in enumerate(["a", "poison", "b"]))
+        sampler.release.set()
+        assert len(good_a.result(60).images) == 1 and len(good_b.result(60).images) == 1
+        with pytest.raises(RuntimeError, match="cannot draw poison"):
+            bad.result(60)
+        head.result(60)
+    finally:
+        sampler.release.set()
+        worker.stop()
+    assert sampler.calls == [1, 3, 1, 1, 1]  # head, the merged call that failed, then each alone
+    assert good_a.result().merged_requests == 1
 
 
 def _job(prompts, seed, steps=2, size=64, teacache=0.0):
@@ -447,6 +750,54 @@ def test_worker_stop_cancels_queue_and_refuses_new_jobs(tiny_sampler):
     assert len(running_job.result(60).images) == 1
     stopper.join(60)
     assert not stopper.is_alive() and not worker._thread.is_alive()
+
+
+def test_docs_work_offline(client):
+    for page in ("/docs", "/redoc"):
+        html = client.get(page)
+        assert html.status_code == 200
+        assert re.findall(r"https?://[^\s'\"<>]+", html.text) == [], f"{page} loads from the network"
+        assets = re.findall(r"""(?:href|src|spec-url|url)\s*[=:]\s*['"](/[^'"]+)['"]""", html.text)
+        assert "/openapi.json" in assets and any(a.endswith(".js") for a in assets), assets
+        for asset in assets:
+            assert client.get(asset).status_code == 200, asset
+
+
+def test_cli_sets_uvicorn_connection_bounds(tiny_folder, monkeypatch):
+    import uvicorn
+
+    from serving.__main__ import serve
+
+    configs = []
+
+    class NoServer:
+        def __init__(self, config):
+            configs.append(config)
+
+        def run(self):
+            pass
+
+    monkeypatch.setattr(uvicorn, "Server", NoServer)
+    monkeypatch.delenv("LUMINA_DEFAULTS_FILE", raising=False)
+    for key, value in {
+        "LUMINA_TIMEOUT_KEEP_ALIVE_S": "7",
+        "LUMINA_MAX_HEADER_BYTES": "8192",
+        "LUMINA_LIMIT_CONCURRENCY": "32",
+    }.items():
+        monkeypatch.setenv(key, value)
+    serve(
+        host="127.0.0.1",
+        port=free_port(),
+        model=str(tiny_folder),
+        model_dir=None,
+        defaults_file=None,
+        device="cpu",
+        threads=None,
+        log_level="warning",
+    )
+    (config,) = configs
+    assert (config.http, config.timeout_keep_alive, config.h11_max_incomplete_event_size) == ("h11", 7, 8192)
+    assert config.limit_concurrency == 32
 
 
 # ----------------------------------------------------------------- real server, concurrency

@@ -1,5 +1,6 @@
 """Tiering: nested, resolution-respecting, deterministic; scorers measure what they claim."""
 
+import hashlib
 import json
 
 import numpy as np
@@ -82,9 +83,12 @@ def test_run_tier_end_to_end(tmp_path):
     report = json.loads(result.report.read_text())
     assert report["counts"] == result.counts and (tmp_path / "tiers" / "report" / "hist_score.png").is_file()
     from components.train.data import read_manifest
+    from storage.shards import image_bytes
 
     records = read_manifest(tmp_path / "tiers" / "hq.parquet", image_root=tmp_path / "ingest")
-    assert all(r.image_path.is_file() for r in records)
+    assert len(records) == len(frames["hq"])
+    for row in frames["hq"].to_dict("records"):  # every training image is read from its shard
+        assert hashlib.sha256(image_bytes(row)).hexdigest()[:16] == row["id"]
     again = run_tier(tmp_path / "cap", tmp_path / "ingest", tmp_path / "tiers2", progress=False)
     assert again.dataset_hash == result.dataset_hash
 

@@ -15,11 +15,12 @@ import torch
 from PIL import Image, ImageDraw
 
 from components.train.config import load_config, stage_config
-from components.train.data import bucket_sizes, read_manifest
+from components.train.data import bucket_sizes, build_cache, decode_image, read_manifest
 from components.train.trainer import read_losses, train_stage
 from model.checkpoint import build_pipeline, load_pipeline
 from model.errors import ConfigError
 from model.flow import validation_loss
+from model.prompts import SystemPrompt
 from model.text import encode_prompts
 from model.vae import encode_images
 from services.process import free_port
@@ -60,9 +61,39 @@ def manifest(tmp_path_factory) -> Path:
     return make_manifest(tmp_path_factory.mktemp("data"))
 
 
+def shard_manifest(manifest: Path, out: Path) -> Path:
+    """The same images and captions written into a tar shard, the manifest naming shard refs only
+    (``image_path`` empty, as the tier step writes it) plus the images' width / height."""
+    from storage.shards import ShardWriter
+
+    frame = pd.read_parquet(manifest)
+    writer = ShardWriter(str(out / "shards"), "train", max_members=10)
+    refs = []
+    for i, row in enumerate(frame.to_dict("records")):
+        writer.add(f"{row['id']}.png", (manifest.parent / row["image_path"]).read_bytes())
+        if writer.full or i == len(frame) - 1:
+            refs += writer.flush()
+    sizes = [Image.open(manifest.parent / p).size for p in frame["image_path"]]
+    frame = frame.assign(
+        image_path=None,
+        width=[w for w, _ in sizes],
+        height=[h for _, h in sizes],
+        **{k: [ref.as_row()[k] for ref in refs] for k in ("shard", "member", "offset", "size")},
+    )
+    path = out / "sharded.parquet"
+    frame.to_parquet(path)
+    return path
+
+
+def cache_of(records, cache_dir: Path, pipe, resolution: int = 128, **kwargs):
+    return build_cache(records, resolution=resolution, vae=pipe.vae, text_encoder=pipe.text_encoder,
+                       tokenizer=pipe.tokenizer, system_prompts={"synthetic": SystemPrompt.B},
+                       cache_dir=cache_dir, **kwargs)  # fmt: skip
+
+
 def heldout(pipe, manifest: Path) -> float:
     records = read_manifest(manifest)[:12]
-    images = [Image.open(r.image_path).convert("RGB").resize((64, 64)) for r in records]
+    images = [decode_image(r).resize((64, 64)) for r in records]
     latents = encode_images(pipe.vae, images)
     emb = encode_prompts([r.captions[0].text for r in records], pipe.tokenizer, pipe.text_encoder)
 
@@ -100,6 +131,64 @@ def test_bad_configs_are_clear_errors(tmp_path, manifest):
         read_manifest(broken)
     with pytest.raises(ConfigError, match="training manifest not found"):
         read_manifest(tmp_path / "none.parquet")
+
+
+def test_manifest_of_shard_refs_builds_the_same_cache_as_files(tmp_path, manifest, tiny_pipe):
+    sharded = shard_manifest(manifest, tmp_path)
+    by_file, by_ref = read_manifest(manifest), read_manifest(sharded)
+    assert all(r.ref is None and r.image_path.is_file() for r in by_file)
+    assert all(r.image_path is None and r.ref.shard.endswith(".tar") and r.width for r in by_ref)
+    assert len({r.ref.shard for r in by_ref}) == 3  # 24 images, 10 per shard
+    caches = [
+        cache_of(records, tmp_path / f"cache{i}", tiny_pipe) for i, records in enumerate((by_file, by_ref))
+    ]
+    assert caches[0].buckets == caches[1].buckets and len(caches[0].buckets) == 2  # 96x64 and 64x64 images
+    assert set(caches[0].latents) == set(caches[1].latents) == {r.id for r in by_file}
+    assert all(torch.equal(caches[0].latents[i], caches[1].latents[i]) for i in caches[0].latents)
+    assert caches[0].text.keys() == caches[1].text.keys()
+
+
+def test_manifest_checks_refs_and_keeps_file_rows(tmp_path, manifest):
+    sharded = pd.read_parquet(shard_manifest(manifest, tmp_path))
+    mixed = sharded.copy()
+    mixed.loc[0, ["shard", "member"]] = None
+    mixed.loc[0, "image_path"] = str(manifest.parent / "img000.png")
+    mixed.to_parquet(tmp_path / "mixed.parquet")
+    records = read_manifest(tmp_path / "mixed.parquet")
+    assert records[0].ref is None and records[0].image_path.is_file() and records[1].ref is not None
+    sharded.drop(columns=["offset", "size"]).to_parquet(tmp_path / "no_offsets.parquet")
+    with pytest.raises(ConfigError, match="lacks columns: offset, size"):
+        read_manifest(tmp_path / "no_offsets.parquet")
+    neither = sharded.copy()
+    neither.loc[3, ["shard"]] = None
+    neither.to_parquet(tmp_path / "neither.parquet")
+    with pytest.raises(ConfigError, match="image s003 has neither a shard nor an image_path"):
+        read_manifest(tmp_path / "neither.parquet")
+
+
+@pytest.mark.slow
+def test_a_stage_trains_identically_from_shards_and_files(tmp_path, manifest):
+    sharded = shard_manifest(manifest, tmp_path)
+    losses = []
+    for name, path in (("files", manifest), ("shards", sharded)):
+        cfg = stage_config("lowres", manifest=path, output_dir=tmp_path / name / "run", steps=3,
+                           global_batch=4, micro_batch=2, track=False)  # fmt: skip
+        losses.append(train_stage(cfg).losses)
+    assert len(losses[0]) == 3 and losses[0] == losses[1]
+
+
+@pytest.mark.slow
+def test_online_caption_features_train_like_the_cache(tmp_path, manifest):
+    """text_features: online (the paper's scale: no per-variant feature store) gives the losses of
+    the start-of-stage cache (same Gemma features for the valid tokens; only padding differs)."""
+    losses = {}
+    for mode in ("cache", "online"):
+        cfg = stage_config("lowres", manifest=manifest, output_dir=tmp_path / mode / "run", steps=3,
+                           global_batch=4, micro_batch=2, track=False, text_features=mode)  # fmt: skip
+        losses[mode] = train_stage(cfg).losses
+    assert not list((tmp_path / "online" / "cache").glob("text-*.pt"))  # no feature store written
+    assert list((tmp_path / "cache" / "cache").glob("text-*.pt"))
+    assert losses["online"] == pytest.approx(losses["cache"], rel=1e-4, abs=1e-6)
 
 
 @pytest.mark.slow

@@ -21,7 +21,12 @@ def run(
     dedup_distance: Annotated[int, typer.Option(help="perceptual-hash bits; negative: off")] = 4,
     workers: Annotated[int, typer.Option(min=1, help="decode threads")] = 2,
     in_flight: Annotated[int, typer.Option(min=1, help="files read ahead at most (memory bound)")] = 64,
-    checkpoint_every: Annotated[int, typer.Option(min=1, help="kept images between manifest saves")] = 500,
+    shard_size: Annotated[
+        int, typer.Option(min=1, help="images per output shard (each one a checkpoint)")
+    ] = 1000,
+    group_size: Annotated[
+        int, typer.Option(min=1, help="source entries per group (the fan-out unit)")
+    ] = 5000,
     captions: Annotated[
         Path | None, typer.Option(help="caption sidecar table: .csv/.tsv/.jsonl/.parquet with key + caption")
     ] = None,
@@ -36,9 +41,9 @@ def run(
         dedup_distance=dedup_distance,
         workers=workers,
         in_flight=in_flight,
-        checkpoint_every=checkpoint_every,
+        shard_size=shard_size,
     )
-    result = ingest(source, out_dir, opts, captions=captions)
+    result = ingest(source, out_dir, opts, captions=captions, group_size=group_size)
     run_gate(pd.read_parquet(result.manifest), out_dir)
     typer.echo(
         json.dumps({"kept": result.kept, "rejected": result.rejected, "dataset_hash": result.dataset_hash})

@@ -1,37 +1,73 @@
-"""KFP wrapper for ingest (no ``from __future__ import annotations``: KFP reads real annotations)."""
+"""KFP wrappers for ingest: one task per plan group, and the fan-in that merges them.
+
+(No ``from __future__ import annotations``: KFP reads real annotations.)
+"""
+
+from typing import List
 
 from kfp import dsl
-from kfp.dsl import Dataset, Output
+from kfp.dsl import Dataset, Input, Output
 
 from components.image import BASE_IMAGE
 
 
 @dsl.component(base_image=BASE_IMAGE)
-def ingest_op(
+def ingest_group_op(group: str, manifest: Output[Dataset], min_side: int = 32, shard_size: int = 1000) -> str:
+    """Ingest one plan group into tar shards under its prefix; the artifact holds its candidate
+    manifest and rejects. Returns the group name."""
+    from model.logs import configure_logging_if_requested
+
+    configure_logging_if_requested()
+    from components.ingest.group import ingest_group
+    from components.ingest.ingest import IngestOptions
+    from components.plan.plan import Group
+
+    plan_group = Group.from_json(group)
+    result = ingest_group(plan_group, manifest.path, IngestOptions(min_side=min_side, shard_size=shard_size),
+                          progress=False)  # fmt: skip
+    manifest.metadata.update(
+        {"group": result.group, "candidates": result.candidates, "rejected": result.rejected}
+    )
+    return result.group
+
+
+@dsl.component(base_image=BASE_IMAGE)
+def ingest_merge_op(
+    groups: List[str],
+    parts: Input[List[Dataset]],
     source: str,
     dataset: Output[Dataset],
     min_side: int = 32,
     dedup_distance: int = 4,
     captions_file: str = "",
 ) -> str:
-    """Ingest ``source`` into the output dataset (captions from ``captions_file``, a sidecar table, when
-    given), run the gate, return the dataset hash."""
+    """Fan-in: global duplicate decisions, the caption sidecar and the great_expectations gate on
+    the whole manifest; returns the dataset hash."""
     from model.logs import configure_logging_if_requested
 
-    configure_logging_if_requested()  # JSON records on a cluster (LUMINA_LOG_FORMAT set on the task)
+    configure_logging_if_requested()
     from pathlib import Path
 
     import pandas as pd
 
     from components.ingest.gate import run_gate, tracked_gate
-    from components.ingest.ingest import IngestOptions, ingest
+    from components.ingest.ingest import IngestOptions
+    from components.ingest.merge import merge_groups
+    from components.plan.plan import Group
 
-    out = Path(dataset.path)
     opts = IngestOptions(min_side=min_side, dedup_distance=dedup_distance)
-    result = ingest(source, out, opts, captions=captions_file or None)
+    plan_groups = [Group.from_json(g) for g in groups]
+    folders = [p.path for p in parts]
+    result = merge_groups(folders, plan_groups, dataset.path, opts, captions=captions_file or None,
+                          source_root=source)  # fmt: skip
     tags = {"dataset_hash": result.dataset_hash, "source": source}
-    tracked_gate(lambda: run_gate(pd.read_parquet(result.manifest), out), "ingest", tags)
+    tracked_gate(lambda: run_gate(pd.read_parquet(result.manifest), Path(dataset.path)), "ingest", tags)
     dataset.metadata.update(
-        {"dataset_hash": result.dataset_hash, "kept": result.kept, "rejected": result.rejected}
+        {
+            "dataset_hash": result.dataset_hash,
+            "kept": result.kept,
+            "rejected": result.rejected,
+            "groups": len(plan_groups),
+        }
     )
     return result.dataset_hash

@@ -165,7 +165,7 @@ def run_gate(manifest: pd.DataFrame, out_dir: Path, *, max_side: int = 100_000) 
 
     context = ephemeral_context()
     suite = gx.ExpectationSuite(name="ingest_manifest")
-    for column in ("id", "path", "sha256", "width", "height", "format"):
+    for column in ("id", "shard", "member", "sha256", "width", "height", "format"):
         suite.add_expectation(gxe.ExpectColumnValuesToNotBeNull(column=column))
     suite.add_expectation(gxe.ExpectColumnValuesToBeUnique(column="id"))
     suite.add_expectation(gxe.ExpectColumnValuesToBeUnique(column="sha256"))

@@ -1,33 +1,34 @@
 """Ingest: decode-check, measure, hash and deduplicate images; bad files are reported, never fatal.
 
-Outputs in ``out_dir``: ``manifest.parquet`` (one row per kept image, stable id = sha256 prefix),
-``images/<shard>/<id>.<ext>`` (the original bytes), ``rejects.csv`` (source, reason) and
-``dataset.json`` (the dataset hash over ids and content hashes).
+This module holds the per-image pieces (reading a plan listing, decoding, hashes, the banded
+near-duplicate index) and :func:`ingest`, the single-process composition of the data-plane steps:
+:mod:`components.plan.plan` (groups) → :mod:`.group` (shards per group) → :mod:`.merge` (global
+duplicates). The manifest names each kept image's bytes by ``(shard, member, offset, size)``.
 """
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import io
 import itertools
 import json
 import logging
 import tarfile
+import tempfile
 import warnings
 from collections import deque
 from collections.abc import Container, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from PIL import Image, ImageOps, UnidentifiedImageError
-from tqdm.auto import tqdm
 
-from components.ingest.sidecar import CaptionSidecar, load_sidecar, relative_source
-from model.errors import ConfigError, error_summary, first_line
+from components.ingest.sidecar import load_sidecar
+from model.errors import error_summary, first_line
+from storage import StorageError, download_file, is_s3, read_bytes
 
 log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
@@ -43,7 +44,13 @@ class IngestOptions:
     max_pixels: int = 50_000_000
     workers: int = 2
     in_flight: int = 64  # files read ahead of the decoder at most (bounds memory)
-    checkpoint_every: int = 500  # kept images between manifest saves (what an interruption keeps)
+    shard_size: int = 1000  # images per output shard; each closed shard is a checkpoint
+    shard_bytes: int = 512 << 20  # or this many bytes, whichever comes first
+
+    def fingerprint_fields(self) -> dict:
+        """The options that change what is kept (they key the plan; workers etc. do not)."""
+        keys = ("min_side", "max_aspect", "dedup_distance", "max_pixels", "shard_size", "shard_bytes")
+        return {key: getattr(self, key) for key in keys}
 
 
 @dataclass
@@ -142,37 +149,53 @@ def decode(item: Item, max_pixels: int) -> Decoded | str:
     )
 
 
-def iter_folder(root: Path, skip: Container[str] = frozenset()) -> Iterator[Item]:
-    """Every file under ``root`` (sorted) that looks like an image; a caption .txt beside it is kept.
-    Files are read one at a time as the iterator is consumed; sources in ``skip`` are not read."""
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        if path.suffix.lower() not in IMAGE_SUFFIXES or str(path) in skip:
-            continue
-        txt = path.with_suffix(".txt")
+def iter_tar(
+    path: str | Path, skip: Container[str] = frozenset(), label: str | None = None
+) -> Iterator[Item]:
+    """WebDataset shard: members grouped by key (``key.png`` + ``key.txt`` / ``key.json``). A shard that
+    cannot be opened, is truncated or has a member that cannot be read is reported as items with an
+    ``error`` naming the shard and member; the readable members still come through."""
+    label = label or str(path)
+    try:
+        tar = tarfile.open(path)  # noqa: SIM115 (closed by the with below)
+    except (tarfile.TarError, OSError) as exc:
+        yield Item(f"{label}::", b"", error=f"unreadable_shard: {first_line(exc)[:80]}")
+        return
+    with tar:
+        members: dict[str, tarfile.TarInfo] = {}
+        broken = None
         try:
-            caption = txt.read_text(encoding="utf-8", errors="replace").strip() if txt.is_file() else None
-            data = path.read_bytes()
-        except OSError as exc:
-            yield Item(str(path), b"", error=f"unreadable: {exc.strerror}")
-            continue
-        yield Item(str(path), data, caption)
-
-
-def iter_tar(path: Path, skip: Container[str] = frozenset()) -> Iterator[Item]:
-    """WebDataset shard: members grouped by key (``key.png`` + ``key.txt`` / ``key.json``)."""
-    with tarfile.open(path) as tar:
-        members = {m.name: m for m in tar.getmembers() if m.isfile()}
+            for member in tar:
+                if member.isfile():
+                    members[member.name] = member
+        except (tarfile.TarError, OSError, EOFError) as exc:
+            broken = f"truncated_shard: {first_line(exc)[:80]} after {len(members)} members"
         for name in sorted(members):
             stem, suffix = name.rsplit(".", 1) if "." in name else (name, "")
-            if f".{suffix.lower()}" not in IMAGE_SUFFIXES or f"{path}::{name}" in skip:
+            if f".{suffix.lower()}" not in IMAGE_SUFFIXES or f"{label}::{name}" in skip:
                 continue
-            caption = None
-            for ext in CAPTION_SUFFIXES:
-                if f"{stem}{ext}" in members:
-                    raw = tar.extractfile(members[f"{stem}{ext}"]).read().decode("utf-8", "replace")
-                    caption = _json_caption(raw) if ext == ".json" else raw.strip()
-                    break
-            yield Item(f"{path}::{name}", tar.extractfile(members[name]).read(), caption)
+            try:
+                caption = None
+                for ext in CAPTION_SUFFIXES:
+                    if f"{stem}{ext}" in members:
+                        raw = _member_bytes(tar, members[f"{stem}{ext}"]).decode("utf-8", "replace")
+                        caption = _json_caption(raw) if ext == ".json" else raw.strip()
+                        break
+                data = _member_bytes(tar, members[name])
+            except (tarfile.TarError, OSError, EOFError) as exc:
+                yield Item(f"{label}::{name}", b"", error=f"unreadable_member: {first_line(exc)[:80]}")
+                continue
+            yield Item(f"{label}::{name}", data, caption)
+        if broken:
+            yield Item(f"{label}::", b"", error=broken)
+
+
+def _member_bytes(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
+    handle = tar.extractfile(member)
+    data = handle.read() if handle is not None else b""
+    if len(data) != member.size:
+        raise EOFError(f"{member.name}: {len(data)} of {member.size} bytes")
+    return data
 
 
 def _json_caption(raw: str) -> str | None:
@@ -185,46 +208,50 @@ def _json_caption(raw: str) -> str | None:
     return caption.strip() if isinstance(caption, str) else None
 
 
-def iter_s3(uri: str, skip: Container[str] = frozenset()) -> Iterator[Item]:
-    """Objects under ``s3://bucket/prefix`` (paginated; endpoint from ``AWS_ENDPOINT_URL``)."""
-    from services.s3 import s3_client
-
-    bucket, _, prefix = uri.removeprefix("s3://").partition("/")
-    client = s3_client()
-    keys: list[str] = []
-    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-        keys.extend(obj["Key"] for obj in page.get("Contents", []))
-    present = set(keys)
-    for key in sorted(keys):
-        source = f"s3://{bucket}/{key}"
-        if Path(key).suffix.lower() not in IMAGE_SUFFIXES or source in skip:
+def iter_listing(listing: pd.DataFrame, skip: Container[str] = frozenset()) -> Iterator[Item]:
+    """The items of a plan listing (images and ``.tar`` shards, local or ``s3://``), read lazily in
+    order; sources in ``skip`` (already ingested) are not read. An object that cannot be read is an
+    item with an ``error`` (reported, never fatal)."""
+    for row in listing.itertuples(index=False):
+        if row.kind == "tar":
+            yield from _iter_tar_uri(row.uri, skip)
             continue
-        caption_key = str(Path(key).with_suffix(".txt"))
+        if row.uri in skip:
+            continue
         try:
-            caption = None
-            if caption_key in present:
-                body = client.get_object(Bucket=bucket, Key=caption_key)["Body"].read()
-                caption = body.decode("utf-8", "replace").strip() or None
-            data = client.get_object(Bucket=bucket, Key=key)["Body"].read()
-        except Exception as exc:  # botocore raises many client/transport errors
-            yield Item(source, b"", error=f"unreadable: {type(exc).__name__}")
+            caption = (
+                read_bytes(row.caption_uri).decode("utf-8", "replace").strip() or None
+                if row.caption_uri
+                else None
+            )
+            data = read_bytes(row.uri)
+        except StorageError as exc:
+            yield Item(row.uri, b"", error=f"unreadable: {first_line(exc)[:120]}")
             continue
-        yield Item(source, data, caption)
+        yield Item(row.uri, data, caption)
+
+
+def _iter_tar_uri(uri: str, skip: Container[str]) -> Iterator[Item]:
+    """A source shard: local ones are read in place; an ``s3://`` one is downloaded to a temporary
+    file first (one shard on disk at a time)."""
+    if not is_s3(uri):
+        yield from iter_tar(uri, skip)
+        return
+    with tempfile.TemporaryDirectory(prefix="shard-") as tmp:
+        try:
+            local = download_file(uri, Path(tmp) / "shard.tar")
+        except StorageError as exc:
+            yield Item(f"{uri}::", b"", error=f"unreadable_shard: {first_line(exc)[:120]}")
+            return
+        yield from iter_tar(local, skip, label=uri)
 
 
 def iter_source(source: str | Path, skip: Container[str] = frozenset()) -> Iterator[Item]:
-    """The items of a folder (plus the ``.tar`` shards under it), a ``.tar`` shard or an ``s3://``
-    prefix, read lazily; sources named in ``skip`` (already ingested) are not read. A source that
-    does not exist raises :class:`ConfigError` here, before anything is read."""
-    if str(source).startswith("s3://"):
-        return iter_s3(str(source), skip)
-    path = Path(source)
-    if path.is_dir():
-        shards = (iter_tar(shard, skip) for shard in sorted(path.rglob("*.tar")))
-        return itertools.chain(iter_folder(path, skip), itertools.chain.from_iterable(shards))
-    if path.is_file() and path.suffix == ".tar":
-        return iter_tar(path, skip)
-    raise ConfigError(f"ingest source not found or not a folder / .tar shard / s3:// prefix: {source}")
+    """The items of a folder (images, then the ``.tar`` shards under it, sorted), a ``.tar`` shard or an
+    ``s3://`` prefix, read lazily. A source that does not exist raises :class:`ConfigError` here."""
+    from components.plan.plan import list_source
+
+    return iter_listing(list_source(str(source)), skip)
 
 
 def _filter(d: Decoded, opts: IngestOptions) -> str | None:
@@ -293,111 +320,38 @@ class NearDuplicateIndex:
         return None
 
 
-def _write_manifest(kept: list[dict], path: Path) -> pd.DataFrame:
-    """Write the manifest atomically (a crash mid-write leaves the previous one)."""
-    frame = pd.DataFrame(kept, columns=_COLUMNS)
-    frame["phash"] = frame["phash"].astype("uint64")
-    tmp = path.with_suffix(".parquet.tmp")
-    frame.to_parquet(tmp, index=False)
-    tmp.replace(path)
-    return frame
-
-
-def _with_sidecar(items: Iterable[Item], sidecar: CaptionSidecar, source: str | Path) -> Iterator[Item]:
-    for item in items:
-        caption = sidecar.lookup(relative_source(source, item.source))
-        yield replace(item, caption=caption) if caption is not None else item
-
-
 def ingest(
     source: str | Path,
     out_dir: str | Path,
     options: IngestOptions | None = None,
     captions: str | Path | None = None,
+    *,
+    group_size: int = 5000,
+    progress: bool = True,
 ) -> IngestResult:
-    """Ingest ``source`` into ``out_dir``, streaming: files are read as they are decoded, and the
-    manifest is saved every ``options.checkpoint_every`` kept images, so an interrupted run keeps its
-    work and a rerun skips the sources already in the manifest without reading them again.
-    ``captions``: an optional caption sidecar table (see :mod:`components.ingest.sidecar`)."""
+    """The whole data-plane ingest in one process: plan ``source`` into groups, ingest each group
+    (shards under ``out_dir/ingest-<fingerprint>/``) and merge them into ``out_dir/manifest.parquet``,
+    ``rejects.csv`` and ``dataset.json``. The pipeline runs the same three functions as separate,
+    fanned-out tasks. A rerun resumes: finished shards are kept and their sources not read again."""
+    from components.ingest.group import ingest_group
+    from components.ingest.merge import merge_groups
+    from components.plan.plan import plan_source
+
     opts = options or IngestOptions()
     out = Path(out_dir)
-    sidecar = load_sidecar(captions) if captions else None
-    manifest_path, rejects_path = out / "manifest.parquet", out / "rejects.csv"
-    previous = pd.read_parquet(manifest_path) if manifest_path.is_file() else pd.DataFrame()
-    kept: list[dict] = previous.to_dict("records") if len(previous) else []
-    known = {row["sha256"]: row["id"] for row in kept}
-    items = iter_source(source, skip={row["source_path"] for row in kept})  # a bad source fails here
-    if sidecar is not None:
-        for row in kept:  # images kept by an earlier run take the sidecar's caption too
-            caption = sidecar.lookup(relative_source(source, row["source_path"]))
-            row["caption"] = caption if caption is not None else row.get("caption")
-        items = _with_sidecar(items, sidecar, source)
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    near_index = NearDuplicateIndex(opts.dedup_distance)
-    for row in kept:
-        near_index.add(int(row["phash"]), row.get("color_sig") or "", row["id"])
-    rejects: list[tuple[str, str]] = []
-    unsaved = 0
-    for item, res in tqdm(decode_stream(items, opts), desc="ingest", unit="img", leave=False):
-        if isinstance(res, str):
-            rejects.append((item.source, res))
-            continue
-        if res.sha256 in known:
-            rejects.append((item.source, f"duplicate_of:{known[res.sha256]}"))
-            continue
-        reason = _filter(res, opts)
-        if reason is None and (near := near_index.find(res.phash, res.color_sig)) is not None:
-            reason = f"near_duplicate_of:{near}"
-        if reason:
-            rejects.append((item.source, reason))
-            continue
-        image_id = res.sha256[:16]
-        shard = out / "images" / f"{len(kept) // SHARD_SIZE:05d}"
-        shard.mkdir(exist_ok=True)
-        ext = {"JPEG": "jpg"}.get(res.format, res.format.lower())
-        (shard / f"{image_id}.{ext}").write_bytes(res.data)
-        row = {k: v for k, v in asdict(res).items() if k not in ("data", "source")}
-        row.update(
-            id=image_id, source_path=item.source, path=str((shard / f"{image_id}.{ext}").relative_to(out))
-        )
-        row["phash"] = int(res.phash)
-        kept.append(row)
-        known[res.sha256] = image_id
-        near_index.add(res.phash, res.color_sig, image_id)
-        unsaved += 1
-        if unsaved >= opts.checkpoint_every:
-            _write_manifest(kept, manifest_path)
-            unsaved = 0
-
-    frame = _write_manifest(kept, manifest_path)
-    with open(rejects_path, "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["source", "reason"])
-        writer.writerows(rejects)
-    digest = hashlib.sha256(
-        "".join(f"{i}:{s}\n" for i, s in sorted(zip(frame["id"], frame["sha256"], strict=True))).encode()
-    )
-    unmatched = sidecar.unmatched if sidecar else 0
-    result = IngestResult(
-        manifest_path, rejects_path, len(frame), len(rejects), digest.hexdigest(), unmatched
-    )
-    summary = {"dataset_hash": result.dataset_hash, "kept": result.kept}
-    if sidecar is not None:
-        summary.update(sidecar=str(sidecar.path), sidecar_unmatched=unmatched)
-        if unmatched:
-            log.warning(
-                "caption sidecar: %d of %d rows matched no ingested image", unmatched, len(sidecar.captions)
-            )
-    (out / "dataset.json").write_text(json.dumps(summary))
-    log.info(
-        "ingest: kept %d, rejected %d, dataset %s", result.kept, result.rejected, result.dataset_hash[:12]
-    )
-    return result
+    if captions:
+        load_sidecar(captions)  # a bad sidecar fails before anything is written
+    plan = plan_source(str(source), str(out), group_size=group_size, options=opts.fingerprint_fields())
+    folders = []
+    for group in plan.groups:
+        folder = out / "groups" / group.name
+        ingest_group(group, folder, opts, progress=progress)
+        folders.append(folder)
+    return merge_groups(folders, plan.groups, out, opts, captions=captions, source_root=str(source))
 
 
-_COLUMNS = [
+MANIFEST_COLUMNS = [
     "id",
-    "path",
     "source_path",
     "sha256",
     "phash",
@@ -408,4 +362,10 @@ _COLUMNS = [
     "mode",
     "bytes",
     "caption",
+    "group",
+    "seq",
+    "shard",
+    "member",
+    "offset",
+    "size",
 ]

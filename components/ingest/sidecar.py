@@ -18,6 +18,7 @@ from pathlib import Path, PurePosixPath
 import pandas as pd
 
 from model.errors import ConfigError, first_line
+from storage import StorageError, download_file
 
 log = logging.getLogger(__name__)
 
@@ -89,18 +90,13 @@ def _read_table(path: Path) -> pd.DataFrame:
 
 
 def _download(uri: str, folder: Path) -> Path:
-    """Fetch an ``s3://`` sidecar with boto3 (endpoint from ``AWS_ENDPOINT_URL``)."""
-    from botocore.exceptions import BotoCoreError, ClientError
-
-    from services.s3 import s3_client
-
-    bucket, _, key = uri.removeprefix("s3://").partition("/")
-    local = folder / PurePosixPath(key).name
+    """Fetch an ``s3://`` sidecar through :mod:`storage` (endpoint from ``AWS_ENDPOINT_URL``)."""
+    local = folder / PurePosixPath(uri).name
     try:
-        s3_client().download_file(bucket, key, str(local))
-    except (BotoCoreError, ClientError) as exc:
-        raise ConfigError(f"caption sidecar {uri} cannot be fetched: {first_line(exc)}") from exc
-    return local
+        return download_file(uri, local)
+    except StorageError as exc:
+        reason = str(exc).removeprefix(f"cannot download {uri}: ")
+        raise ConfigError(f"caption sidecar {uri} cannot be fetched: {reason}") from exc
 
 
 def load_sidecar(path: str | Path) -> CaptionSidecar:

@@ -1,4 +1,9 @@
-"""KFP wrapper for recaption (no ``from __future__ import annotations``: KFP reads real annotations)."""
+"""KFP wrappers for recaption: one task per plan group (a GPU each on a cluster) and the fan-in.
+
+(No ``from __future__ import annotations``: KFP reads real annotations.)
+"""
+
+from typing import List
 
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Output
@@ -7,23 +12,40 @@ from components.image import BASE_IMAGE
 
 
 @dsl.component(base_image=BASE_IMAGE)
-def recaption_op(
-    images: Input[Dataset], captions: Output[Dataset], backend: str = "auto", vlm_model: str = ""
+def recaption_group_op(
+    group: str, dataset_hash: str, captions: Output[Dataset], backend: str = "auto", vlm_model: str = ""
 ) -> str:
-    """Caption the ingested images, run the caption gate, return the captions' content hash."""
+    """Caption one group's kept images (``dataset_hash``: the ingest fan-in this depends on)."""
     from model.logs import configure_logging_if_requested
 
-    configure_logging_if_requested()  # JSON records on a cluster (LUMINA_LOG_FORMAT set on the task)
+    configure_logging_if_requested()
+    from components.plan.plan import Group
+    from components.recaption.recaption import recaption_group, vlm_function
+
+    vlm = vlm_function(vlm_model) if vlm_model else None
+    result = recaption_group(Group.from_json(group), captions.path, backend=backend, vlm=vlm, progress=False)
+    captions.metadata.update({"images": result.images, "failed": result.failed, "ingest": dataset_hash})
+    return result.dataset_hash
+
+
+@dsl.component(base_image=BASE_IMAGE)
+def captions_merge_op(groups: List[str], parts: Input[List[Dataset]], captions: Output[Dataset],
+                      backend: str = "auto") -> str:  # fmt: skip
+    """Fan-in: one captions table and training manifest, the caption gate on the whole; returns the
+    captions' content hash."""
+    from model.logs import configure_logging_if_requested
+
+    configure_logging_if_requested()
     from pathlib import Path
 
     import pandas as pd
 
     from components.ingest.gate import tracked_gate
+    from components.plan.plan import Group
     from components.recaption.gate import run_caption_gate
-    from components.recaption.recaption import run_recaption, vlm_function
+    from components.recaption.recaption import merge_captions
 
-    vlm = vlm_function(vlm_model) if vlm_model else None
-    result = run_recaption(images.path, captions.path, backend=backend, vlm=vlm, progress=False)
+    result = merge_captions([p.path for p in parts], [Group.from_json(g) for g in groups], captions.path)
     tags = {"dataset_hash": result.dataset_hash, "backend": backend}
     tracked_gate(
         lambda: run_caption_gate(pd.read_parquet(result.captions), Path(captions.path)), "recaption", tags

@@ -5,15 +5,20 @@ Backends: ``metadata`` (synthetic ground truth), ``alt-text`` (existing human ca
 metadata when the image has ground truth, else the VLM when one is given, else its alt text.
 
 Outputs in ``out_dir``: ``captions.parquet`` (image_id, granularity, language, text, backend),
-``manifest.parquet`` (the ingest manifest + ``image_path``, ``domain``, ``captions`` JSON: the
-training schema), ``failures.csv`` and ``dataset.json`` (content hash). Work is saved per shard,
+``manifest.parquet`` (the ingest manifest + ``domain``, ``captions`` JSON: the training schema; images
+stay in their shards), ``failures.csv`` and ``dataset.json`` (content hash). Work is saved per batch,
 so a rerun resumes; an image that fails is retried once, then reported, never fatal.
+
+Fan-out: :func:`recaption_group` captions one plan group (its ``kept.parquet`` from the ingest
+fan-in), reading only that group's shards; :func:`merge_captions` is the fan-in (one table, one
+hash, the caption gate on the whole). :func:`run_recaption` does the same in one process.
 """
 
 from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import logging
 from collections.abc import Callable, Sequence
@@ -25,9 +30,12 @@ import pandas as pd
 from PIL import Image
 from tqdm.auto import tqdm
 
+from components.plan.plan import Group
 from components.recaption.backends import alt_text_captions, metadata_captions, metadata_entry
 from components.recaption.schema import caption_rows, captions_frame, training_captions
 from model.errors import ConfigError
+from storage import read_bytes
+from storage.shards import image_bytes
 
 log = logging.getLogger(__name__)
 BACKENDS = ("auto", "metadata", "alt-text", "vlm")
@@ -78,7 +86,7 @@ def _choose(row: dict, backend: str, has_vlm: bool) -> str:
 
 
 def _caption_shard(
-    rows: list[dict], dataset_dir: Path, backend: str, vlm: VlmFn | None
+    rows: list[dict], dataset_dir: Path | None, backend: str, vlm: VlmFn | None
 ) -> tuple[list[dict], list[tuple[str, str, str]]]:
     out: list[dict] = []
     failures: list[tuple[str, str, str]] = []
@@ -109,7 +117,7 @@ def _caption_shard(
 
 
 def _run_vlm(
-    rows: list[dict], dataset_dir: Path, vlm: VlmFn
+    rows: list[dict], dataset_dir: Path | None, vlm: VlmFn
 ) -> tuple[list[dict], list[tuple[str, str, str]]]:
     out: list[dict] = []
     todo = rows
@@ -117,7 +125,7 @@ def _run_vlm(
     for _attempt in range(2):  # one retry for images that failed
         if not todo:
             break
-        images = [Image.open(dataset_dir / r["path"]).convert("RGB") for r in todo]
+        images = [Image.open(io.BytesIO(image_bytes(r, dataset_dir))).convert("RGB") for r in todo]
         try:
             results = vlm(images)
         except Exception as exc:  # a backend crash fails the batch, which is retried, then reported
@@ -142,18 +150,55 @@ def run_recaption(
     vlm: VlmFn | None = None,
     progress: bool = True,
 ) -> RecaptionResult:
-    """Caption every image of an ingest dataset (``manifest.parquet`` + images) into ``out_dir``."""
+    """Caption every image of an ingest dataset (its ``manifest.parquet``) into ``out_dir``."""
     if backend not in BACKENDS:
         raise ConfigError(f"unknown caption backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    dataset_dir, out = Path(dataset_dir), Path(out_dir)
-    source_manifest = dataset_dir / "manifest.parquet"
+    source_manifest = Path(dataset_dir) / "manifest.parquet"
     if not source_manifest.is_file():
         raise ConfigError(f"ingest manifest not found: {source_manifest}")
     images = pd.read_parquet(source_manifest)
+    return caption_images(
+        images, out_dir, backend=backend, vlm=vlm, progress=progress, root=Path(dataset_dir)
+    )
+
+
+def recaption_group(
+    group: Group,
+    out_dir: str | Path,
+    *,
+    backend: str = "auto",
+    vlm: VlmFn | None = None,
+    progress: bool = True,
+) -> RecaptionResult:
+    """Caption the kept images of one plan group (``<group prefix>/kept.parquet``, written by the
+    ingest fan-in) into ``out_dir``; only this group's shards are read."""
+    from components.ingest.merge import KEPT_FILE
+    from storage import join
+
+    images = pd.read_parquet(io.BytesIO(read_bytes(join(group.prefix, KEPT_FILE))))
+    result = caption_images(images, out_dir, backend=backend, vlm=vlm, progress=progress)
+    info = json.loads((Path(out_dir) / "dataset.json").read_text())
+    (Path(out_dir) / "dataset.json").write_text(json.dumps({**info, "group": group.name}, indent=2))
+    return result
+
+
+def caption_images(
+    images: pd.DataFrame,
+    out_dir: str | Path,
+    *,
+    backend: str = "auto",
+    vlm: VlmFn | None = None,
+    progress: bool = True,
+    root: Path | None = None,
+) -> RecaptionResult:
+    """Caption the images of an ingest manifest frame (bytes read from their shards) into ``out_dir``."""
+    if backend not in BACKENDS:
+        raise ConfigError(f"unknown caption backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     captions_path, shard_dir = out / CAPTIONS_FILE, out / "shards"
     shard_dir.mkdir(exist_ok=True)
-    # resume from a finished run's table plus the shards an interrupted run saved
+    # resume from a finished run's table plus the batches an interrupted run saved
     saved = ([captions_path] if captions_path.is_file() else []) + sorted(shard_dir.glob("*.parquet"))
     parts = [pd.read_parquet(p) for p in saved]
     finished = {i for part in parts for i in part["image_id"]}
@@ -162,7 +207,7 @@ def run_recaption(
     shards = [todo[i : i + SHARD] for i in range(0, len(todo), SHARD)]
     first = len(saved)
     for k, shard in enumerate(tqdm(shards, desc="recaption", disable=not progress, leave=False)):
-        new, failed = _caption_shard(shard, dataset_dir, backend, vlm)
+        new, failed = _caption_shard(shard, root, backend, vlm)
         failures.extend(failed)
         part = captions_frame(new)
         part.to_parquet(shard_dir / f"captions-{first + k:06d}.parquet", index=False)  # resume point
@@ -174,6 +219,42 @@ def run_recaption(
     return _write_outputs(images, table, failures, out, backend, vlm)
 
 
+def merge_captions(
+    group_dirs: Sequence[str | Path], groups: Sequence[Group], out_dir: str | Path
+) -> RecaptionResult:
+    """Fan-in: the groups' captions, training manifests and failures as one set (the same files and
+    hash :func:`run_recaption` writes for the whole dataset). A planned group without output is one
+    line naming it."""
+    found: dict[str, Path] = {}
+    for folder in map(Path, group_dirs):
+        info = folder / "dataset.json"
+        if info.is_file() and (name := json.loads(info.read_text()).get("group")):
+            found[name] = folder
+    missing = [g.name for g in groups if g.name not in found]
+    if missing:
+        more = f" (+{len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise ConfigError(f"recaption fan-in: group {missing[0]}{more} has no output (failed or not run)")
+    ordered = [found[g.name] for g in sorted(groups, key=lambda g: g.name)]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    table = pd.concat([pd.read_parquet(f / CAPTIONS_FILE) for f in ordered], ignore_index=True)
+    table.to_parquet(out / CAPTIONS_FILE, index=False)
+    manifest = pd.concat([pd.read_parquet(f / MANIFEST_FILE) for f in ordered], ignore_index=True)
+    failures = [row for f in ordered for row in _read_failures(f / FAILURES_FILE)]
+    infos = [json.loads((f / "dataset.json").read_text()) for f in ordered]
+    vlm_info = next((i for i in infos if i.get("vlm_model")), {})
+    backend = infos[0]["backend"] if infos else "auto"
+    model, version = vlm_info.get("vlm_model"), vlm_info.get("prompt_version")
+    return _write_outputs(
+        manifest, table, failures, out, backend, None, vlm_model=model, prompt_version=version
+    )
+
+
+def _read_failures(path: Path) -> list[tuple[str, str, str]]:
+    with open(path, newline="") as fh:
+        return [tuple(row) for row in list(csv.reader(fh))[1:]]
+
+
 def _write_outputs(
     images: pd.DataFrame,
     table: pd.DataFrame,
@@ -181,13 +262,16 @@ def _write_outputs(
     out: Path,
     backend: str,
     vlm: VlmFn | None,
+    *,
+    vlm_model: str | None = None,
+    prompt_version: str | None = None,
 ) -> RecaptionResult:
     by_image = {k: g.to_dict("records") for k, g in table.groupby("image_id", sort=False)}
     kept = images[images["id"].isin(by_image)].copy()
-    kept["image_path"] = kept["path"]
-    kept["caption_backend"] = [by_image[i][0]["backend"] for i in kept["id"]]
-    kept["domain"] = ["synthetic" if b == "metadata" else "real" for b in kept["caption_backend"]]
-    kept["captions"] = [training_captions(by_image[i]) for i in kept["id"]]
+    if "captions" not in kept.columns or kept.empty:  # a merged manifest already has them
+        kept["caption_backend"] = [by_image[i][0]["backend"] for i in kept["id"]]
+        kept["domain"] = ["synthetic" if b == "metadata" else "real" for b in kept["caption_backend"]]
+        kept["captions"] = [training_captions(by_image[i]) for i in kept["id"]]
     manifest_path = out / MANIFEST_FILE
     kept.to_parquet(manifest_path, index=False)
     failures_path = out / FAILURES_FILE
@@ -213,8 +297,8 @@ def _write_outputs(
         "captions": result.captions_written,
         "failed": result.failed,
         "backend": backend,
-        "vlm_model": getattr(vlm, "model_id", None),
-        "prompt_version": getattr(vlm, "prompt_version", None),
+        "vlm_model": getattr(vlm, "model_id", vlm_model),
+        "prompt_version": getattr(vlm, "prompt_version", prompt_version),
         "backends_used": table["backend"].value_counts().to_dict(),
     }
     (out / "dataset.json").write_text(json.dumps(info, indent=2))

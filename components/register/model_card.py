@@ -6,8 +6,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from safetensors import safe_open
+
+if TYPE_CHECKING:
+    from components.register.register import GateResult
 
 TEST_PROFILES = ("tiny", "small")
 _TRAINING_TAGS = (
@@ -52,6 +56,29 @@ def _params(count: int) -> str:
     return str(count)
 
 
+def _comparison(gate: GateResult | None, champion_version: str) -> list[str]:
+    """The promotion section's comparison with the champion: notes, then a table of deltas."""
+    if gate is None:
+        return []
+    if not gate.has_champion:
+        return ["- no current champion to compare with"]
+    champion = f"champion v{champion_version}" if champion_version else "champion"
+    lines = [f"- {note}" for note in gate.notes]
+    if not gate.deltas:
+        return [*lines, f"- no metric to compare with the {champion}"]
+    lines += [
+        "",
+        f"Against the {champion} (Δ = this version − champion):",
+        "",
+        f"| metric | this version | {champion} | Δ | Δ % |",
+        "|---|---|---|---|---|",
+    ]
+    for d in gate.deltas:
+        relative = f"{d.relative:+.2f}%" if d.relative is not None else "n/a"
+        lines.append(f"| {d.metric} | {d.challenger:.6g} | {d.champion:.6g} | {d.delta:+.6g} | {relative} |")
+    return lines
+
+
 def model_card(
     name: str,
     version: str,
@@ -60,8 +87,11 @@ def model_card(
     tags: dict[str, str],
     aliases: list[str],
     reasons: list[str],
+    gate: GateResult | None = None,
+    champion_version: str = "",
 ) -> str:
-    """The card as Markdown."""
+    """The card as Markdown. ``gate`` (the gate's result) adds what could not be compared and the
+    deltas against the champion ``champion_version`` it was checked with."""
     summary = transformer_summary(model_dir)
     lines = [
         f"# {name} v{version}",
@@ -84,6 +114,7 @@ def model_card(
     lines += ["", "## Promotion", ""]
     lines.append(f"- aliases: {', '.join(f'`{a}`' for a in aliases)}")
     lines.append("- promoted to `champion`" if not reasons else "- not promoted: " + "; ".join(reasons))
+    lines += _comparison(gate, champion_version)
     lines += [
         "",
         "## Use",

@@ -8,6 +8,7 @@ champion; otherwise the champion stays where it was (and nothing is promoted on 
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -33,6 +34,71 @@ class MetricRule(BaseModel):
     min: float | None = None
 
 
+def _non_finite(value: object) -> str:
+    """Why ``value`` cannot be compared ("" when it is a finite number)."""
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return f"is {value!r} (not a number)"
+    if math.isnan(number):
+        return "is NaN (not a finite number)"
+    if math.isinf(number):
+        return f"is {'+' if number > 0 else '-'}inf (not a finite number)"
+    return ""
+
+
+@dataclass(frozen=True)
+class MetricDelta:
+    """The challenger against the champion on one metric: ``delta`` = challenger − champion,
+    ``relative`` = delta / |champion| in percent (None when the champion's value is 0)."""
+
+    metric: str
+    challenger: float
+    champion: float
+    delta: float
+    relative: float | None
+
+    @classmethod
+    def of(cls, metric: str, challenger: float, champion: float) -> MetricDelta:
+        delta = challenger - champion
+        relative = delta / abs(champion) * 100.0 if champion else None
+        return cls(metric, challenger, champion, delta, relative)
+
+    def describe(self) -> str:
+        relative = f"{self.relative:+.2f}%" if self.relative is not None else "n/a %"
+        return f"{self.metric} {self.delta:+.4g} ({relative})"
+
+
+@dataclass
+class GateResult:
+    """What the gate decided: ``reasons`` block the promotion; ``notes`` (the champion's metrics it
+    could not compare against) do not; ``deltas`` compare the challenger with the champion on every
+    metric both have as finite numbers."""
+
+    reasons: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    deltas: list[MetricDelta] = field(default_factory=list)
+    has_champion: bool = False
+
+    @property
+    def passed(self) -> bool:
+        return not self.reasons
+
+    def comparison(self) -> str:
+        """The deltas as one line ("" when there is nothing to compare)."""
+        if not self.deltas:
+            return ""
+        return "vs champion: " + ", ".join(d.describe() for d in self.deltas)
+
+    def summary(self) -> str:
+        """The outcome, the reasons, the notes and the deltas as one line (the ``promotion`` tag)."""
+        parts = list(self.reasons) or ["promoted"]
+        parts += self.notes
+        if self.comparison():
+            parts.append(self.comparison())
+        return "; ".join(parts)
+
+
 class PromotionGate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -41,22 +107,45 @@ class PromotionGate(BaseModel):
 
     def check(self, metrics: dict[str, float], champion: dict[str, float] | None) -> list[str]:
         """Reasons not to promote (empty: promote)."""
-        reasons = []
+        return self.evaluate(metrics, champion).reasons
+
+    def evaluate(self, metrics: dict[str, float], champion: dict[str, float] | None) -> GateResult:
+        """Check ``metrics`` against the bounds and the current ``champion``'s metrics (None: no
+        champion). A rule's metric that is missing or not a finite number (NaN, ±inf: a diverged
+        run) never promotes. A champion metric that is missing or not finite is named in the notes
+        and not compared against (the bounds still apply)."""
+        result = GateResult(has_champion=champion is not None)
+        champion = champion or {}
         for name, rule in self.rules.items():
             if name not in metrics:
-                reasons.append(f"{name} missing")
+                result.reasons.append(f"{name} missing from the evaluation")
                 continue
-            value = metrics[name]
-            if rule.max is not None and value > rule.max:
-                reasons.append(f"{name}={value:.4g} > max {rule.max:.4g}")
-            if rule.min is not None and value < rule.min:
-                reasons.append(f"{name}={value:.4g} < min {rule.min:.4g}")
-            if champion and name in champion:
-                best, slack = champion[name], abs(champion[name]) * self.regression_tolerance
-                worse = value > best + slack if rule.better == "lower" else value < best - slack
-                if worse:
-                    reasons.append(f"{name}={value:.4g} regresses against champion {best:.4g}")
-        return reasons
+            if problem := _non_finite(metrics[name]):
+                result.reasons.append(f"{name} {problem}")
+                continue
+            value = float(metrics[name])
+            if rule.max is not None and not value <= rule.max:
+                result.reasons.append(f"{name}={value:.4g} > max {rule.max:.4g}")
+            if rule.min is not None and not value >= rule.min:
+                result.reasons.append(f"{name}={value:.4g} < min {rule.min:.4g}")
+            if not result.has_champion:
+                continue
+            if name not in champion:
+                result.notes.append(f"champion has no {name}: not compared")
+                continue
+            if problem := _non_finite(champion[name]):
+                result.notes.append(f"champion's {name} {problem}: not compared")
+                continue
+            best = float(champion[name])
+            slack = abs(best) * self.regression_tolerance
+            worse = value > best + slack if rule.better == "lower" else value < best - slack
+            if worse:
+                delta = MetricDelta.of(name, value, best).describe().removeprefix(f"{name} ")
+                result.reasons.append(f"{name}={value:.4g} regresses against champion {best:.4g} {delta}")
+        for name in sorted(set(metrics) & set(champion)):
+            if not _non_finite(metrics[name]) and not _non_finite(champion[name]):
+                result.deltas.append(MetricDelta.of(name, float(metrics[name]), float(champion[name])))
+        return result
 
 
 @dataclass
@@ -67,26 +156,42 @@ class Registration:
     promoted: bool
     reasons: list[str] = field(default_factory=list)
     run_id: str = ""
+    notes: list[str] = field(default_factory=list)  # what the gate could not compare (not blocking)
+    deltas: list[MetricDelta] = field(default_factory=list)  # against the champion it was checked with
+    champion: str = ""  # that champion's version ("" when there was none)
 
 
 def _metric_tags(metrics: dict[str, float]) -> dict[str, str]:
     return {f"metric.{k}": repr(float(v)) for k, v in metrics.items()}
 
 
+def _tag_float(value: str) -> float:
+    try:
+        return float(value)
+    except ValueError:  # a hand-edited tag: not a number, so the gate names it and never compares it
+        return math.nan
+
+
 def tag_metrics(tags: dict[str, str]) -> dict[str, float]:
-    """The metrics a model version carries as ``metric.<name>`` tags."""
-    return {k.removeprefix("metric."): float(v) for k, v in tags.items() if k.startswith("metric.")}
+    """The metrics a model version carries as ``metric.<name>`` tags (``nan``/``inf`` included)."""
+    return {k.removeprefix("metric."): _tag_float(v) for k, v in tags.items() if k.startswith("metric.")}
 
 
-def champion_metrics(client, name: str) -> dict[str, float] | None:
-    """The current champion's metrics; None when there is no champion."""
+def current_champion(client, name: str) -> tuple[str, dict[str, float]] | None:
+    """The current champion's version and metrics; None when there is no champion."""
     from mlflow.exceptions import MlflowException
 
     try:
         version = client.get_model_version_by_alias(name, CHAMPION)
     except MlflowException:
         return None
-    return tag_metrics(version.tags)
+    return str(version.version), tag_metrics(version.tags)
+
+
+def champion_metrics(client, name: str) -> dict[str, float] | None:
+    """The current champion's metrics; None when there is no champion."""
+    champion = current_champion(client, name)
+    return champion[1] if champion else None
 
 
 def register_model(
@@ -121,24 +226,48 @@ def register_model(
             client.create_registered_model(name, description="Lumina-Image 2.0-style text-to-image pipeline")
         source = f"{run.artifact_uri}/{ARTIFACT_DIR}"
         version = client.create_model_version(name, source=source, run_id=run.run_id, tags=all_tags)
-        reasons = gate.check(metrics, champion_metrics(client, name))
+        champion = current_champion(client, name)
+        result = gate.evaluate(metrics, champion[1] if champion else None)
+        reasons = result.reasons
         client.set_registered_model_alias(name, CHALLENGER, version.version)
         aliases = [CHALLENGER]
         if not reasons:
             client.set_registered_model_alias(name, CHAMPION, version.version)
             aliases.append(CHAMPION)
-        client.set_model_version_tag(name, version.version, "promotion", "; ".join(reasons) or "promoted")
-        card = model_card(name, str(version.version), model_dir, metrics, all_tags, aliases, reasons)
+        champion_version = champion[0] if champion else ""
+        client.set_model_version_tag(name, version.version, "promotion", result.summary())
+        card = model_card(
+            name,
+            str(version.version),
+            model_dir,
+            metrics,
+            all_tags,
+            aliases,
+            reasons,
+            result,
+            champion_version,
+        )
         client.update_model_version(name, version.version, description=card)
         client.log_text(run.run_id, card, "model_card.md")
-    log.info("registered %s v%s aliases=%s %s", name, version.version, aliases, reasons or "")
-    return Registration(name, str(version.version), aliases, not reasons, reasons, run.run_id)
+    log.info("registered %s v%s aliases=%s %s", name, version.version, aliases, result.summary())
+    return Registration(
+        name,
+        str(version.version),
+        aliases,
+        not reasons,
+        reasons,
+        run.run_id,
+        result.notes,
+        result.deltas,
+        champion_version,
+    )
 
 
 def download_version(uri: str, dest: str | Path, tracking_uri: str | None = None) -> Path:
     """``models:/<name>@<alias>`` or ``models:/<name>/<version>`` → a local diffusers folder
-    (the server's fetch: staged download into an empty or earlier-download ``dest``)."""
-    from serving.fetch import fetch_mlflow
+    (:func:`storage.registry.fetch_mlflow`, shared with the server's fetch: staged download into an
+    empty or earlier-download ``dest``)."""
+    from storage.registry import fetch_mlflow
 
     if not uri.startswith("models:/"):
         raise ConfigError(f"not a registry URI: {uri!r} (expected models:/<name>@<alias>)")

@@ -7,7 +7,7 @@ import getpass
 import logging
 from dataclasses import dataclass, field
 
-from components.register.register import CHAMPION, PromotionGate, champion_metrics, tag_metrics
+from components.register.register import CHAMPION, GateResult, PromotionGate, current_champion, tag_metrics
 from model.errors import ConfigError, LuminaError
 
 log = logging.getLogger(__name__)
@@ -16,9 +16,10 @@ log = logging.getLogger(__name__)
 class PromotionRefused(LuminaError):
     """The gate refused the promotion (use ``force`` to override, e.g. for a rollback)."""
 
-    def __init__(self, message: str, reasons: list[str]) -> None:
+    def __init__(self, message: str, reasons: list[str], result: GateResult | None = None) -> None:
         super().__init__(message)
         self.reasons = reasons
+        self.result = result
 
 
 @dataclass
@@ -79,9 +80,11 @@ def promote(
 ) -> list[str]:
     """Point ``alias`` at ``version`` (any alias; only ``champion`` is gated). For ``champion`` the
     version's metrics must pass ``gate``
-    against the current champion, unless ``force`` (a rollback to an older version usually needs
+    against the current champion (:meth:`PromotionGate.evaluate`, as in the pipeline: a missing or
+    non-finite metric never passes), unless ``force`` (a rollback to an older version usually needs
     it); refused → :class:`PromotionRefused` with the reasons, nothing changed. Returns the reasons
-    that were overridden (empty when the gate passed). The version's ``promotion`` tag records it."""
+    that were overridden (empty when the gate passed). The version's ``promotion`` tag records it,
+    with what could not be compared and the deltas against the champion it replaced."""
     from mlflow.exceptions import MlflowException
 
     client = _client(tracking_uri)
@@ -91,17 +94,21 @@ def promote(
         raise ConfigError(f"model {name!r} has no version {version!r} at {tracking_uri}") from exc
     reasons: list[str] = []
     previous = ""
+    extra: list[str] = []  # what the gate could not compare, and the deltas
     if alias == CHAMPION:
-        try:
-            previous = str(client.get_model_version_by_alias(name, CHAMPION).version)
-        except MlflowException:
-            previous = ""
+        champion = current_champion(client, name)
+        previous = champion[0] if champion else ""
         if previous == str(target.version):
             return []  # already champion
-        reasons = (gate or PromotionGate()).check(tag_metrics(target.tags), champion_metrics(client, name))
+        result = (gate or PromotionGate()).evaluate(
+            tag_metrics(target.tags), champion[1] if champion else None
+        )
+        reasons = result.reasons
+        extra = result.notes + ([result.comparison()] if result.comparison() else [])
         if reasons and not force:
-            message = f"{name} v{version} not promoted to {alias}: {'; '.join(reasons)} (--force to override)"
-            raise PromotionRefused(message, reasons)
+            told = "; ".join(reasons + extra)
+            message = f"{name} v{version} not promoted to {alias}: {told} (--force to override)"
+            raise PromotionRefused(message, reasons, result)
     client.set_registered_model_alias(name, alias, target.version)
     try:
         who = getpass.getuser()
@@ -110,6 +117,8 @@ def promote(
     note = f"manual {alias} by {who}" + (f" replacing v{previous}" if previous else "")
     if reasons:
         note += f", forced past: {'; '.join(reasons)}"
+    if extra:
+        note += f"; {'; '.join(extra)}"
     client.set_model_version_tag(name, target.version, "promotion", note)
     log.info("%s v%s is now %s (%s)", name, target.version, alias, note)
     return reasons

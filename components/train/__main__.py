@@ -22,6 +22,9 @@ def run(
     config: Annotated[Path | None, typer.Option(help="YAML with any TrainConfig field")] = None,
     init_from: Annotated[Path | None, typer.Option(help="previous stage's pipeline folder")] = None,
     image_root: Annotated[Path | None, typer.Option(help="root for relative image paths")] = None,
+    latents: Annotated[
+        Path | None, typer.Option(help="latent index (Parquet or folder) from components.latents")
+    ] = None,
     steps: int | None = None,
     seed: int | None = None,
 ) -> None:
@@ -34,6 +37,7 @@ def run(
     for key, value in (
         ("init_from", init_from),
         ("image_root", image_root),
+        ("latents", latents),
         ("steps", steps),
         ("seed", seed),
     ):

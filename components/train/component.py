@@ -7,6 +7,8 @@ time. On a cluster the pipeline gives this task GPUs; with several GPUs in the p
 starts ``torchrun`` over all of them.
 """
 
+from typing import List
+
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Metrics, Model, Output
 
@@ -25,6 +27,7 @@ def train_stage_op(
     config_yaml: str = "",
     init_from: Input[Model] = None,
     images: Input[Dataset] = None,
+    latents: Input[List[Dataset]] = None,
 ) -> str:
     """Train one stage into ``pipeline`` (diffusers folder); returns the stage's MLflow run id."""
     from model.logs import configure_logging_if_requested
@@ -49,6 +52,13 @@ def train_stage_op(
         cmd += ["--init-from", init_from.path]
     if images is not None:
         cmd += ["--image-root", images.path]
+    if latents:  # the latent step's per-group indexes (dsl.Collected): one folder of Parquet files
+        index_dir = work / "latents"
+        index_dir.mkdir()
+        for part in latents:
+            for file in Path(part.path).glob("*.parquet"):
+                shutil.copy(file, index_dir / file.name)
+        cmd += ["--latents", str(index_dir)]
     if config_yaml:
         (work / "stage.yaml").write_text(config_yaml)
         cmd += ["--config", str(work / "stage.yaml")]

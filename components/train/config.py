@@ -26,6 +26,8 @@ PAPER_STAGES: dict[Stage, dict[str, Any]] = {
     Stage.HIGHRES: {"resolution": 1024, "steps": 40_000, "global_batch": 512, "lr": 2e-4, "aux_weight": 1.0},
     Stage.HQ: {"resolution": 1024, "steps": 15_000, "global_batch": 512, "lr": 2e-4, "aux_weight": 1.0},
 }
+for _stage in PAPER_STAGES.values():  # 110M images: no per-caption feature store (README, caption embeddings)
+    _stage["text_features"] = "online"
 
 # Scaled down so all three stages finish on 2 CPU cores in a few minutes.
 TINY_STAGES: dict[Stage, dict[str, Any]] = {
@@ -78,6 +80,17 @@ class TrainConfig(BaseModel):
     )
     init_from: Path | None = Field(None, description="diffusers folder of the previous stage")
     cache_dir: Path | None = Field(None, description="latent/text cache; default output_dir/../cache")
+    latents: Path | None = Field(
+        None,
+        description="latent index (Parquet or folder of them, components.latents): latents at this"
+        " resolution for this VAE are read from its safetensors files instead of encoded",
+    )
+    text_features: Literal["cache", "online"] = Field(
+        "cache",
+        description="cache: Gemma features of every caption variant computed once at the start of the"
+        " stage (small datasets); online: captions encoded in each training step (the paper's scale:"
+        " no per-variant feature store; see README 'Caption embeddings')",
+    )
     resolution: int = Field(64, ge=64)
     steps: int = Field(100, ge=1)
     global_batch: int = Field(16, ge=1)
@@ -99,6 +112,10 @@ class TrainConfig(BaseModel):
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     gradient_checkpointing: bool = False
     checkpoint_every: int = Field(50, ge=1)
+    checkpoint_minutes: float | None = Field(
+        None, gt=0, description="also checkpoint once this many minutes passed since the last checkpoint"
+    )
+    keep_checkpoints: int = Field(2, ge=1, description="complete checkpoints kept (older ones are deleted)")
     log_every: int = Field(10, ge=1)
     sample_every: int = Field(0, ge=0, description="sample grid every K steps (0: only at the end)")
     track: bool = Field(True, description="log to MLflow (MLFLOW_TRACKING_URI or sqlite beside outputs)")

@@ -1,20 +1,31 @@
 """Training data: the tier manifest, aspect-ratio buckets, caption sampling and the
 latent / text-embedding cache (so training steps run no VAE and no Gemma).
 
-Training manifest (Parquet, one row per image; written by the tier step):
-``id`` (str), ``image_path`` (str, absolute or relative to the manifest), ``domain``
-(``real`` | ``synthetic``), ``captions`` (JSON list of ``{"granularity", "language", "text"}``).
+Training manifest (Parquet, one row per image; written by the tier step): ``id`` (str),
+``domain`` (``real`` | ``synthetic``), ``captions`` (JSON list of
+``{"granularity", "language", "text"}``) and where the image is: either a shard ref
+(``shard``, ``member``, ``offset``, ``size``: a member of a WebDataset-style tar, see
+:mod:`storage.shards`) or ``image_path`` (absolute or relative to the image root / the manifest's
+folder; hand-written manifests). Optional ``width`` / ``height`` (the EXIF-transposed size, as
+ingest measured it) put an image in its bucket without reading it.
+
+Image bytes are always read through :func:`storage.shards.image_bytes` (a range read for a shard
+member, local or ``s3://``). With a latent index (:mod:`components.latents`) the stage's latents
+are served lazily from the safetensors files it names instead of being encoded here.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import logging
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -26,6 +37,13 @@ from model.errors import ConfigError
 from model.prompts import SystemPrompt, apply_system_prompt
 from model.text import encode_prompts
 from model.vae import encode_pixels
+from storage.io import is_s3
+from storage.shards import REF_COLUMNS, image_bytes
+
+if TYPE_CHECKING:
+    from components.latents import LatentStore
+
+log = logging.getLogger(__name__)
 
 REQUIRED_COLUMNS = ("id", "image_path", "domain", "captions")
 ASPECT_RATIOS = (1 / 2, 2 / 3, 3 / 4, 1.0, 4 / 3, 3 / 2, 2.0)
@@ -40,11 +58,44 @@ class Caption:
 
 
 @dataclass(frozen=True)
+class ImageRef:
+    """A shard member holding one image (the manifest's ``shard``/``member``/``offset``/``size``)."""
+
+    shard: str
+    member: str
+    offset: int
+    size: int
+
+    def as_row(self) -> dict[str, Any]:
+        return {"shard": self.shard, "member": self.member, "offset": self.offset, "size": self.size}
+
+
+@dataclass(frozen=True)
 class TrainRecord:
+    """One training image: a file (``image_path``) or a shard member (``ref``), its captions and,
+    when the manifest has them, its (EXIF-transposed) ``width`` / ``height``."""
+
     id: str
-    image_path: Path
+    image_path: Path | None
     domain: str
     captions: tuple[Caption, ...]
+    ref: ImageRef | None = None
+    width: int | None = None
+    height: int | None = None
+
+    def source_row(self) -> dict[str, Any]:
+        """The row :func:`storage.shards.image_bytes` reads this image from."""
+        row: dict[str, Any] = {"image_path": str(self.image_path) if self.image_path else None}
+        if self.ref is not None:
+            row.update(self.ref.as_row())
+        return row
+
+    @property
+    def where(self) -> str:
+        """The image's location, for messages."""
+        if self.ref is not None:
+            return f"{self.ref.shard}::{self.ref.member}"
+        return str(self.image_path)
 
 
 def stage_manifest(path: str | Path, stage: str) -> Path:
@@ -53,8 +104,16 @@ def stage_manifest(path: str | Path, stage: str) -> Path:
     return path / f"{stage}.parquet" if path.is_dir() else path
 
 
+def _present(value: Any) -> bool:
+    """A manifest cell that holds a value (not None / NaN / empty)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return False
+    return not (isinstance(value, str) and not value.strip())
+
+
 def read_manifest(path: str | Path, image_root: str | Path | None = None) -> list[TrainRecord]:
-    """Read and check a training manifest; one clear error for a bad one. Relative image paths
+    """Read and check a training manifest; one clear error for a bad one. Rows name their image by
+    a shard ref or by ``image_path``; relative image paths (and relative local shard paths)
     resolve against ``image_root`` (e.g. the ingest dataset) or else the manifest's folder."""
     path = Path(path)
     root = Path(image_root) if image_root is not None else path.parent
@@ -64,18 +123,36 @@ def read_manifest(path: str | Path, image_root: str | Path | None = None) -> lis
         frame = pd.read_parquet(path)
     except Exception as exc:  # pyarrow raises several types for a bad file
         raise ConfigError(f"cannot read training manifest {path}: {str(exc).splitlines()[0]}") from None
-    missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
+    has_refs = "shard" in frame.columns
+    missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns and not (c == "image_path" and has_refs)]
+    if has_refs:
+        missing += [c for c in REF_COLUMNS if c not in frame.columns]
     if missing:
         raise ConfigError(f"training manifest {path} lacks columns: {', '.join(missing)}")
+    has_paths, has_size = "image_path" in frame.columns, {"width", "height"} <= set(frame.columns)
     records = []
-    for row in frame.itertuples(index=False):
-        caps = tuple(Caption(**c) for c in json.loads(row.captions))
+    for row in frame.to_dict("records"):
+        rid = str(row["id"])
+        caps = tuple(Caption(**c) for c in json.loads(row["captions"]))
         if not caps:
-            raise ConfigError(f"training manifest {path}: image {row.id} has no captions")
-        image = Path(row.image_path)
-        records.append(
-            TrainRecord(str(row.id), image if image.is_absolute() else root / image, row.domain, caps)
-        )
+            raise ConfigError(f"training manifest {path}: image {rid} has no captions")
+        ref = image = None
+        if has_refs and _present(row["shard"]):
+            shard = str(row["shard"])
+            if not is_s3(shard) and not Path(shard).is_absolute():
+                shard = str(root / shard)
+            if not (_present(row["offset"]) and _present(row["size"])):
+                raise ConfigError(f"training manifest {path}: image {rid} has a shard but no offset/size")
+            ref = ImageRef(shard, str(row["member"]), int(row["offset"]), int(row["size"]))
+        elif has_paths and _present(row["image_path"]):
+            image = Path(str(row["image_path"]))
+            image = image if image.is_absolute() else root / image
+        else:
+            raise ConfigError(f"training manifest {path}: image {rid} has neither a shard nor an image_path")
+        width = height = None
+        if has_size and _present(row["width"]) and _present(row["height"]):
+            width, height = int(row["width"]), int(row["height"])
+        records.append(TrainRecord(rid, image, str(row["domain"]), caps, ref, width, height))
     if not records:
         raise ConfigError(f"training manifest {path} is empty")
     return records
@@ -97,26 +174,70 @@ def nearest_bucket(width: int, height: int, buckets: Sequence[tuple[int, int]]) 
     return min(buckets, key=lambda hw: abs(math.log(hw[1] / hw[0]) - ar))
 
 
-def load_image(path: Path, size: tuple[int, int]) -> torch.Tensor:
-    """Decode, EXIF-transpose, resize to cover and centre-crop to (h, w); values in [-1, 1]."""
+def read_image_bytes(source: TrainRecord | Path | str | bytes) -> bytes:
+    """The encoded bytes of an image given as a record (shard ref or file), a file path or bytes."""
+    if isinstance(source, bytes):
+        return source
+    if isinstance(source, TrainRecord):
+        return image_bytes(source.source_row())
+    return image_bytes({"image_path": str(source)})
+
+
+def decode_image(source: TrainRecord | Path | str | bytes) -> Image.Image:
+    """Decoded, EXIF-transposed RGB image."""
+    with Image.open(io.BytesIO(read_image_bytes(source))) as img:
+        return ImageOps.exif_transpose(img).convert("RGB")
+
+
+EXIF_ORIENTATION = 0x0112
+_SWAPS_SIDES = (5, 6, 7, 8)  # orientations exif_transpose rotates by 90°
+
+
+def measure_image(data: bytes) -> tuple[int, int]:
+    """(width, height) after EXIF transpose, from the header alone (no pixels decoded)."""
+    with Image.open(io.BytesIO(data)) as img:
+        w, h = img.size
+        orientation = img.getexif().get(EXIF_ORIENTATION, 1)
+    return (h, w) if orientation in _SWAPS_SIDES else (w, h)
+
+
+def image_size(record: TrainRecord) -> tuple[int, int]:
+    """(width, height) after EXIF transpose: from the manifest when it has them, else measured."""
+    if record.width and record.height:
+        return record.width, record.height
+    return measure_image(read_image_bytes(record))
+
+
+def load_image(source: TrainRecord | Path | str | bytes, size: tuple[int, int]) -> torch.Tensor:
+    """Decode, EXIF-transpose, resize to cover and centre-crop to (h, w); values in [-1, 1].
+    ``source``: a record (read from its shard or file), a file path, or the image's bytes."""
     h, w = size
-    with Image.open(path) as img:
-        img = ImageOps.exif_transpose(img).convert("RGB")
-        scale = max(w / img.width, h / img.height)
-        resized = img.resize(
-            (max(w, round(img.width * scale)), max(h, round(img.height * scale))), Image.BICUBIC
-        )
+    img = decode_image(source)
+    scale = max(w / img.width, h / img.height)
+    resized = img.resize((max(w, round(img.width * scale)), max(h, round(img.height * scale))), Image.BICUBIC)
     left, top = (resized.width - w) // 2, (resized.height - h) // 2
     arr = np.asarray(resized.crop((left, top, left + w, top + h)), dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(arr).permute(2, 0, 1)
 
 
+FINGERPRINT_SAMPLE = 1 << 16  # elements hashed per tensor at most (a fixed stride over larger ones)
+
+
 def fingerprint(module: torch.nn.Module) -> str:
-    """Cheap content hash of a module's config and weights (keys the cache)."""
-    digest = hashlib.sha256(json.dumps(getattr(module, "config", {}), default=str, sort_keys=True).encode())
+    """Content hash of a module's config and weights (keys the latent and text caches): the same
+    in every process, whatever the thread count, and after a save / load round trip. Exact bytes
+    are hashed (a float sum is not reproducible across thread counts); a large tensor contributes
+    its shape, dtype and a fixed-stride sample of its elements, so a 2.6B model hashes in seconds."""
+    raw = getattr(module, "config", None) or {}
+    settings = raw.to_dict() if hasattr(raw, "to_dict") else dict(raw)  # transformers or diffusers
+    config = {k: v for k, v in settings.items() if not str(k).startswith("_")}  # _name_or_path, versions
+    digest = hashlib.sha256(json.dumps(config, default=str, sort_keys=True).encode())
     for name, tensor in module.state_dict().items():
-        digest.update(name.encode())
-        digest.update(np.float64(tensor.double().sum().item()).tobytes())
+        flat = tensor.detach().cpu().reshape(-1)
+        if flat.numel() > FINGERPRINT_SAMPLE:
+            flat = flat[:: flat.numel() // FINGERPRINT_SAMPLE]
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        digest.update(flat.contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:16]
 
 
@@ -144,11 +265,44 @@ def choose_caption(
     return rng.choices(texts, weights=weights, k=1)[0]
 
 
+class StageLatents(Mapping[str, torch.Tensor]):
+    """The stage's latents by record id: those encoded here (in memory) and, lazily, those served
+    by a :class:`components.latents.LatentStore` (read from its safetensors files on access)."""
+
+    def __init__(
+        self, ids: Sequence[str], encoded: Mapping[str, torch.Tensor], store: LatentStore | None = None
+    ) -> None:
+        self._ids = list(dict.fromkeys(ids))
+        self._encoded = encoded
+        self._store = store
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key in self._encoded:
+            return self._encoded[key]
+        if self._store is not None and key in self._store:
+            return self._store[key]
+        raise KeyError(key)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._encoded or (self._store is not None and key in self._store)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._ids)
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    @property
+    def from_store(self) -> int:
+        """How many of the stage's ids the latent store serves."""
+        return sum(1 for i in self._ids if i not in self._encoded)
+
+
 @dataclass
 class FeatureCache:
-    """In-memory view of the cached features for one stage."""
+    """View of the cached features for one stage (latents may be served lazily from a store)."""
 
-    latents: dict[str, torch.Tensor]  # record id -> (C, h, w)
+    latents: Mapping[str, torch.Tensor]  # record id -> (C, h, w) fp32
     text: dict[str, torch.Tensor]  # caption text -> (L, D) valid tokens only
     buckets: dict[tuple[int, int], list[str]]  # (h, w) -> record ids
 
@@ -164,6 +318,34 @@ class FeatureCache:
         return embeds, mask
 
 
+def stage_latent_store(
+    index: str | Path, *, resolution: int, vae_fingerprint: str, cache_dir: Path
+) -> LatentStore | None:
+    """The latent store of an index (a Parquet file or a folder of them) restricted to this stage's
+    resolution and VAE; ``None`` (with a warning: the stage encodes instead) when it has none."""
+    from components.latents import LatentStore, read_latent_index
+
+    frame = read_latent_index(index)
+    at_res = frame[frame["resolution"] == resolution]
+    matching = at_res[at_res["vae_fingerprint"] == vae_fingerprint]
+    if matching.empty:
+        if at_res.empty:
+            found = ", ".join(str(r) for r in sorted(frame["resolution"].unique()))
+            log.warning(
+                "latent index %s has no latents at %dpx (it has: %s); encoding latents instead",
+                index, resolution, found or "none",
+            )  # fmt: skip
+        else:
+            found = ", ".join(sorted(at_res["vae_fingerprint"].unique()))
+            log.warning(
+                "latent index %s was built with VAE fingerprint %s, this stage's VAE is %s; "
+                "encoding latents instead",
+                index, found, vae_fingerprint,
+            )  # fmt: skip
+        return None
+    return LatentStore(matching, cache_dir=cache_dir / "latent-files")
+
+
 @torch.no_grad()
 def build_cache(
     records: Sequence[TrainRecord],
@@ -175,38 +357,59 @@ def build_cache(
     system_prompts: dict[str, SystemPrompt],
     cache_dir: Path,
     batch_size: int = 8,
+    latent_index: str | Path | None = None,
+    text_features: bool = True,
 ) -> FeatureCache:
     """Compute (or reuse) VAE latents per image at this stage's buckets and Gemma features per
-    caption variant (plus the empty caption used by caption dropout)."""
+    caption variant (plus the empty caption used by caption dropout).
+
+    ``latent_index`` (a Parquet file or folder of index Parquets from :mod:`components.latents`):
+    ids it holds at this resolution for this VAE are served lazily from its safetensors files;
+    the others are encoded here as without it. An index for another VAE is warned about and not
+    used."""
     cache_dir.mkdir(parents=True, exist_ok=True)
-    lat_file = cache_dir / f"latents-r{resolution}-{fingerprint(vae)}.pt"
+    vae_fp = fingerprint(vae)
+    lat_file = cache_dir / f"latents-r{resolution}-{vae_fp}.pt"
     txt_file = cache_dir / f"text-{fingerprint(text_encoder)}.pt"
+    store = None
+    if latent_index is not None:
+        store = stage_latent_store(latent_index, resolution=resolution, vae_fingerprint=vae_fp,
+                                   cache_dir=cache_dir)  # fmt: skip
     latents: dict[str, torch.Tensor] = torch.load(lat_file) if lat_file.is_file() else {}
     text: dict[str, torch.Tensor] = torch.load(txt_file) if txt_file.is_file() else {}
 
     buckets = bucket_sizes(resolution)
+    down = 2 ** (len(vae.config.block_out_channels) - 1)
     by_bucket: dict[tuple[int, int], list[str]] = {}
     todo: dict[tuple[int, int], list[TrainRecord]] = {}
     for rec in records:
-        with Image.open(rec.image_path) as img:
-            w, h = ImageOps.exif_transpose(img).size
-        size = nearest_bucket(w, h, buckets)
+        if store is not None and rec.id in store:
+            size = store.bucket(rec.id)
+        elif rec.id in latents and not (rec.width and rec.height):
+            size = (latents[rec.id].shape[-2] * down, latents[rec.id].shape[-1] * down)  # no image read
+        else:
+            size = nearest_bucket(*image_size(rec), buckets)
+            if rec.id not in latents:
+                todo.setdefault(size, []).append(rec)
         by_bucket.setdefault(size, []).append(rec.id)
-        if rec.id not in latents:
-            todo.setdefault(size, []).append(rec)
     n_new = sum(len(v) for v in todo.values())
+    if store is not None:
+        log.info(
+            "latents %dpx: %d from %s, %d to encode", resolution, len(records) - n_new, latent_index, n_new
+        )
     with tqdm(total=n_new, desc=f"latents {resolution}px", disable=n_new == 0, leave=False) as bar:
         for size, recs in todo.items():
             for i in range(0, len(recs), batch_size):
                 chunk = recs[i : i + batch_size]
-                pixels = torch.stack([load_image(r.image_path, size) for r in chunk])
+                pixels = torch.stack([load_image(r, size) for r in chunk])
                 for rec, zi in zip(chunk, encode_pixels(vae, pixels), strict=True):
                     latents[rec.id] = zi.clone()
                 bar.update(len(chunk))
     if n_new:
         torch.save(latents, lat_file)
 
-    texts = sorted({t for r in records for t in caption_texts(r, system_prompts)} | {""} - set(text))
+    wanted = {t for r in records for t in caption_texts(r, system_prompts)} | {""} if text_features else set()
+    texts = sorted(wanted - set(text))  # text_features=False: captions are encoded in the step
     for i in tqdm(range(0, len(texts), 32), desc="text features", disable=not texts, leave=False):
         chunk = texts[i : i + 32]
         emb = encode_prompts(chunk, tokenizer, text_encoder)
@@ -214,4 +417,6 @@ def build_cache(
             text[t] = e[: int(m.sum())].float().clone()
     if texts:
         torch.save(text, txt_file)
-    return FeatureCache(latents={r.id: latents[r.id] for r in records}, text=text, buckets=by_bucket)
+    ids = [r.id for r in records]
+    encoded = {i: latents[i] for i in ids if i in latents}
+    return FeatureCache(latents=StageLatents(ids, encoded, store), text=text, buckets=by_bucket)

@@ -19,11 +19,14 @@ from diffusers import Lumina2Transformer2DModel
 from PIL import Image
 
 from components.tracking import MlflowTracker, default_tracking_uri, file_sha256, git_sha
+from components.train import checkpoints
 from components.train.config import TrainConfig
 from components.train.data import FeatureCache, build_cache, choose_caption, read_manifest
+from components.train.launch import free_port
 from model.checkpoint import build_pipeline, load_pipeline, save_pipeline
+from model.errors import error_summary
 from model.flow import TimestepSampler, flow_matching_loss
-from services.process import free_port
+from model.text import encode_prompts
 
 log = logging.getLogger(__name__)
 CKPT_DIR = "checkpoints"
@@ -41,14 +44,34 @@ class StageResult:
     run_id: str = ""  # the MLflow run (rank 0, when tracked)
 
 
-def ensure_distributed_env() -> None:
-    """Single-process defaults so DeepSpeed starts without a launcher (gloo on CPU)."""
+def ensure_distributed_env() -> bool:
+    """Single-process defaults so DeepSpeed starts without a launcher (gloo on CPU). Returns whether
+    the rendezvous port is ours to choose (no launcher set ``MASTER_PORT``)."""
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    if "MASTER_PORT" not in os.environ:
+    owned = "MASTER_PORT" not in os.environ
+    if owned:
         os.environ["MASTER_PORT"] = str(free_port())
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
+    return owned
+
+
+def init_distributed(owned_port: bool, attempts: int = 5) -> None:
+    """``deepspeed.init_distributed()``; when the port is ours, it is picked just before binding and
+    picked again if another process took it in between (EADDRINUSE), instead of failing the stage."""
+    import deepspeed
+
+    for attempt in range(attempts):
+        if owned_port and attempt:
+            os.environ["MASTER_PORT"] = str(free_port())
+        try:
+            deepspeed.init_distributed()
+            return
+        except Exception as exc:  # torch's DistNetworkError; anything else is re-raised
+            if not owned_port or "EADDRINUSE" not in str(exc) or attempt == attempts - 1:
+                raise
+            log.warning("rendezvous port %s was taken; trying another", os.environ["MASTER_PORT"])
 
 
 def deepspeed_config(cfg: TrainConfig, world_size: int, bf16: bool) -> dict:
@@ -82,6 +105,20 @@ def micro_batch(
     ]
     gen = torch.Generator().manual_seed(rng.getrandbits(63))
     return torch.stack([cache.latents[i] for i in ids]), texts, gen
+
+
+@torch.no_grad()
+def caption_features(
+    cfg: TrainConfig, features: FeatureCache, pipe, texts: list[str], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded Gemma features and mask of a micro batch's captions: from the stage's feature
+    cache, or (``text_features: online``) encoded now by the frozen text encoder."""
+    if cfg.text_features == "cache":
+        return features.batch_text(texts)
+    if next(pipe.text_encoder.parameters()).device != torch.device(device):
+        pipe.text_encoder.to(device)
+    emb = encode_prompts(texts, pipe.tokenizer, pipe.text_encoder, device=device)
+    return emb.embeds.float(), emb.mask.long()
 
 
 @contextlib.contextmanager
@@ -130,14 +167,16 @@ def train_stage(cfg: TrainConfig, tracker: MlflowTracker | None = None) -> Stage
     With ``cfg.track`` (default) rank 0 opens an MLflow run (tracking URI from
     ``MLFLOW_TRACKING_URI``, else sqlite beside the outputs) unless a tracker is passed in.
     """
-    ensure_distributed_env()
+    owned_port = ensure_distributed_env()
     import deepspeed  # imported late: it initialises its accelerator on import
 
     torch.manual_seed(cfg.seed)
     records = read_manifest(cfg.manifest, cfg.image_root)
     cfg.output_dir.mkdir(parents=True, exist_ok=True)
     pipe = load_pipeline(cfg.init_from) if cfg.init_from else build_pipeline(cfg.profile, seed=cfg.seed)
-    deepspeed.init_distributed()
+    if owned_port:
+        os.environ["MASTER_PORT"] = str(free_port())  # chosen now, right before it is bound
+    init_distributed(owned_port)
     import torch.distributed as dist
 
     def cache() -> FeatureCache:
@@ -149,6 +188,8 @@ def train_stage(cfg: TrainConfig, tracker: MlflowTracker | None = None) -> Stage
             tokenizer=pipe.tokenizer,
             system_prompts=cfg.system_prompts,
             cache_dir=cfg.resolved_cache_dir,
+            latent_index=cfg.latents,
+            text_features=cfg.text_features == "cache",
         )
 
     # rank 0 fills the shared cache; the others read it after the barrier
@@ -187,11 +228,8 @@ def train_stage(cfg: TrainConfig, tracker: MlflowTracker | None = None) -> Stage
         )
 
     ckpt_dir = cfg.output_dir / CKPT_DIR
-    start = 0
-    if (ckpt_dir / "latest").is_file():
-        _, client = engine.load_checkpoint(str(ckpt_dir))
-        start = int(client["step"])
-        ema.shadow = torch.load(ckpt_dir / f"ema-{start}.pt")
+    start = resume(engine, ema, ckpt_dir)
+    if start:
         log.info("resumed stage %s at step %d", cfg.stage, start)
 
     sampler = TimestepSampler(cfg.timestep_sampling)
@@ -204,12 +242,13 @@ def train_stage(cfg: TrainConfig, tracker: MlflowTracker | None = None) -> Stage
     losses: list[float] = []
     tick, images, tokens = time.perf_counter(), 0, 0
     patch = transformer.config.patch_size
+    schedule = checkpoints.CheckpointSchedule(cfg.checkpoint_every, cfg.steps, cfg.checkpoint_minutes)
     for step in range(start, cfg.steps):
         step_loss = step_aux = 0.0
         for micro in range(accum):
             latents, texts, gen = micro_batch(cfg, features, by_id, step, micro, rank)
-            feats, mask = features.batch_text(texts)
             dev = engine.device
+            feats, mask = caption_features(cfg, features, pipe, texts, dev)
             out = flow_matching_loss(
                 velocity, latents.to(dev), feats.to(dev), mask.to(dev),
                 sampler=sampler, aux_weight=cfg.aux_weight, generator=gen,
@@ -247,12 +286,17 @@ def train_stage(cfg: TrainConfig, tracker: MlflowTracker | None = None) -> Stage
                 sample_grid(cfg, grid_pipe, cfg.output_dir / f"samples-{done:06d}.png"), "samples"
             )
             transformer.train()
-        if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-            engine.save_checkpoint(str(ckpt_dir), tag=f"step{done}", client_state={"step": done})
+        due = schedule.due_by_steps(done)
+        if cfg.checkpoint_minutes is not None:  # rank 0's clock decides for every rank
+            flag = torch.tensor([int(due or schedule.due_by_time())], device=engine.device)
+            dist.broadcast(flag, src=0)
+            due = bool(flag.item())
+        if due:
             if rank == 0:
-                torch.save(ema.shadow, ckpt_dir / f"ema-{done}.pt")
-                _append_losses(cfg.output_dir, start, losses)
+                _append_losses(cfg.output_dir, start, losses)  # before the marker: resume rewrites later rows
                 start, losses = done, []
+            save_checkpoint(engine, ema, ckpt_dir, done, cfg.keep_checkpoints)
+            schedule.saved()
 
     export = cfg.output_dir / EXPORT_DIR
     all_losses = read_losses(cfg.output_dir)
@@ -271,6 +315,60 @@ def train_stage(cfg: TrainConfig, tracker: MlflowTracker | None = None) -> Stage
         run_id = ""
     final = all_losses[-1] if all_losses else float("nan")
     return StageResult(export, cfg.steps, final, all_losses, run_id)
+
+
+def save_checkpoint(engine, ema: Ema, ckpt_dir: Path, step: int, keep: int) -> None:
+    """Write then mark: the DeepSpeed tag folder ``step{N}`` (all ranks), the EMA weights in it
+    (rank 0), a barrier, then rank 0's ``COMPLETE`` marker and the pruning of old checkpoints."""
+    import torch.distributed as dist
+
+    tag_dir = ckpt_dir / checkpoints.tag_name(step)
+    rank = dist.get_rank()
+    if rank == 0:
+        checkpoints.unmark(tag_dir)  # a stale marker must not vouch for files being rewritten
+    dist.barrier()
+    engine.save_checkpoint(str(ckpt_dir), tag=tag_dir.name, client_state={"step": step})
+    if rank == 0:
+        torch.save(ema.shadow, tag_dir / checkpoints.EMA_FILE)
+    dist.barrier()
+    if rank == 0:
+        checkpoints.mark_complete(tag_dir, step)
+        for path in checkpoints.prune(ckpt_dir, keep):
+            log.info("removed old checkpoint %s", path)
+
+
+def resume(engine, ema: Ema, ckpt_dir: Path) -> int:
+    """Restore the newest complete checkpoint (rank 0 lists them; every rank must load a tag for
+    it to count) and return its step; 0 when there is none."""
+    import torch.distributed as dist
+
+    box = [checkpoints.scan(ckpt_dir) if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+
+    def load(ckpt: checkpoints.Checkpoint) -> str | None:
+        error = None
+        try:
+            device = next(iter(ema.shadow.values())).device
+            shadow = torch.load(ckpt.path / checkpoints.EMA_FILE, map_location=device)
+            if not isinstance(shadow, dict) or shadow.keys() != ema.shadow.keys():
+                raise ValueError(f"{checkpoints.EMA_FILE} does not hold this model's EMA weights")
+            path, client = engine.load_checkpoint(str(ckpt_dir), tag=ckpt.tag)
+            if path is None:
+                raise FileNotFoundError("DeepSpeed found no checkpoint files")
+            if int(client["step"]) != ckpt.step:
+                raise ValueError(f"it holds step {client['step']}")
+        except Exception as exc:  # any failure to read a checkpoint means: try the previous one
+            error = error_summary(exc, 300)
+        ok = torch.tensor([int(error is None)], device=engine.device)
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        if error is None and not ok.item():
+            error = "failed on another rank"
+        if error is None:
+            ema.shadow = shadow
+        return error
+
+    chosen = checkpoints.resume_from(box[0], load, where=str(ckpt_dir))
+    return chosen.step if chosen else 0
 
 
 def write_artifacts(cfg: TrainConfig, pipe, losses: list[float]) -> list[Path]:

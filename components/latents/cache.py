@@ -1,0 +1,235 @@
+"""Build latent files (one safetensors file per group of images) and read them back by id."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import tempfile
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from components.train.data import bucket_sizes, fingerprint, load_image, measure_image, nearest_bucket
+from model.errors import ConfigError
+from model.vae import encode_pixels
+from storage.io import download_file, is_s3, join, list_objects, read_bytes, upload_file, write_bytes
+from storage.shards import iter_images
+
+log = logging.getLogger(__name__)
+
+INDEX_COLUMNS = ("id", "file", "key", "height", "width", "resolution", "vae_fingerprint")
+LATENT_DTYPE = torch.bfloat16
+
+
+def latent_dir(out_prefix: str | Path, resolution: int, vae_fingerprint: str) -> str:
+    """``<out_prefix>/latents-r<resolution>-<vae fingerprint>``: one folder per (resolution, VAE)."""
+    return join(out_prefix, f"latents-r{resolution}-{vae_fingerprint}")
+
+
+def latent_file(out_prefix: str | Path, resolution: int, vae_fingerprint: str, name: str) -> str:
+    """The safetensors file of group ``name``."""
+    return join(latent_dir(out_prefix, resolution, vae_fingerprint), f"{name}.safetensors")
+
+
+def latent_index_path(out_prefix: str | Path, resolution: int, vae_fingerprint: str, name: str) -> str:
+    """Where group ``name``'s index Parquet goes (beside its safetensors file)."""
+    return join(latent_dir(out_prefix, resolution, vae_fingerprint), f"{name}.index.parquet")
+
+
+def _empty_index() -> pd.DataFrame:
+    return pd.DataFrame({c: pd.Series(dtype="int64" if c in ("height", "width", "resolution") else object)
+                         for c in INDEX_COLUMNS})  # fmt: skip
+
+
+@torch.no_grad()
+def build_latents(
+    rows: pd.DataFrame,
+    *,
+    vae: torch.nn.Module,
+    resolution: int,
+    out_prefix: str | Path,
+    name: str,
+    batch_size: int = 8,
+    image_root: Path | None = None,
+    read_ahead: int = 16,
+) -> pd.DataFrame:
+    """Encode the images of manifest ``rows`` (``id`` and a shard ref or ``image_path``; optional
+    ``width`` / ``height``) at ``resolution``'s buckets and write them as ONE bf16 safetensors file,
+    ``<out_prefix>/latents-r<res>-<vae fingerprint>/<name>.safetensors`` (key = image id).
+
+    Images are streamed (``read_ahead`` in flight) and encoded ``batch_size`` per bucket; only this
+    group's latents are held. An unreadable image is logged and left out (training encodes it, or
+    reports it). Returns the index frame (:data:`INDEX_COLUMNS`; ``height`` / ``width`` are the
+    bucket's size in pixels)."""
+    vae_fp = fingerprint(vae)
+    uri = latent_file(out_prefix, resolution, vae_fp, name)
+    buckets = bucket_sizes(resolution)
+    tensors: dict[str, torch.Tensor] = {}
+    index: list[dict[str, Any]] = []
+    pending: dict[tuple[int, int], list[tuple[str, torch.Tensor]]] = {}
+
+    def encode(size: tuple[int, int]) -> None:
+        batch = pending.pop(size, [])
+        if not batch:
+            return
+        z = encode_pixels(vae, torch.stack([pixels for _, pixels in batch]))
+        for (rid, _), zi in zip(batch, z, strict=True):
+            tensors[rid] = zi.to(LATENT_DTYPE).contiguous().clone()
+            index.append({"id": rid, "file": uri, "key": rid, "height": size[0], "width": size[1],
+                          "resolution": resolution, "vae_fingerprint": vae_fp})  # fmt: skip
+
+    seen: set[str] = set()
+    records = rows.to_dict("records")
+    for row, data in iter_images(records, read_ahead=read_ahead, root=image_root):
+        rid = str(row["id"])
+        if rid in seen:
+            log.warning("latents %s: duplicate id %s left out", name, rid)
+            continue
+        if isinstance(data, str):
+            log.warning("latents %s: image %s left out: %s", name, rid, data)
+            continue
+        seen.add(rid)
+        try:
+            width, height = row.get("width"), row.get("height")
+            if not (_positive(width) and _positive(height)):
+                width, height = measure_image(data)
+            size = nearest_bucket(int(width), int(height), buckets)
+            pixels = load_image(data, size)
+        except (OSError, ValueError) as exc:  # PIL: not an image / truncated
+            log.warning("latents %s: image %s left out: %s", name, rid, str(exc).splitlines()[0])
+            continue
+        pending.setdefault(size, []).append((rid, pixels))
+        if len(pending[size]) >= batch_size:
+            encode(size)
+    for size in list(pending):
+        encode(size)
+    if not tensors:
+        log.warning("latents %s: no image could be encoded; nothing written", name)
+        return _empty_index()
+    with tempfile.TemporaryDirectory(prefix="latents-") as tmp:
+        local = Path(tmp) / f"{name}.safetensors"
+        metadata = {"resolution": str(resolution), "vae_fingerprint": vae_fp, "dtype": "bfloat16"}
+        save_file(tensors, str(local), metadata=metadata)
+        tensors.clear()
+        upload_file(local, uri)
+    log.info("latents %s: %d images -> %s", name, len(index), uri)
+    return pd.DataFrame(index, columns=list(INDEX_COLUMNS))
+
+
+def _positive(value: Any) -> bool:
+    try:
+        return value is not None and not np.isnan(float(value)) and float(value) > 0
+    except (TypeError, ValueError):
+        return False
+
+
+def write_latent_index(frame: pd.DataFrame, uri: str | Path) -> str:
+    """Write an index frame as Parquet (local or ``s3://``, atomically)."""
+    buf = io.BytesIO()
+    frame.to_parquet(buf, index=False)
+    return write_bytes(uri, buf.getvalue())
+
+
+def read_latent_index(path: str | Path) -> pd.DataFrame:
+    """One index frame from a Parquet file or every ``*.parquet`` under a folder / ``s3://`` prefix."""
+    files = [o.uri for o in list_objects(path) if o.uri.endswith(".parquet")]
+    if not files:
+        raise ConfigError(f"no latent index (*.parquet) at {path}")
+    frames = []
+    for uri in files:
+        try:
+            frames.append(pd.read_parquet(io.BytesIO(read_bytes(uri))))
+        except ConfigError:
+            raise
+        except Exception as exc:  # pyarrow raises several types for a bad file
+            raise ConfigError(f"cannot read latent index {uri}: {str(exc).splitlines()[0]}") from None
+        missing = [c for c in INDEX_COLUMNS if c not in frames[-1].columns]
+        if missing:
+            raise ConfigError(f"latent index {uri} lacks columns: {', '.join(missing)}")
+    return pd.concat(frames, ignore_index=True)
+
+
+class LatentStore(Mapping[str, torch.Tensor]):
+    """Latents by image id, read lazily from the safetensors files an index names (fp32 out).
+
+    Local files are read in place; ``s3://`` files are downloaded once into ``cache_dir``. At most
+    ``max_open`` files are kept open (LRU). Ids are looked up in a pandas index, not a dict of
+    Python objects, so a large index stays compact."""
+
+    def __init__(self, index: pd.DataFrame, cache_dir: str | Path | None = None, max_open: int = 16) -> None:
+        missing = [c for c in INDEX_COLUMNS if c not in index.columns]
+        if missing:
+            raise ConfigError(f"latent index lacks columns: {', '.join(missing)}")
+        frame = index.drop_duplicates("id", keep="last")
+        self._ids = pd.Index(frame["id"].astype(str).to_numpy())
+        codes, files = pd.factorize(frame["file"].astype(str))
+        self._file_codes, self._files = codes, [str(f) for f in files]
+        self._keys = frame["key"].astype(str).to_numpy()
+        self._sizes = frame[["height", "width"]].to_numpy(dtype=np.int64)
+        self.cache_dir = Path(cache_dir) if cache_dir else Path(tempfile.gettempdir()) / "lumina-latents"
+        self.max_open = max(1, max_open)
+        self._open: OrderedDict[int, Any] = OrderedDict()
+
+    @classmethod
+    def from_index(cls, path: str | Path, cache_dir: str | Path | None = None) -> LatentStore:
+        """A store over an index Parquet or a folder / prefix of them."""
+        return cls(read_latent_index(path), cache_dir=cache_dir)
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._ids)
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and key in self._ids
+
+    def _position(self, key: str) -> int:
+        if key not in self:
+            raise KeyError(key)
+        return int(self._ids.get_loc(key))
+
+    def bucket(self, key: str) -> tuple[int, int]:
+        """The (height, width) in pixels the image was encoded at."""
+        h, w = self._sizes[self._position(key)]
+        return int(h), int(w)
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        pos = self._position(key)
+        return self._handle(int(self._file_codes[pos])).get_tensor(self._keys[pos]).float()
+
+    @property
+    def files(self) -> list[str]:
+        return list(self._files)
+
+    def local_path(self, uri: str) -> Path:
+        """A local copy of a latent file: the file itself, or (``s3://``) downloaded once."""
+        if not is_s3(uri):
+            return Path(uri)
+        digest = hashlib.sha256(uri.encode()).hexdigest()[:16]
+        local = self.cache_dir / digest / uri.rsplit("/", 1)[-1]
+        if not local.is_file():
+            # a name per process: ranks sharing the cache folder never write the same file
+            part = download_file(uri, local.with_name(f".{local.name}.{os.getpid()}"))
+            part.replace(local)
+        return local
+
+    def _handle(self, code: int):
+        handle = self._open.get(code)
+        if handle is None:
+            handle = safe_open(str(self.local_path(self._files[code])), framework="pt")
+            self._open[code] = handle
+            while len(self._open) > self.max_open:
+                self._open.popitem(last=False)
+        else:
+            self._open.move_to_end(code)
+        return handle

@@ -1,0 +1,25 @@
+"""KFP wrapper for the per-group latent step (no ``from __future__ import annotations``: KFP reads
+real annotations)."""
+
+from kfp import dsl
+from kfp.dsl import Dataset, Output
+
+from components.image import BASE_IMAGE
+
+
+@dsl.component(base_image=BASE_IMAGE)
+def latents_group_op(
+    group: str, tiers_hash: str, index: Output[Dataset], profile: str = "tiny", seed: int = 0
+) -> str:
+    """Encode one group's tiered images at each stage resolution into bf16 safetensors beside its
+    shards; the artifact holds the group's latent indexes (``tiers_hash``: the tiers it follows)."""
+    from model.logs import configure_logging_if_requested
+
+    configure_logging_if_requested()
+    from components.latents.group import latents_group
+    from components.plan.plan import Group
+
+    plan_group = Group.from_json(group)
+    files = latents_group(plan_group, index.path, profile=profile, seed=seed)
+    index.metadata.update({"group": plan_group.name, "indexes": len(files), "tiers": tiers_hash})
+    return plan_group.name

@@ -1,0 +1,66 @@
+"""The per-group latent step of the pipeline: encode one plan group's tiered images at each
+training stage's resolution with the stage VAE, into ``<group prefix>/latents-r<res>-<vae>/``.
+
+Which images: the group's ``tiers.parquet`` (written by the tier fan-in): the ``lowres`` tier at
+the first stage's resolution, the ``highres`` tier (⊇ ``hq``) at the high-resolution stages' one.
+A group whose index for a (resolution, VAE) already exists is not encoded again (a retried or
+re-run task reuses it); a retry otherwise rewrites only this group's files.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from pathlib import Path
+
+import pandas as pd
+
+from components.latents.cache import build_latents, latent_index_path, read_latent_index, write_latent_index
+from components.plan.plan import Group
+from components.tier.tier import GROUP_TIERS_FILE
+from components.train.config import STAGE_DEFAULTS, Stage
+from components.train.data import fingerprint
+from model.checkpoint import pipeline_vae
+from model.errors import ConfigError
+from storage import exists, join, read_bytes
+
+log = logging.getLogger(__name__)
+
+
+def stage_resolutions(profile: str) -> dict[int, str]:
+    """Resolution → the widest tier trained at it (lowres for stage 1, highres ⊇ hq after)."""
+    wanted: dict[int, str] = {}
+    if profile not in STAGE_DEFAULTS:
+        raise ConfigError(f"unknown profile {profile!r}; choose one of {', '.join(STAGE_DEFAULTS)}")
+    for stage in Stage:
+        resolution = int(STAGE_DEFAULTS[profile][stage]["resolution"])
+        wanted.setdefault(resolution, "lowres" if stage == Stage.LOWRES else "highres")
+    return wanted
+
+
+def latents_group(group: Group, out_dir: str | Path, *, profile: str = "tiny", seed: int = 0) -> list[Path]:
+    """Encode the group's tiered images; copy each index into ``out_dir`` (the KFP artifact) and
+    return their paths. The VAE is the one :func:`model.checkpoint.build_pipeline` gives the first
+    stage for ``(profile, seed)``; training checks the fingerprint and encodes itself on a mismatch."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tiers = pd.read_parquet(io.BytesIO(read_bytes(join(group.prefix, GROUP_TIERS_FILE))))
+    vae = pipeline_vae(profile, seed)
+    vae_fp = fingerprint(vae)
+    written = []
+    for resolution, tier in stage_resolutions(profile).items():
+        rows = tiers[tiers[tier]] if tier in tiers else tiers.head(0)
+        index_uri = latent_index_path(group.prefix, resolution, vae_fp, group.name)
+        if exists(index_uri):
+            index = read_latent_index(index_uri)
+            log.info("latents %s r%d: reusing %d", group.name, resolution, len(index))
+        else:
+            index = build_latents(
+                rows, vae=vae, resolution=resolution, out_prefix=group.prefix, name=group.name
+            )
+            write_latent_index(index, index_uri)
+            log.info("latents %s r%d: %d images", group.name, resolution, len(index))
+        local = out / f"{group.name}-r{resolution}.index.parquet"
+        index.to_parquet(local, index=False)
+        written.append(local)
+    return written

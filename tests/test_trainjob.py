@@ -1,0 +1,282 @@
+"""The Kubeflow Trainer v2 TrainJob for a training stage: it validates against the vendored TrainJob CRD
+(kubeflow/trainer v2.3.0), carries what the torch-distributed runtime needs, and a failed job's message
+reaches the pipeline."""
+
+import copy
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+from kubeflow_trainer_api.models import TrainerV1alpha1TrainJob
+
+from components.train.trainjob import (
+    TrainJobFailedError,
+    job_failure_message,
+    stage_args,
+    trainjob_manifest,
+    trainjob_name,
+    trainjob_yaml,
+    wait_for_trainjob,
+)
+from model.errors import ConfigError
+
+CRD = Path(__file__).parent / "crds" / "trainer.kubeflow.org_trainjobs.yaml"
+ARGS = stage_args(
+    "/cache/tiers",
+    "/cache/out/hq",
+    stage="hq",
+    steps=500,
+    seed=7,
+    init_from="/cache/out/highres/pipeline",
+    latents="/cache/latents",
+    config="/cache/hq.yaml",
+)
+
+
+def _strict(node):
+    """The CRD's structural schema as plain JSON schema: ``x-kubernetes-*`` dropped, and no field beyond
+    the listed ``properties`` (the API server prunes or rejects unknown fields: a typo must fail here)."""
+    if isinstance(node, list):
+        return [_strict(item) for item in node]
+    if not isinstance(node, dict):
+        return node
+    out = {k: _strict(v) for k, v in node.items() if not k.startswith("x-kubernetes-")}
+    if "properties" in node and "additionalProperties" not in node:
+        assert not node.get("x-kubernetes-preserve-unknown-fields")
+        out["additionalProperties"] = False
+    return out
+
+
+@pytest.fixture(scope="module")
+def crd():
+    return yaml.load(CRD.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+
+
+@pytest.fixture(scope="module")
+def validator(crd):
+    (version,) = crd["spec"]["versions"]
+    assert crd["spec"]["group"] == "trainer.kubeflow.org" and version["name"] == "v1alpha1"
+    schema = _strict(version["schema"]["openAPIV3Schema"])
+    jsonschema.Draft7Validator.check_schema(schema)
+    return jsonschema.Draft7Validator(schema)
+
+
+def _check(validator, crd, job):
+    validator.validate(job)
+    # the CRD's root CEL rules on metadata.name (metadata itself is a free object in the schema)
+    rules = {
+        r["rule"] for r in crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["x-kubernetes-validations"]
+    }
+    assert "self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')" in rules
+    assert re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", job["metadata"]["name"])
+    assert len(job["metadata"]["name"]) <= 63
+
+
+def _node_pod(job):
+    (patch,) = job["spec"]["runtimePatches"]
+    (rjob,) = patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]
+    assert rjob["name"] == "node"  # the trainer replicated job of torch-distributed
+    return rjob["template"]["spec"]["template"]["spec"]
+
+
+def test_job_validates_against_the_crd_and_carries_the_stage(validator, crd):
+    job = trainjob_manifest(ARGS, run_id="Run_42/abc", stage="hq", nodes=4, gpus_per_node=8)
+    _check(validator, crd, job)
+    assert job["apiVersion"] == "trainer.kubeflow.org/v1alpha1" and job["kind"] == "TrainJob"
+    assert job["metadata"]["name"] == "lumina-hq-run-42-abc"
+    assert job["metadata"]["labels"]["lumina-pipeline/stage"] == "hq"
+    assert job["spec"]["runtimeRef"] == {
+        "apiGroup": "trainer.kubeflow.org",
+        "kind": "ClusterTrainingRuntime",
+        "name": "torch-distributed",
+    }
+    trainer = job["spec"]["trainer"]
+    assert trainer["numNodes"] == 4 and trainer["numProcPerNode"] == 8
+    assert trainer["command"] == ["torchrun", "-m", "components.train"]
+    args = trainer["args"]
+    pairs = dict(zip(args[::2], args[1::2], strict=True))
+    assert pairs == {
+        "--manifest": "/cache/tiers",
+        "--output-dir": "/cache/out/hq",
+        "--stage": "hq",
+        "--profile": "full",
+        "--steps": "500",
+        "--seed": "7",
+        "--init-from": "/cache/out/highres/pipeline",
+        "--latents": "/cache/latents",
+        "--config": "/cache/hq.yaml",
+    }
+    assert trainer["resourcesPerNode"]["limits"] == {"nvidia.com/gpu": "8", "cpu": "32", "memory": "256Gi"}
+    env = {e["name"]: e for e in trainer["env"]}
+    assert not any(name.startswith("PET_") for name in env)  # reserved: Trainer's webhook rejects them
+    assert env["LUMINA_LOG_FORMAT"]["value"] == "json"
+    assert env["TORCH_EXTENSIONS_DIR"]["value"] == "/cache/torch_extensions"
+    assert env["MLFLOW_TRACKING_URI"]["valueFrom"]["secretKeyRef"] == {
+        "name": "lumina-mlflow",
+        "key": "MLFLOW_TRACKING_URI",
+    }
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL"):
+        assert "value" not in env[key]
+        assert env[key]["valueFrom"]["secretKeyRef"] == {"name": "lumina-s3", "key": key, "optional": True}
+    # the models read the job back unchanged: every field name is one the API knows
+    assert TrainerV1alpha1TrainJob.from_dict(job).to_dict() == job
+
+
+def test_pod_settings_go_to_the_node_job_and_container(validator, crd):
+    job = trainjob_manifest(ARGS, run_id="r1", stage="hq", nodes=2, service_account="trainer")
+    _check(validator, crd, job)
+    pod = _node_pod(job)
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    assert pod["serviceAccountName"] == "trainer"
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["cache"]["persistentVolumeClaim"] == {"claimName": "lumina-cache"}
+    assert volumes["dshm"]["emptyDir"] == {"medium": "Memory", "sizeLimit": "64Gi"}
+    (container,) = pod["containers"]
+    assert container["name"] == "node"  # torch-distributed's trainer container
+    assert "env" not in container  # Trainer forbids env patches on "node": env is in spec.trainer.env
+    mounts = {v["mountPath"]: v["name"] for v in container["volumeMounts"]}
+    assert mounts == {"/cache": "cache", "/dev/shm": "dshm"}
+    assert container["securityContext"]["runAsNonRoot"] is True
+    no_selector = trainjob_manifest(ARGS, run_id="r1", stage="hq", node_selector={}, tolerations=[])
+    _check(validator, crd, no_selector)
+    assert "nodeSelector" not in _node_pod(no_selector) and "tolerations" not in _node_pod(no_selector)
+
+
+def test_schema_check_is_strict_enough_to_catch_wrong_field_names(validator):
+    job = trainjob_manifest(ARGS, run_id="r1", stage="hq")
+    wrong = []
+    for path, key, bad_key in (
+        (["spec"], "runtimePatches", "podTemplateOverrides"),  # the pre-2.3 API name
+        (["spec", "trainer"], "numNodes", "num_nodes"),
+        (["spec", "trainer", "resourcesPerNode"], "limits", "limit"),
+    ):
+        broken = copy.deepcopy(job)
+        node = broken
+        for part in path:
+            node = node[part]
+        node[bad_key] = node.pop(key)
+        wrong.append(broken)
+    nested = copy.deepcopy(job)
+    _node_pod(nested)["containers"][0]["volumeMount"] = []
+    wrong.append(nested)
+    for broken in wrong:
+        with pytest.raises(jsonschema.ValidationError, match="Additional properties"):
+            validator.validate(broken)
+    missing = copy.deepcopy(job)
+    del missing["spec"]["runtimeRef"]
+    with pytest.raises(jsonschema.ValidationError, match="runtimeRef"):
+        validator.validate(missing)
+
+
+def test_names_are_dns_labels():
+    assert trainjob_name("7f3c2a9e-1b2d-4c5e-9f00-123456789abc", "lowres").startswith(
+        "lumina-lowres-7f3c2a9e"
+    )
+    long = trainjob_name("x" * 200, "highres")
+    assert len(long) <= 48 and re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", long)
+    assert long != trainjob_name("x" * 199, "highres")  # the hash keeps long run ids apart
+    assert trainjob_name("__", "hq", prefix="9") == "j-9-hq"
+
+
+def test_bad_requests_are_one_line_errors():
+    cases = [
+        (lambda: trainjob_manifest(ARGS, run_id="r", stage="hq", nodes=0), "nodes and gpus_per_node"),
+        (lambda: trainjob_manifest(ARGS, run_id="r", stage="hq", gpus_per_node=0), "nodes and gpus_per_node"),
+        (lambda: trainjob_manifest(ARGS, run_id="r", stage="medres"), "unknown stage 'medres'"),
+        (lambda: trainjob_manifest(["--stage", "hq"], run_id="r", stage="hq"), "--manifest and --output-dir"),
+        (
+            lambda: trainjob_manifest(ARGS, run_id="r", stage="hq", runtime="deepspeed-distributed"),
+            "MPI-based",
+        ),
+        (lambda: trainjob_manifest(ARGS, run_id="r", stage="hq", name="Bad_Name"), "not a DNS label"),
+        (lambda: stage_args("/m", "/o", stage="medres"), "unknown stage"),
+        (lambda: stage_args("/m", "/o", profile="huge"), "unknown profile"),
+        (lambda: stage_args("/m", "/o", steps=0), "--steps must be >= 1"),
+    ]
+    for call, message in cases:
+        with pytest.raises(ConfigError, match=re.escape(message)) as info:
+            call()
+        assert "\n" not in str(info.value)
+
+
+def test_failed_job_message_reaches_the_raised_error():
+    failed = {
+        "conditions": [
+            {"type": "Suspended", "status": "False", "reason": "Resumed", "message": "resumed"},
+            {
+                "type": "Failed",
+                "status": "True",
+                "reason": "DeadlineExceeded",
+                "message": "jobset failed:\n  node-0 exceeded activeDeadlineSeconds",
+            },
+        ]
+    }
+    assert (
+        job_failure_message(failed)
+        == "DeadlineExceeded: jobset failed: node-0 exceeded activeDeadlineSeconds"
+    )
+    assert job_failure_message({"status": failed}) == job_failure_message(failed)  # whole object too
+    assert job_failure_message({"conditions": [{"type": "Failed", "status": "False"}]}) is None
+    assert job_failure_message({}) is None
+
+    class FakeApi:
+        def __init__(self, statuses):
+            self.statuses, self.calls = list(statuses), []
+
+        def get_namespaced_custom_object(self, group, version, namespace, plural, name):
+            self.calls.append((group, version, namespace, plural, name))
+            return {"metadata": {"name": name}, "status": self.statuses.pop(0)}
+
+    api = FakeApi([{}, {"conditions": [{"type": "Created", "status": "True"}]}, failed])
+    sleeps = []
+    with pytest.raises(TrainJobFailedError) as info:
+        wait_for_trainjob(api, "lumina-hq-r1", "ml", timeout_s=3600, poll_s=5, sleep=sleeps.append)
+    assert str(info.value) == (
+        "TrainJob ml/lumina-hq-r1 failed: DeadlineExceeded: "
+        "jobset failed: node-0 exceeded activeDeadlineSeconds"
+    )
+    assert api.calls[0] == ("trainer.kubeflow.org", "v1alpha1", "ml", "trainjobs", "lumina-hq-r1")
+    assert sleeps == [5, 5]
+
+    done = FakeApi([{}, {"conditions": [{"type": "Complete", "status": "True", "reason": "JobsCompleted"}]}])
+    assert wait_for_trainjob(done, "j", poll_s=1, sleep=lambda s: None)["metadata"]["name"] == "j"
+
+    now = iter([0.0, 5.0, 11.0])
+    with pytest.raises(TimeoutError, match="did not finish within 10 s"):
+        wait_for_trainjob(FakeApi([{}, {}]), "j", timeout_s=10, sleep=lambda s: None, clock=lambda: next(now))
+
+
+def test_kubernetes_client_fits_the_protocol():
+    client = pytest.importorskip("kubernetes.client")
+    assert callable(client.CustomObjectsApi.get_namespaced_custom_object)
+
+
+def test_cli_prints_yaml_and_errors_in_one_line(validator, crd):
+    base = [sys.executable, "-m", "components.train.trainjob", "--manifest", "/c/t", "--output-dir", "/c/o"]
+    out = subprocess.run(
+        [*base, "--nodes", "4", "--gpus-per-node", "8", "--stage", "hq", "--run-id", "run-9",
+         "--init-from", "/c/prev/pipeline"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert "&id" not in out.stdout
+    job = yaml.safe_load(out.stdout)
+    _check(validator, crd, job)
+    assert job == trainjob_manifest(
+        stage_args("/c/t", "/c/o", stage="hq", init_from="/c/prev/pipeline"),
+        run_id="run-9", stage="hq", nodes=4, gpus_per_node=8,
+    )  # fmt: skip
+    assert yaml.safe_load(trainjob_yaml(ARGS, run_id="r", stage="hq")) == trainjob_manifest(
+        ARGS, run_id="r", stage="hq"
+    )
+    for extra, message in (
+        (["--nodes", "0"], "nodes and gpus_per_node"),
+        (["--stage", "x"], "unknown stage"),
+    ):
+        bad = subprocess.run([*base, *extra], capture_output=True, text=True)
+        assert bad.returncode == 2 and bad.stdout == ""
+        assert bad.stderr.count("\n") == 1 and bad.stderr.startswith("error: ") and message in bad.stderr
