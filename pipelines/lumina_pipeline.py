@@ -50,6 +50,7 @@ class ClusterSettings(BaseModel):
     s3_secret: str = "lumina-s3"
     mlflow_secret: str = "lumina-mlflow"
     shm_size: str = "16Gi"
+    train_retries: int = 2  # a preempted train task is retried and resumes from its last checkpoint
     data_root: str = "s3://lumina-data/plane"  # default of the data_root parameter: shards and latents
     parallelism: int = 16  # groups processed at once by each ParallelFor
     recaption_gpus: int = 1  # per recaption task (the VLM captioner)
@@ -94,6 +95,8 @@ def _train_on_gpus(task: dsl.PipelineTask, cluster: ClusterSettings) -> None:
         task, volume_name="dshm", mount_path="/dev/shm", medium="Memory", size_limit=cluster.shm_size
     )
     task.set_env_variable("TORCH_EXTENSIONS_DIR", f"{cluster.cache_mount}/torch_extensions")
+    # outputs and checkpoints live on the cache PVC under <run>/<stage> (work_root): a retry resumes
+    task.set_retry(num_retries=cluster.train_retries, backoff_duration="60s")
 
 
 def _data_task(task: dsl.PipelineTask, cluster: ClusterSettings) -> None:
@@ -197,6 +200,8 @@ def build_pipeline(cluster: ClusterSettings | None = None, parallelism: int | No
             task = train_stage_op(
                 manifest=tiers.outputs["tiers"],
                 latents=dsl.Collected(latents_group.outputs["index"]),
+                work_root=f"{cluster.cache_mount}/runs" if cluster is not None else "",
+                run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
                 stage=stage,
                 profile=profile,
                 steps=steps,

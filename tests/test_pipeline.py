@@ -107,6 +107,11 @@ def test_spec_parses_strictly_and_references_resolve(compiled):
         if n in train
     ]
     assert sorted(stages) == ["highres", "hq", "lowres"]
+    for name in train:  # a durable work folder on the cache PVC, keyed by run, and retries that resume
+        params = tasks[name].inputs.parameters
+        assert params["work_root"].runtime_value.constant.string_value == "/cache/runs"
+        assert params["run_id"].runtime_value.constant.string_value == "{{$.pipeline_job_uuid}}"
+        assert tasks[name].retry_policy.max_retry_count == 2
     for name in train:  # every stage reads the latent cache the per-group latent tasks wrote
         latents = tasks[name].inputs.artifacts["latents"].task_output_artifact
         assert latents.producer_task.startswith("for-loop") and latents.output_artifact_key.endswith("index")

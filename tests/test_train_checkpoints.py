@@ -3,7 +3,9 @@ checkpoints by wall-clock minutes (components/train/checkpoints.py and the train
 
 import json
 import logging
+import os
 from pathlib import Path
+from unittest import mock
 
 import pytest
 
@@ -219,3 +221,35 @@ def test_checkpoint_minutes_saves_between_step_checkpoints(tmp_path, manifest, m
         short_stage(manifest, out, keep_checkpoints=0)
     with pytest.raises(Exception, match="checkpoint_minutes"):
         short_stage(manifest, out, checkpoint_minutes=0)
+
+
+def test_stage_work_dir_is_a_stable_key_on_the_work_root(tmp_path):
+    from components.train.launch import stage_work_dir
+
+    first = stage_work_dir(str(tmp_path), "run-1/../x y", "lowres")
+    assert first == tmp_path / "run-1-..-x-y" / "lowres" and first.is_dir()
+    assert stage_work_dir(str(tmp_path), "run-1/../x y", "lowres") == first  # the retry finds it
+    assert tmp_path in first.parents  # no way out of the root
+    temp = stage_work_dir("", "run-1", "hq")
+    assert temp.is_dir() and tmp_path not in temp.parents and temp.name.startswith("train-hq-")
+
+
+def test_the_train_step_never_inherits_a_rendezvous():
+    """A caller that trained in-process leaves MASTER_PORT set (and bound); a stage started by the
+    pipeline's train step must pick its own port instead of failing with EADDRINUSE."""
+    import socket
+
+    from components.train.launch import RENDEZVOUS_VARIABLES, launch_env
+    from components.train.trainer import ensure_distributed_env
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        env = {"MASTER_PORT": str(held.getsockname()[1]), "MASTER_ADDR": "127.0.0.1", "RANK": "0",
+               "WORLD_SIZE": "1", "PATH": "/bin", "AWS_ENDPOINT_URL": "http://127.0.0.1:1"}  # fmt: skip
+        child = launch_env(env)
+        assert not set(child) & set(RENDEZVOUS_VARIABLES)
+        assert child["PATH"] == "/bin" and child["AWS_ENDPOINT_URL"] == env["AWS_ENDPOINT_URL"]
+        with mock.patch.dict(os.environ, child, clear=True):  # restored whole afterwards
+            assert ensure_distributed_env() is True  # the stage owns (and picks) its port
+            assert os.environ["MASTER_PORT"] != env["MASTER_PORT"]

@@ -28,8 +28,12 @@ def train_stage_op(
     init_from: Input[Model] = None,
     images: Input[Dataset] = None,
     latents: Input[List[Dataset]] = None,
+    work_root: str = "",
+    run_id: str = "",
 ) -> str:
-    """Train one stage into ``pipeline`` (diffusers folder); returns the stage's MLflow run id."""
+    """Train one stage into ``pipeline`` (diffusers folder); returns the stage's MLflow run id.
+    ``work_root`` (the cache PVC on a cluster): the stage works in ``<work_root>/<run_id>/<stage>``,
+    so a retried or preempted task resumes from its last complete checkpoint."""
     from model.logs import configure_logging_if_requested
 
     configure_logging_if_requested()  # JSON records on a cluster (LUMINA_LOG_FORMAT set on the task)
@@ -38,12 +42,13 @@ def train_stage_op(
     import shutil
     import subprocess
     import sys
-    import tempfile
     from pathlib import Path
 
     import torch
 
-    work = Path(tempfile.mkdtemp(prefix=f"train-{stage}-"))
+    from components.train.launch import launch_env, stage_work_dir
+
+    work = stage_work_dir(work_root, run_id, stage)
     cmd = ["-m", "components.train", "--manifest", manifest.path, "--output-dir", str(work / stage),
            "--stage", stage, "--profile", profile, "--seed", str(seed)]  # fmt: skip
     if steps:
@@ -54,6 +59,7 @@ def train_stage_op(
         cmd += ["--image-root", images.path]
     if latents:  # the latent step's per-group indexes (dsl.Collected): one folder of Parquet files
         index_dir = work / "latents"
+        shutil.rmtree(index_dir, ignore_errors=True)  # a retry gets this attempt's indexes only
         index_dir.mkdir()
         for part in latents:
             for file in Path(part.path).glob("*.parquet"):
@@ -68,7 +74,7 @@ def train_stage_op(
         if gpus > 1
         else [sys.executable]
     )
-    subprocess.run(launcher + cmd, check=True, env=os.environ.copy())
+    subprocess.run(launcher + cmd, check=True, env=launch_env(os.environ))  # its own rendezvous
     shutil.copytree(work / stage / "pipeline", pipeline.path, dirs_exist_ok=True)
     losses = [json.loads(line)["loss"] for line in (work / stage / "losses.jsonl").read_text().splitlines()]
     metrics.log_metric("final_loss", losses[-1])

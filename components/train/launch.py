@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import re
 import socket
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
 
 
 def free_port() -> int:
@@ -10,3 +14,28 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def stage_work_dir(work_root: str, run_id: str, stage: str) -> Path:
+    """Where a pipeline's train step keeps a stage's outputs and checkpoints.
+
+    With ``work_root`` (the cache PVC on a cluster) the folder is a stable key, ``<root>/<run>/<stage>``,
+    so a retried or preempted task finds the previous attempt's complete checkpoints and resumes;
+    without it, a fresh temporary folder (the embedded default)."""
+    if not work_root:
+        return Path(tempfile.mkdtemp(prefix=f"train-{stage}-"))
+    run = re.sub(r"[^A-Za-z0-9._-]+", "-", run_id).strip("-.") or "run"
+    folder = Path(work_root) / run / stage
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+RENDEZVOUS_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")
+
+
+def launch_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """The environment for a stage process started by the pipeline's train step: the caller's, less
+    any rendezvous settings. The stage's rendezvous is its own (torchrun's, or a port it picks):
+    an inherited ``MASTER_PORT`` may still be bound by the caller's process (one that trained
+    in-process before, e.g. a test), which failed the stage with EADDRINUSE."""
+    return {k: v for k, v in environ.items() if k not in RENDEZVOUS_VARIABLES}
