@@ -32,6 +32,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from components.train.config import STAGE_DEFAULTS, Stage, stage_config
+from components.train.data import pad_features
 from model.checkpoint import build_pipeline
 from model.flow import flow_matching_loss
 from model.profiles import LATENT_CHANNELS, VAE_DOWNSAMPLE, get_profile
@@ -64,17 +65,6 @@ def timed(fn: Callable[[], object], reps: int) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
-
-
-def pad(feats: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded batch and mask (as ``FeatureCache.batch_text``)."""
-    length = max(f.shape[0] for f in feats)
-    embeds = torch.zeros(len(feats), length, feats[0].shape[1])
-    mask = torch.zeros(len(feats), length, dtype=torch.long)
-    for i, f in enumerate(feats):
-        embeds[i, : f.shape[0]] = f
-        mask[i, : f.shape[0]] = 1
-    return embeds, mask
 
 
 def main() -> None:
@@ -130,13 +120,13 @@ def main() -> None:
 
             def read(handle=handle) -> None:
                 batch = batches[next(it) % len(batches)]
-                pad([handle.get_tensor(keys[t]).float() for t in batch])
+                pad_features([handle.get_tensor(keys[t]).float() for t in batch])
 
             rows.append({"method": f"read cache file ({name})", "batch": micro,
                          "s_per_batch": timed(read, args.reps * 20)})  # fmt: skip
 
     def in_memory() -> None:
-        pad([feats[t] for t in batches[next(it) % len(batches)]])
+        pad_features([feats[t] for t in batches[next(it) % len(batches)]])
 
     rows.append(
         {"method": "in-memory dict (today)", "batch": micro, "s_per_batch": timed(in_memory, args.reps * 20)}
@@ -147,7 +137,7 @@ def main() -> None:
     opt = torch.optim.AdamW(tr.parameters(), lr=1e-4)
     side = res // VAE_DOWNSAMPLE
     latents = torch.randn(micro, LATENT_CHANNELS, side, side)
-    cap, mask = pad([feats[t] for t in batches[0]])
+    cap, mask = pad_features([feats[t] for t in batches[0]])
 
     def velocity(x, t, c, m):
         return tr(x, t, c, m).sample

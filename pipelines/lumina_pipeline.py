@@ -83,13 +83,20 @@ def _with_cluster_env(task: dsl.PipelineTask, cluster: ClusterSettings) -> None:
         task.set_env_variable("TQDM_DISABLE", "1")  # no progress bars between the JSON records
 
 
-def _train_on_gpus(task: dsl.PipelineTask, cluster: ClusterSettings) -> None:
-    task.set_accelerator_type(cluster.accelerator_type).set_accelerator_limit(cluster.gpus_per_train_task)
-    task.set_cpu_limit(cluster.train_cpu_limit).set_memory_limit(cluster.train_memory_limit)
+def _on_gpu_nodes(task: dsl.PipelineTask, cluster: ClusterSettings, gpus: int, cpu: str, memory: str) -> None:
+    """``gpus`` accelerators, CPU/memory limits, and placement on the GPU nodes."""
+    task.set_accelerator_type(cluster.accelerator_type).set_accelerator_limit(gpus)
+    task.set_cpu_limit(cpu).set_memory_limit(memory)
     for key, value in cluster.node_selector.items():
         kubernetes.add_node_selector(task, label_key=key, label_value=value)
     for tol in cluster.tolerations:
         kubernetes.add_toleration(task, **tol)
+
+
+def _train_on_gpus(task: dsl.PipelineTask, cluster: ClusterSettings) -> None:
+    _on_gpu_nodes(
+        task, cluster, cluster.gpus_per_train_task, cluster.train_cpu_limit, cluster.train_memory_limit
+    )
     kubernetes.mount_pvc(task, pvc_name=cluster.cache_pvc, mount_path=cluster.cache_mount)
     kubernetes.empty_dir_mount(
         task, volume_name="dshm", mount_path="/dev/shm", medium="Memory", size_limit=cluster.shm_size
@@ -103,15 +110,6 @@ def _data_task(task: dsl.PipelineTask, cluster: ClusterSettings) -> None:
     """CPU/memory requests and limits of a data step (ingest, merge, scoring, tiering)."""
     task.set_cpu_request(cluster.data_cpu_request).set_memory_request(cluster.data_memory_request)
     task.set_cpu_limit(cluster.data_cpu_limit).set_memory_limit(cluster.data_memory_limit)
-
-
-def _recaption_on_gpu(task: dsl.PipelineTask, cluster: ClusterSettings) -> None:
-    task.set_accelerator_type(cluster.accelerator_type).set_accelerator_limit(cluster.recaption_gpus)
-    task.set_cpu_limit(cluster.data_cpu_limit).set_memory_limit(cluster.data_memory_limit)
-    for key, value in cluster.node_selector.items():
-        kubernetes.add_node_selector(task, label_key=key, label_value=value)
-    for tol in cluster.tolerations:
-        kubernetes.add_toleration(task, **tol)
 
 
 def build_pipeline(cluster: ClusterSettings | None = None, parallelism: int | None = None):
@@ -242,7 +240,8 @@ def build_pipeline(cluster: ClusterSettings | None = None, parallelism: int | No
                 _with_cluster_env(task, cluster)  # the stage runs log to the same MLflow as the rest
             for task in data_tasks:
                 _data_task(task, cluster)
-            _recaption_on_gpu(recaption_group, cluster)
+            _on_gpu_nodes(recaption_group, cluster, cluster.recaption_gpus, cluster.data_cpu_limit,
+                          cluster.data_memory_limit)  # fmt: skip
         return register.outputs["Output"]
 
     return lumina_pipeline

@@ -31,3 +31,21 @@ def tiny_sampler(tiny_pipe) -> LuminaSampler:
 def tiny_folder(tiny_pipe, tmp_path_factory):
     """The tiny pipeline saved in diffusers format."""
     return save_pipeline(tiny_pipe, tmp_path_factory.mktemp("tiny") / "pipeline")
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """A real S3 API for the module: one loopback ``moto_server`` (starting it takes a few seconds)
+    with a ``lumina`` bucket; ``AWS_ENDPOINT_URL`` and dummy credentials set until the module ends."""
+    from services.s3 import DUMMY_CREDENTIALS, ensure_bucket, s3_server
+
+    mp = pytest.MonkeyPatch()
+    for key, value in {**DUMMY_CREDENTIALS, "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        mp.setenv(key, value)
+    try:
+        with s3_server() as endpoint:
+            mp.setenv("AWS_ENDPOINT_URL", endpoint)
+            ensure_bucket("lumina")
+            yield endpoint
+    finally:
+        mp.undo()

@@ -202,23 +202,6 @@ def test_bad_index_is_a_clear_error(tmp_path):
         read_latent_index(tmp_path)
 
 
-@pytest.fixture(scope="module")
-def s3():
-    """A loopback moto_server with a ``lumina`` bucket (as in test_storage)."""
-    from services.s3 import DUMMY_CREDENTIALS, ensure_bucket, s3_server
-
-    mp = pytest.MonkeyPatch()
-    for key, value in {**DUMMY_CREDENTIALS, "AWS_DEFAULT_REGION": "us-east-1"}.items():
-        mp.setenv(key, value)
-    try:
-        with s3_server() as endpoint:
-            mp.setenv("AWS_ENDPOINT_URL", endpoint)
-            ensure_bucket("lumina")
-            yield endpoint
-    finally:
-        mp.undo()
-
-
 def test_s3_shards_and_latents_download_each_file_once(s3, tmp_path, tiny_pipe, monkeypatch):
     rows = shard_rows("s3://lumina/shards", SIZES[:4])
     out = "s3://lumina/cache"

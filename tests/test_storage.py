@@ -87,23 +87,6 @@ def test_client_region_and_endpoint_from_environment(monkeypatch):
 
 
 # ----------------------------------------------------------------------------- loopback S3
-@pytest.fixture(scope="module")
-def s3():
-    """One moto_server for the module (starting it takes a few seconds), a ``lumina`` bucket in it."""
-    from services.s3 import DUMMY_CREDENTIALS, ensure_bucket, s3_server
-
-    mp = pytest.MonkeyPatch()
-    for key, value in {**DUMMY_CREDENTIALS, "AWS_DEFAULT_REGION": "us-east-1"}.items():
-        mp.setenv(key, value)
-    try:
-        with s3_server() as endpoint:
-            mp.setenv("AWS_ENDPOINT_URL", endpoint)
-            ensure_bucket("lumina")
-            yield endpoint
-    finally:
-        mp.undo()
-
-
 def test_s3_write_read_list_and_range(s3, tmp_path):
     base = "s3://lumina/data"
     for name in ["b/2.txt", "a.txt", "b/1.txt"]:

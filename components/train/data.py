@@ -38,7 +38,7 @@ from model.prompts import SystemPrompt, apply_system_prompt
 from model.text import encode_prompts
 from model.vae import encode_pixels
 from storage.io import is_s3
-from storage.shards import REF_COLUMNS, image_bytes
+from storage.shards import REF_COLUMNS, MemberRef, image_bytes
 
 if TYPE_CHECKING:
     from components.latents import LatentStore
@@ -58,19 +58,6 @@ class Caption:
 
 
 @dataclass(frozen=True)
-class ImageRef:
-    """A shard member holding one image (the manifest's ``shard``/``member``/``offset``/``size``)."""
-
-    shard: str
-    member: str
-    offset: int
-    size: int
-
-    def as_row(self) -> dict[str, Any]:
-        return {"shard": self.shard, "member": self.member, "offset": self.offset, "size": self.size}
-
-
-@dataclass(frozen=True)
 class TrainRecord:
     """One training image: a file (``image_path``) or a shard member (``ref``), its captions and,
     when the manifest has them, its (EXIF-transposed) ``width`` / ``height``."""
@@ -79,7 +66,7 @@ class TrainRecord:
     image_path: Path | None
     domain: str
     captions: tuple[Caption, ...]
-    ref: ImageRef | None = None
+    ref: MemberRef | None = None  # the shard member holding the image
     width: int | None = None
     height: int | None = None
 
@@ -143,7 +130,7 @@ def read_manifest(path: str | Path, image_root: str | Path | None = None) -> lis
                 shard = str(root / shard)
             if not (_present(row["offset"]) and _present(row["size"])):
                 raise ConfigError(f"training manifest {path}: image {rid} has a shard but no offset/size")
-            ref = ImageRef(shard, str(row["member"]), int(row["offset"]), int(row["size"]))
+            ref = MemberRef(shard, str(row["member"]), int(row["offset"]), int(row["size"]))
         elif has_paths and _present(row["image_path"]):
             image = Path(str(row["image_path"]))
             image = image if image.is_absolute() else root / image
@@ -308,14 +295,18 @@ class FeatureCache:
 
     def batch_text(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Right-padded caption features and mask for a batch of texts."""
-        feats = [self.text[t] for t in texts]
-        length = max(f.shape[0] for f in feats)
-        embeds = torch.zeros(len(feats), length, feats[0].shape[1])
-        mask = torch.zeros(len(feats), length, dtype=torch.long)
-        for i, f in enumerate(feats):
-            embeds[i, : f.shape[0]] = f
-            mask[i, : f.shape[0]] = 1
-        return embeds, mask
+        return pad_features([self.text[t] for t in texts])
+
+
+def pad_features(feats: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Caption features of valid tokens only, ``(L_i, D)`` each, as one right-padded batch and mask."""
+    length = max(f.shape[0] for f in feats)
+    embeds = torch.zeros(len(feats), length, feats[0].shape[1])
+    mask = torch.zeros(len(feats), length, dtype=torch.long)
+    for i, f in enumerate(feats):
+        embeds[i, : f.shape[0]] = f
+        mask[i, : f.shape[0]] = 1
+    return embeds, mask
 
 
 def stage_latent_store(
