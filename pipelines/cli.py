@@ -49,6 +49,14 @@ def _arguments(
     return args
 
 
+def _lineage(data_version: str = "") -> dict[str, str]:
+    """Lineage arguments of a cluster run: the code's git sha (tagged on the registered version)."""
+    from components.tracking import git_sha
+
+    lineage = {"git_sha": git_sha(Path(__file__).resolve().parents[1])}
+    return {**lineage, "data_version": data_version} if data_version else lineage
+
+
 def _client(host: str, token: str | None):
     import kfp
 
@@ -84,7 +92,7 @@ def run(
     if host:
         client = _client(host, token)
         result = client.create_run_from_pipeline_package(
-            str(COMPILED), arguments={**args, "source": source}, experiment_name=EXPERIMENT
+            str(COMPILED), arguments={**_lineage(), **args, "source": source}, experiment_name=EXPERIMENT
         )
         typer.echo(json.dumps({"run_id": result.run_id, "host": host}))
         return
@@ -133,8 +141,11 @@ def schedule(
     profile: str = "tiny",
     model_name: str = "lumina-tiny",
     max_concurrency: int = 1,
+    data_version: Annotated[str, typer.Option(help="data version tag for the registered versions")] = "",
 ) -> None:
-    """Create a recurring run (scheduled retraining) from the compiled pipeline."""
+    """Create a recurring run (scheduled retraining) from the compiled pipeline. Its runs carry the
+    code's git sha (and ``--data-version``) as lineage; each run's plan fingerprints the source, so
+    new objects under the prefix are ingested and an unchanged source reuses the cached steps."""
     client = _client(host, token)
     experiment = client.create_experiment(EXPERIMENT)
     job = client.create_recurring_run(
@@ -143,7 +154,7 @@ def schedule(
         cron_expression=cron,
         pipeline_package_path=str(COMPILED),
         max_concurrency=max_concurrency,
-        params={"source": source, "profile": profile, "model_name": model_name},
+        params={**_lineage(data_version), "source": source, "profile": profile, "model_name": model_name},
     )
     typer.echo(json.dumps({"recurring_run_id": job.recurring_run_id, "cron": cron}))
 

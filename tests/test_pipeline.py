@@ -178,15 +178,18 @@ def test_submit_schedule_and_status_reach_the_api(kfp_api):
     assert run_post["pipeline_spec"]["pipeline_spec"]["pipelineInfo"]["name"] == "lumina-pipeline"
     assert "kubernetes" in run_post["pipeline_spec"]["platform_spec"]["platforms"]
     assert run_post["runtime_config"]["parameters"]["source"] == "s3://bucket/raw"
+    assert len(run_post["runtime_config"]["parameters"]["git_sha"]) >= 7  # lineage on cluster runs too
     assert all(
         {k.lower(): v for k, v in h.items()}.get("authorization") == "Bearer secret-token"
         for *_, h in requests
     )
     requests.clear()
-    out = _cli("schedule", "--host", host, "--cron", "0 0 3 * * 0")
+    out = _cli("schedule", "--host", host, "--cron", "0 0 3 * * 0", "--data-version", "dvc-abc")
     assert json.loads(out.stdout.strip().splitlines()[-1])["recurring_run_id"] == "rr-1"
     job = next(json.loads(b) for m, p, b, _ in requests if (m, p) == ("POST", "/apis/v2beta1/recurringruns"))
     assert job["trigger"]["cron_schedule"]["cron"] == "0 0 3 * * 0"
+    params = job["runtime_config"]["parameters"]
+    assert params["data_version"] == "dvc-abc" and len(params["git_sha"]) >= 7  # scheduled runs: lineage
     spec = job["pipeline_spec"].get("pipeline_spec", job["pipeline_spec"])
     assert spec["pipelineInfo"]["name"] == "lumina-pipeline"
     out = _cli("status", "--host", host, "--run-id", "run-1")
