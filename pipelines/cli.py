@@ -49,6 +49,9 @@ def _arguments(
     return args
 
 
+LOCAL_GROUP_SIZE = 64  # the sample data in 4 groups, so the embedded default really fans out
+
+
 def _lineage(data_version: str = "") -> dict[str, str]:
     """Lineage arguments of a cluster run: the code's git sha (tagged on the registered version)."""
     from components.tracking import git_sha
@@ -85,10 +88,17 @@ def run(
     parallelism: Annotated[
         int, typer.Option(min=1, help="groups at once per ParallelFor (local runner)")
     ] = 2,
-    group_size: Annotated[int, typer.Option(min=1, help="source entries per group (the fan-out unit)")] = 64,
+    group_size: Annotated[
+        int | None,
+        typer.Option(
+            min=1, help=f"source entries per group (the fan-out unit; local default {LOCAL_GROUP_SIZE})"
+        ),
+    ] = None,
 ) -> None:
     """Run the pipeline: locally (embedded default) or on a Kubeflow host."""
-    args = {"group_size": group_size, **_arguments(profile, model_name, steps, eval_suite_size, gate, param)}
+    args = _arguments(profile, model_name, steps, eval_suite_size, gate, param)
+    if group_size is not None or not host:  # a cluster run keeps the pipeline's default unless asked
+        args["group_size"] = group_size or LOCAL_GROUP_SIZE
     if host:
         client = _client(host, token)
         result = client.create_run_from_pipeline_package(

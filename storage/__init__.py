@@ -15,10 +15,12 @@ from storage.io import (
     list_objects,
     parse_s3,
     read_bytes,
+    read_parquet,
     read_range,
     s3_client,
     upload_file,
     write_bytes,
+    write_parquet,
 )
 
 __all__ = [
@@ -31,8 +33,10 @@ __all__ = [
     "list_objects",
     "parse_s3",
     "read_bytes",
+    "read_parquet",
     "read_range",
     "s3_client",
     "upload_file",
     "write_bytes",
+    "write_parquet",
 ]

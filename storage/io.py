@@ -8,14 +8,19 @@ file) is a :class:`StorageError` with a one-line message, never a botocore trace
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from model.errors import ConfigError, first_line
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 DEFAULT_REGION = "us-east-1"
 
@@ -223,3 +228,15 @@ def download_file(uri: str | Path, local: str | Path) -> Path:
             raise StorageError(f"cannot read {uri}: {exc.strerror or first_line(exc)}") from None
     tmp.replace(local)
     return local
+
+
+def read_parquet(uri: str | Path) -> pd.DataFrame:
+    """A Parquet table from a local path or an ``s3://`` object (manifests, listings, indexes)."""
+    import pandas as pd
+
+    return pd.read_parquet(io.BytesIO(read_bytes(uri)))
+
+
+def write_parquet(frame: pd.DataFrame, uri: str | Path) -> str:
+    """Write ``frame`` as Parquet to ``uri`` atomically (see :func:`write_bytes`)."""
+    return write_bytes(uri, frame.to_parquet(index=False))

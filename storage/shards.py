@@ -15,15 +15,14 @@ from __future__ import annotations
 import io
 import tarfile
 import tempfile
-from collections import deque
 from collections.abc import Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from model.errors import error_summary
 from storage.io import StorageError, join, read_range, upload_file
+from storage.stream import ordered_map
 
 REF_COLUMNS = ("shard", "member", "offset", "size")
 
@@ -43,8 +42,9 @@ class MemberRef:
 
 class ShardWriter:
     """Appends members to ``<prefix>/<name>-NNNNN.tar``; the caller flushes when :attr:`full`
-    (``max_members`` members or ``max_bytes`` bytes). :meth:`flush` closes the current shard, uploads
-    it and returns the refs it holds: a checkpoint."""
+    (``max_members`` members or ``max_bytes`` bytes). :meth:`flush` ends a checkpoint: it closes and
+    uploads the current shard (if it holds members), returns its refs, and moves on to the next
+    index, so checkpoint N always goes with shard N (:attr:`index`)."""
 
     def __init__(self, prefix: str, name: str, max_members: int = 1000, max_bytes: int = 512 << 20,
                  first_index: int = 0) -> None:  # fmt: skip
@@ -80,23 +80,20 @@ class ShardWriter:
         return MemberRef(self.shard_uri, member, start + header, len(data))
 
     def flush(self) -> list[MemberRef]:
-        """Close and upload the current shard (if any member is in it); return its refs."""
+        """Close and upload the current shard (if any member is in it), return its refs, and move on
+        to the next index."""
+        uri, self.index = self.shard_uri, self.index + 1
         if self._tar is None or self._tmp is None:
             return []
         self._tar.close()
         self._tmp.close()
-        uri = self.shard_uri
         try:
             upload_file(self._tmp.name, uri)
         finally:
             Path(self._tmp.name).unlink(missing_ok=True)
         refs = [MemberRef(uri, m, off, size) for m, off, size in self._pending]
         self._tar, self._tmp, self._pending, self._bytes = None, None, [], 0
-        self.index += 1
         return refs
-
-    def close(self) -> list[MemberRef]:
-        return self.flush()
 
 
 def read_member(ref: MemberRef | dict[str, Any]) -> bytes:
@@ -130,16 +127,7 @@ def iter_images(
         try:
             return image_bytes(row, root)
         except Exception as exc:  # storage, network or a bad ref: reported per image
-            where = f"{row.get('shard', '')}::{row.get('member', '')}" if row.get("shard") else ""
-            return f"unreadable {where}: {error_summary(exc, 120)}".replace("unreadable :", "unreadable:")
+            where = f" {row['shard']}::{row.get('member', '')}" if row.get("shard") else ""
+            return f"unreadable{where}: {error_summary(exc, 120)}"
 
-    with ThreadPoolExecutor(max(1, workers)) as pool:
-        pending: deque[tuple[dict[str, Any], Future]] = deque()
-        for row in rows:
-            pending.append((row, pool.submit(fetch, row)))
-            if len(pending) >= max(1, read_ahead):
-                done, future = pending.popleft()
-                yield done, future.result()
-        while pending:
-            done, future = pending.popleft()
-            yield done, future.result()
+    return ordered_map(fetch, rows, workers, read_ahead)

@@ -179,6 +179,9 @@ def test_submit_schedule_and_status_reach_the_api(kfp_api):
     assert "kubernetes" in run_post["pipeline_spec"]["platform_spec"]["platforms"]
     assert run_post["runtime_config"]["parameters"]["source"] == "s3://bucket/raw"
     assert len(run_post["runtime_config"]["parameters"]["git_sha"]) >= 7  # lineage on cluster runs too
+    assert (
+        "group_size" not in run_post["runtime_config"]["parameters"]
+    )  # the cluster's default, not the local one
     assert all(
         {k.lower(): v for k, v in h.items()}.get("authorization") == "Bearer secret-token"
         for *_, h in requests

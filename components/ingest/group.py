@@ -16,7 +16,6 @@ Local outputs (the KFP artifact): ``manifest.parquet`` (candidate rows in source
 from __future__ import annotations
 
 import csv
-import io
 import json
 import logging
 from dataclasses import asdict, dataclass
@@ -27,11 +26,12 @@ from tqdm.auto import tqdm
 
 from components.ingest.ingest import MANIFEST_COLUMNS, IngestOptions, _filter, decode_stream, iter_listing
 from components.plan.plan import Group
-from storage import join, list_objects, read_bytes, write_bytes
+from storage import join, list_objects, read_parquet, write_parquet
 from storage.shards import ShardWriter
 
 log = logging.getLogger(__name__)
 REJECT_COLUMNS = ["source", "reason"]
+GROUP_SUMMARY = "summary.json"  # written last: the group finished
 
 
 @dataclass
@@ -43,10 +43,6 @@ class GroupResult:
     resumed_parts: int
 
 
-def _read_parquet(uri: str) -> pd.DataFrame:
-    return pd.read_parquet(io.BytesIO(read_bytes(uri)))
-
-
 def _load_parts(prefix: str) -> tuple[list[pd.DataFrame], list[pd.DataFrame], int]:
     """Rows and rejects saved by an earlier (interrupted) run of this group, and the next part index."""
     rows, rejects, last = [], [], -1
@@ -55,7 +51,7 @@ def _load_parts(prefix: str) -> tuple[list[pd.DataFrame], list[pd.DataFrame], in
         if not name.endswith(".parquet") or name.startswith("."):
             continue
         kind, index = name.removesuffix(".parquet").split("-")
-        (rows if kind == "rows" else rejects).append(_read_parquet(obj.uri))
+        (rows if kind == "rows" else rejects).append(read_parquet(obj.uri))
         last = max(last, int(index))
     return rows, rejects, last + 1
 
@@ -71,7 +67,7 @@ def ingest_group(
     opts = options or IngestOptions()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    listing = _read_parquet(group.listing)
+    listing = read_parquet(group.listing)
     saved_rows, saved_rejects, next_part = _load_parts(group.prefix)
     kept = pd.concat(saved_rows, ignore_index=True) if saved_rows else pd.DataFrame(columns=MANIFEST_COLUMNS)
     old_rejects = (
@@ -93,21 +89,16 @@ def ingest_group(
         if not new_rows and not rejects:
             return
         index = writer.index  # shard NNNNN and part NNNNN go together
-        writer.flush()  # the shard first: a part only ever names a complete shard
+        writer.flush()  # the shard first (a part only ever names a complete shard); then the next index
         if new_rows:
             frame = pd.DataFrame(new_rows, columns=MANIFEST_COLUMNS).astype({"phash": "uint64"})
-            write_bytes(
-                join(group.prefix, "parts", f"rows-{index:05d}.parquet"), frame.to_parquet(index=False)
-            )
+            write_parquet(frame, join(group.prefix, "parts", f"rows-{index:05d}.parquet"))
         if rejects:
             frame = pd.DataFrame(rejects, columns=REJECT_COLUMNS)
-            write_bytes(
-                join(group.prefix, "parts", f"rejects-{index:05d}.parquet"), frame.to_parquet(index=False)
-            )
+            write_parquet(frame, join(group.prefix, "parts", f"rejects-{index:05d}.parquet"))
         rows.extend(new_rows)
         all_rejects.extend(rejects)
         new_rows, rejects = [], []
-        writer.index = index + 1
 
     all_rejects: list[tuple[str, str]] = []
     disable = None if progress else True  # None: the TQDM_DISABLE environment variable decides
@@ -153,7 +144,7 @@ def ingest_group(
         "rejected": len(all_frame),
         "resumed_parts": next_part,
     }
-    (out / "summary.json").write_text(json.dumps(summary))
+    (out / GROUP_SUMMARY).write_text(json.dumps(summary))
     log.info("ingest %s: %d candidates, %d rejected (%d parts resumed)", group.name, len(manifest),
              len(all_frame), next_part)  # fmt: skip
     return GroupResult(group.name, out, len(manifest), len(all_frame), next_part)

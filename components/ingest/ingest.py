@@ -16,22 +16,22 @@ import logging
 import tarfile
 import tempfile
 import warnings
-from collections import deque
 from collections.abc import Container, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from components.ingest.sidecar import load_sidecar
+from components.plan.plan import IMAGE_SUFFIXES, plan_source
 from model.errors import error_summary, first_line
 from storage import StorageError, download_file, is_s3, read_bytes
+from storage.stream import ordered_map
 
 log = logging.getLogger(__name__)
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
 CAPTION_SUFFIXES = (".txt", ".json")
 SHARD_SIZE = 1000
 
@@ -246,14 +246,6 @@ def _iter_tar_uri(uri: str, skip: Container[str]) -> Iterator[Item]:
         yield from iter_tar(local, skip, label=uri)
 
 
-def iter_source(source: str | Path, skip: Container[str] = frozenset()) -> Iterator[Item]:
-    """The items of a folder (images, then the ``.tar`` shards under it, sorted), a ``.tar`` shard or an
-    ``s3://`` prefix, read lazily. A source that does not exist raises :class:`ConfigError` here."""
-    from components.plan.plan import list_source
-
-    return iter_listing(list_source(str(source)), skip)
-
-
 def _filter(d: Decoded, opts: IngestOptions) -> str | None:
     if min(d.width, d.height) < opts.min_side:
         return f"too_small: {d.width}x{d.height} < {opts.min_side}"
@@ -275,17 +267,7 @@ def _check(item: Item, max_pixels: int) -> Decoded | str:
 def decode_stream(items: Iterable[Item], opts: IngestOptions) -> Iterator[tuple[Item, Decoded | str]]:
     """Decode ``items`` on ``opts.workers`` threads, in order, with at most ``opts.in_flight`` files
     read ahead (memory stays bounded whatever the size of the source)."""
-    window = max(1, opts.in_flight)
-    with ThreadPoolExecutor(max(1, opts.workers)) as pool:
-        pending: deque[tuple[Item, Future]] = deque()
-        for item in items:
-            pending.append((item, pool.submit(_check, item, opts.max_pixels)))
-            if len(pending) >= window:
-                done, future = pending.popleft()
-                yield done, future.result()
-        while pending:
-            done, future = pending.popleft()
-            yield done, future.result()
+    return ordered_map(lambda item: _check(item, opts.max_pixels), items, opts.workers, opts.in_flight)
 
 
 class NearDuplicateIndex:
@@ -335,21 +317,20 @@ def ingest(
     fanned-out tasks. A rerun resumes: finished shards are kept and their sources not read again."""
     from components.ingest.group import ingest_group
     from components.ingest.merge import merge_groups
-    from components.plan.plan import plan_source
 
     opts = options or IngestOptions()
     out = Path(out_dir)
-    if captions:
-        load_sidecar(captions)  # a bad sidecar fails before anything is written
+    sidecar = load_sidecar(captions) if captions else None  # a bad sidecar fails before anything is written
     plan = plan_source(str(source), str(out), group_size=group_size, options=opts.fingerprint_fields())
     folders = []
     for group in plan.groups:
         folder = out / "groups" / group.name
         ingest_group(group, folder, opts, progress=progress)
         folders.append(folder)
-    return merge_groups(folders, plan.groups, out, opts, captions=captions, source_root=str(source))
+    return merge_groups(folders, plan.groups, out, opts, captions=sidecar, source_root=str(source))
 
 
+_INT_COLUMNS = {"width", "height", "bytes", "seq", "offset", "size"}
 MANIFEST_COLUMNS = [
     "id",
     "source_path",
@@ -369,3 +350,12 @@ MANIFEST_COLUMNS = [
     "offset",
     "size",
 ]
+
+# The merged manifest's Parquet schema (it is written group by group, so the types are fixed here:
+# a group whose captions are all missing must not make the column a null type).
+MANIFEST_SCHEMA = pa.schema(
+    [
+        (name, pa.uint64() if name == "phash" else pa.int64() if name in _INT_COLUMNS else pa.string())
+        for name in MANIFEST_COLUMNS
+    ]
+)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 import os
 import tempfile
@@ -21,7 +20,7 @@ from safetensors.torch import save_file
 from components.train.data import bucket_sizes, fingerprint, load_image, measure_image, nearest_bucket
 from model.errors import ConfigError
 from model.vae import encode_pixels
-from storage.io import download_file, is_s3, join, list_objects, read_bytes, upload_file, write_bytes
+from storage.io import download_file, is_s3, join, list_objects, read_parquet, upload_file, write_parquet
 from storage.shards import iter_images
 
 log = logging.getLogger(__name__)
@@ -134,9 +133,7 @@ def _positive(value: Any) -> bool:
 
 def write_latent_index(frame: pd.DataFrame, uri: str | Path) -> str:
     """Write an index frame as Parquet (local or ``s3://``, atomically)."""
-    buf = io.BytesIO()
-    frame.to_parquet(buf, index=False)
-    return write_bytes(uri, buf.getvalue())
+    return write_parquet(frame, uri)
 
 
 def read_latent_index(path: str | Path) -> pd.DataFrame:
@@ -147,7 +144,7 @@ def read_latent_index(path: str | Path) -> pd.DataFrame:
     frames = []
     for uri in files:
         try:
-            frames.append(pd.read_parquet(io.BytesIO(read_bytes(uri))))
+            frames.append(read_parquet(uri))
         except ConfigError:
             raise
         except Exception as exc:  # pyarrow raises several types for a bad file

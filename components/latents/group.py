@@ -9,11 +9,8 @@ re-run task reuses it); a retry otherwise rewrites only this group's files.
 
 from __future__ import annotations
 
-import io
 import logging
 from pathlib import Path
-
-import pandas as pd
 
 from components.latents.cache import build_latents, latent_index_path, read_latent_index, write_latent_index
 from components.plan.plan import Group
@@ -22,7 +19,7 @@ from components.train.config import STAGE_DEFAULTS, Stage
 from components.train.data import fingerprint
 from model.checkpoint import pipeline_vae
 from model.errors import ConfigError
-from storage import exists, join, read_bytes
+from storage import exists, join, read_parquet
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +41,7 @@ def latents_group(group: Group, out_dir: str | Path, *, profile: str = "tiny", s
     stage for ``(profile, seed)``; training checks the fingerprint and encodes itself on a mismatch."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tiers = pd.read_parquet(io.BytesIO(read_bytes(join(group.prefix, GROUP_TIERS_FILE))))
+    tiers = read_parquet(join(group.prefix, GROUP_TIERS_FILE))
     vae = pipeline_vae(profile, seed)
     vae_fp = fingerprint(vae)
     written = []

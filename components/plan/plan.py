@@ -15,13 +15,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 
 import pandas as pd
 
 from model.errors import ConfigError
-from storage import ObjectInfo, is_s3, join, list_objects, write_bytes
+from storage import ObjectInfo, is_s3, join, list_objects, write_bytes, write_parquet
 
 log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
@@ -84,9 +85,7 @@ def list_source(source: str) -> pd.DataFrame:
         kind = _kind(obj.uri)
         if kind is None:
             continue
-        caption = str(PurePosixPath(obj.uri).with_suffix(".txt")) if kind == "image" else ""
-        if is_s3(obj.uri) and caption:
-            caption = obj.uri.rsplit(".", 1)[0] + ".txt"
+        caption = obj.uri.rsplit(".", 1)[0] + ".txt" if kind == "image" else ""  # the .txt beside it
         rows.append((obj.uri, obj.size, obj.version, kind, caption if caption in captions else ""))
     return pd.DataFrame(rows, columns=LISTING_COLUMNS)
 
@@ -134,7 +133,7 @@ def plan_source(
     for i, part in enumerate(split(listing, group_size, group_bytes)):
         name = f"g{i:05d}"
         uri = join(key, "plan", f"{name}.parquet")
-        write_bytes(uri, part.to_parquet(index=False))
+        write_parquet(part, uri)
         plan.groups.append(Group(name, uri, join(key, "groups", name), len(part)))
     summary = {"source": plan.source, "key": key, "fingerprint": digest, "groups": plan.group_items,
                "entries": len(listing), "bytes": int(listing["size"].sum())}  # fmt: skip
@@ -142,3 +141,19 @@ def plan_source(
     log.info("plan: %d entries (%d bytes) in %d groups under %s", len(listing), summary["bytes"],
              len(plan.groups), key)  # fmt: skip
     return plan
+
+
+def group_outputs(
+    folders: Sequence[str | Path], groups: Sequence[Group], marker: str, step: str
+) -> dict[str, Path]:
+    """A fan-in's inputs by group name: each folder names its group in ``marker`` (a JSON file its
+    step writes last). A planned group without a finished folder fails with one line naming it."""
+    found: dict[str, Path] = {}
+    for folder in map(Path, folders):
+        if (folder / marker).is_file() and (name := json.loads((folder / marker).read_text()).get("group")):
+            found[name] = folder
+    missing = [g.name for g in groups if g.name not in found]
+    if missing:
+        more = f" (+{len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise ConfigError(f"{step} fan-in: group {missing[0]}{more} has no output (failed or not run)")
+    return found

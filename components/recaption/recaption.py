@@ -30,11 +30,11 @@ import pandas as pd
 from PIL import Image
 from tqdm.auto import tqdm
 
-from components.plan.plan import Group
+from components.plan.plan import Group, group_outputs
 from components.recaption.backends import alt_text_captions, metadata_captions, metadata_entry
 from components.recaption.schema import caption_rows, captions_frame, training_captions
 from model.errors import ConfigError
-from storage import read_bytes
+from storage import join, read_parquet
 from storage.shards import image_bytes
 
 log = logging.getLogger(__name__)
@@ -173,13 +173,9 @@ def recaption_group(
     """Caption the kept images of one plan group (``<group prefix>/kept.parquet``, written by the
     ingest fan-in) into ``out_dir``; only this group's shards are read."""
     from components.ingest.merge import KEPT_FILE
-    from storage import join
 
-    images = pd.read_parquet(io.BytesIO(read_bytes(join(group.prefix, KEPT_FILE))))
-    result = caption_images(images, out_dir, backend=backend, vlm=vlm, progress=progress)
-    info = json.loads((Path(out_dir) / "dataset.json").read_text())
-    (Path(out_dir) / "dataset.json").write_text(json.dumps({**info, "group": group.name}, indent=2))
-    return result
+    images = read_parquet(join(group.prefix, KEPT_FILE))
+    return caption_images(images, out_dir, backend=backend, vlm=vlm, progress=progress, group=group.name)
 
 
 def caption_images(
@@ -190,8 +186,10 @@ def caption_images(
     vlm: VlmFn | None = None,
     progress: bool = True,
     root: Path | None = None,
+    group: str | None = None,
 ) -> RecaptionResult:
-    """Caption the images of an ingest manifest frame (bytes read from their shards) into ``out_dir``."""
+    """Caption the images of an ingest manifest frame (bytes read from their shards) into ``out_dir``
+    (``group``: the plan group they are, named in ``dataset.json`` for the fan-in)."""
     if backend not in BACKENDS:
         raise ConfigError(f"unknown caption backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     out = Path(out_dir)
@@ -216,7 +214,7 @@ def caption_images(
     table.to_parquet(captions_path, index=False)
     for path in shard_dir.glob("*.parquet"):  # now in the table
         path.unlink()
-    return _write_outputs(images, table, failures, out, backend, vlm)
+    return _write_outputs(images, table, failures, out, backend, vlm, group=group)
 
 
 def merge_captions(
@@ -225,15 +223,7 @@ def merge_captions(
     """Fan-in: the groups' captions, training manifests and failures as one set (the same files and
     hash :func:`run_recaption` writes for the whole dataset). A planned group without output is one
     line naming it."""
-    found: dict[str, Path] = {}
-    for folder in map(Path, group_dirs):
-        info = folder / "dataset.json"
-        if info.is_file() and (name := json.loads(info.read_text()).get("group")):
-            found[name] = folder
-    missing = [g.name for g in groups if g.name not in found]
-    if missing:
-        more = f" (+{len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise ConfigError(f"recaption fan-in: group {missing[0]}{more} has no output (failed or not run)")
+    found = group_outputs(group_dirs, groups, "dataset.json", "recaption")
     ordered = [found[g.name] for g in sorted(groups, key=lambda g: g.name)]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -265,6 +255,7 @@ def _write_outputs(
     *,
     vlm_model: str | None = None,
     prompt_version: str | None = None,
+    group: str | None = None,
 ) -> RecaptionResult:
     by_image = {k: g.to_dict("records") for k, g in table.groupby("image_id", sort=False)}
     kept = images[images["id"].isin(by_image)].copy()
@@ -300,7 +291,8 @@ def _write_outputs(
         "vlm_model": getattr(vlm, "model_id", vlm_model),
         "prompt_version": getattr(vlm, "prompt_version", prompt_version),
         "backends_used": table["backend"].value_counts().to_dict(),
+        **({"group": group} if group else {}),
     }
-    (out / "dataset.json").write_text(json.dumps(info, indent=2))
+    (out / "dataset.json").write_text(json.dumps(info, indent=2))  # written last: the step finished
     log.info("recaption: %d images, %d captions, %d failed", result.images, len(table), result.failed)
     return result

@@ -27,7 +27,7 @@ from components.plan.plan import Group
 from components.tier.scorers import Scorer, available
 from components.tier.tiering import TIERS, TierConfig, assign_tiers, combined_score
 from model.errors import ConfigError, LuminaError, error_summary, first_line
-from storage import join, write_bytes
+from storage import join, write_parquet
 from storage.shards import REF_COLUMNS, image_bytes
 
 log = logging.getLogger(__name__)
@@ -193,7 +193,7 @@ def write_group_tiers(scored: pd.DataFrame, tiers: dict[str, pd.DataFrame], grou
         part = frame[frame["group"] == group.name][columns].copy() if "group" in frame else frame.head(0)
         for name in TIERS:
             part[name] = part["id"].isin(members[name])
-        write_bytes(join(group.prefix, GROUP_TIERS_FILE), part.to_parquet(index=False))
+        write_parquet(part, join(group.prefix, GROUP_TIERS_FILE))
 
 
 @dataclass(frozen=True)

@@ -58,12 +58,12 @@ def ensure_distributed_env() -> bool:
 
 
 def init_distributed(owned_port: bool, attempts: int = 5) -> None:
-    """``deepspeed.init_distributed()``; when the port is ours, it is picked just before binding and
-    picked again if another process took it in between (EADDRINUSE), instead of failing the stage."""
+    """``deepspeed.init_distributed()``; when the port is ours, it is picked right before each bind
+    attempt (and again if another process took it in between: EADDRINUSE), instead of failing."""
     import deepspeed
 
     for attempt in range(attempts):
-        if owned_port and attempt:
+        if owned_port:
             os.environ["MASTER_PORT"] = str(free_port())
         try:
             deepspeed.init_distributed()
@@ -174,8 +174,6 @@ def train_stage(cfg: TrainConfig, tracker: MlflowTracker | None = None) -> Stage
     records = read_manifest(cfg.manifest, cfg.image_root)
     cfg.output_dir.mkdir(parents=True, exist_ok=True)
     pipe = load_pipeline(cfg.init_from) if cfg.init_from else build_pipeline(cfg.profile, seed=cfg.seed)
-    if owned_port:
-        os.environ["MASTER_PORT"] = str(free_port())  # chosen now, right before it is bound
     init_distributed(owned_port)
     import torch.distributed as dist
 
