@@ -63,6 +63,7 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.serve --out bench/results/serve.json
 	$(BIN)/python -m bench.text_features --out bench/results/text_features.json
 	$(BIN)/python -m bench.scale --out bench/results/scale.json
+	$(BIN)/python -m bench.loader --out bench/results/loader.json
 
 sample-data: $(STAMP)
 	$(BIN)/python -m data_tools sample-data --out data/raw

@@ -3,7 +3,7 @@
 On the ``small`` profile, for micro batches of the lowres stage's size, measures
 (1) encoding captions online with the Gemma2 text encoder (``model.text.encode_prompts``),
 (2) reading the same captions' features back by key from a safetensors cache file (bf16 and fp32,
-    valid tokens only, padded into a batch as ``FeatureCache.batch_text`` does), and the in-memory
+    valid tokens only, padded into a batch as ``data.pad_features`` does), and the in-memory
     dict the trainer uses today,
 (3) the transformer's training step (forward + backward + AdamW, plain PyTorch, no DeepSpeed) on
     random latents at the lowres resolution for the same batch,

@@ -14,6 +14,7 @@ env, /dev/shm) or for the local runner (``cluster=False``: the same graph withou
 settings, which the local runner does not apply).
 """
 
+import json
 from typing import Literal
 
 from kfp import dsl, kubernetes
@@ -38,6 +39,20 @@ class ClusterSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     accelerator_type: str = "nvidia.com/gpu"
+    # trainjob: each stage is a Kubeflow Trainer TrainJob of train_nodes x gpus_per_node (pipeline
+    # parameters; these are their defaults) created and followed by a small launcher task; pod:
+    # the stage runs inside the KFP task's own pod on gpus_per_train_task GPUs.
+    train_launcher: Literal["trainjob", "pod"] = "trainjob"
+    train_nodes: int = 4
+    gpus_per_node: int = 8
+    trainjob_runtime: str = "torch-distributed"
+    trainjob_runtime_kind: Literal["ClusterTrainingRuntime", "TrainingRuntime"] = "ClusterTrainingRuntime"
+    trainjob_cpu: str = "64"  # per node
+    trainjob_memory: str = "512Gi"  # per node
+    trainjob_shm_size: str = "64Gi"
+    trainjob_service_account: str | None = None
+    launcher_cpu: str = "1"
+    launcher_memory: str = "4G"
     gpus_per_train_task: int = 1
     train_cpu_limit: str = "16"
     train_memory_limit: str = "128G"
@@ -106,6 +121,35 @@ def _train_on_gpus(task: dsl.PipelineTask, cluster: ClusterSettings) -> None:
     task.set_retry(num_retries=cluster.train_retries, backoff_duration="60s")
 
 
+def _train_launcher(task: dsl.PipelineTask, cluster: ClusterSettings) -> None:
+    """The train task when a TrainJob does the training: a small pod on the cache PVC (where it
+    stages the inputs and the job's pods write the outputs), retried like a training pod."""
+    task.set_cpu_request(cluster.launcher_cpu).set_memory_request(cluster.launcher_memory)
+    task.set_cpu_limit(cluster.launcher_cpu).set_memory_limit(cluster.launcher_memory)
+    kubernetes.mount_pvc(task, pvc_name=cluster.cache_pvc, mount_path=cluster.cache_mount)
+    task.set_retry(num_retries=cluster.train_retries, backoff_duration="60s")
+
+
+def trainjob_settings(cluster: ClusterSettings) -> dict:
+    """What the train step passes to :func:`components.train.trainjob.trainjob_manifest` (fixed at
+    compile time, as JSON in the task's ``trainjob_json``)."""
+    return {
+        "runtime": cluster.trainjob_runtime,
+        "runtime_kind": cluster.trainjob_runtime_kind,
+        "cpu": cluster.trainjob_cpu,
+        "memory": cluster.trainjob_memory,
+        "pvc": cluster.cache_pvc,
+        "mount": cluster.cache_mount,
+        "s3_secret": cluster.s3_secret,
+        "mlflow_secret": cluster.mlflow_secret,
+        "shm_size": cluster.trainjob_shm_size,
+        "log_format": cluster.log_format,
+        "node_selector": cluster.node_selector,
+        "tolerations": cluster.tolerations,
+        "service_account": cluster.trainjob_service_account,
+    }
+
+
 def _data_task(task: dsl.PipelineTask, cluster: ClusterSettings) -> None:
     """CPU/memory requests and limits of a data step (ingest, merge, scoring, tiering)."""
     task.set_cpu_request(cluster.data_cpu_request).set_memory_request(cluster.data_memory_request)
@@ -117,6 +161,11 @@ def build_pipeline(cluster: ClusterSettings | None = None, parallelism: int | No
     ``parallelism``: groups at once per ParallelFor (default: the cluster's, or 2 locally)."""
     limit = parallelism or (cluster.parallelism if cluster is not None else 2)
     default_root = cluster.data_root if cluster is not None else ""
+    on_trainjob = cluster is not None and cluster.train_launcher == "trainjob"
+    default_nodes, default_gpus = (cluster.train_nodes, cluster.gpus_per_node) if on_trainjob else (1, 1)
+    launcher = {}
+    if on_trainjob:
+        launcher = {"launcher": "trainjob", "trainjob_json": json.dumps(trainjob_settings(cluster))}
 
     @dsl.pipeline(
         name=PIPELINE_NAME,
@@ -143,6 +192,8 @@ def build_pipeline(cluster: ClusterSettings | None = None, parallelism: int | No
         mlflow_tracking_uri: str = "",
         git_sha: str = "",
         data_version: str = "",
+        train_nodes: int = default_nodes,
+        gpus_per_node: int = default_gpus,
     ) -> str:
         plan = plan_op(
             source=source, data_root=data_root, group_size=group_size, dedup_distance=dedup_distance
@@ -204,10 +255,15 @@ def build_pipeline(cluster: ClusterSettings | None = None, parallelism: int | No
                 profile=profile,
                 steps=steps,
                 seed=seed,
+                nodes=train_nodes,
+                gpus_per_node=gpus_per_node,
+                **launcher,
                 **kwargs,
             )
             task.set_display_name(f"train-{stage}")
-            if cluster is not None:
+            if on_trainjob:
+                _train_launcher(task, cluster)
+            elif cluster is not None:
                 _train_on_gpus(task, cluster)
             runs[stage], previous = task.outputs["Output"], task
             train_tasks.append(task)

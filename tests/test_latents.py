@@ -14,9 +14,9 @@ from PIL import Image, ImageDraw
 from safetensors import safe_open
 
 import components.latents.cache as latent_cache
-import components.train.data as train_data
 from components.latents import (
     INDEX_COLUMNS,
+    SAMPLE_COLUMNS,
     LatentStore,
     build_latents,
     latent_file,
@@ -24,10 +24,10 @@ from components.latents import (
     read_latent_index,
     write_latent_index,
 )
-from components.train.data import bucket_sizes, build_cache, fingerprint, load_image, nearest_bucket
-from model.checkpoint import build_pipeline
+from components.train.data import bucket_sizes, fingerprint, load_image, nearest_bucket
+from components.train.loader import StageFilter, StageStream
+from components.train.sources import usable_index
 from model.errors import ConfigError
-from model.prompts import SystemPrompt
 from model.vae import encode_pixels
 from storage.shards import ShardWriter, image_bytes
 
@@ -74,12 +74,6 @@ def encode_direct(vae, row: dict) -> torch.Tensor:
     return encode_pixels(vae, load_image(image_bytes(row), size)[None])[0]
 
 
-def features(records, vae, pipe, cache_dir, **kwargs):
-    return build_cache(records, resolution=RES, vae=vae, text_encoder=pipe.text_encoder,
-                       tokenizer=pipe.tokenizer, system_prompts={"real": SystemPrompt.A},
-                       cache_dir=cache_dir, **kwargs)  # fmt: skip
-
-
 @pytest.fixture
 def built(tmp_path, tiny_pipe):
     """A sharded manifest and latents for all but its last image, in two groups with indexes."""
@@ -98,7 +92,7 @@ def built(tmp_path, tiny_pipe):
 
 def test_build_latents_writes_one_bf16_safetensors_file_keyed_by_id(built, tiny_pipe):
     rows, _, out, fp, (g0, g1) = built
-    assert list(g0.columns) == list(INDEX_COLUMNS) and len(g0) == 4 and len(g1) == 2
+    assert list(g0.columns) == [*INDEX_COLUMNS, *SAMPLE_COLUMNS] and len(g0) == 4 and len(g1) == 2
     path = latent_file(out, RES, fp, "g0")
     assert path.endswith(f"latents-r{RES}-{fp}/g0.safetensors") and set(g0["file"]) == {path}
     assert (g0["resolution"] == RES).all() and (g0["vae_fingerprint"] == fp).all()
@@ -148,50 +142,19 @@ def test_unreadable_images_are_left_out_with_a_warning(tmp_path, tiny_pipe, capl
     assert "im01 left out" in caplog.text and "im02 left out" in caplog.text
 
 
-def test_training_cache_serves_indexed_latents_and_encodes_the_rest(built, tiny_pipe, tmp_path, monkeypatch):
-    _, manifest, out, fp, frames = built
-    records = train_data.read_manifest(manifest)
-    encoded = []
-    real_encode = train_data.encode_pixels
-    monkeypatch.setattr(
-        train_data, "encode_pixels", lambda vae, px: encoded.append(len(px)) or real_encode(vae, px)
-    )
-    cache = features(records, tiny_pipe.vae, tiny_pipe, tmp_path / "cache", latent_index=out)
-    assert encoded == [1]  # only im06, which no index holds
-    assert isinstance(cache.latents, train_data.StageLatents) and cache.latents.from_store == 6
+def test_the_training_stream_serves_the_indexed_latents(built, tiny_pipe, tmp_path):
+    _, _, out, fp, frames = built
     store = LatentStore(pd.concat(frames))
-    for rid in store:
-        assert torch.equal(cache.latents[rid], store[rid])
-    assert set(cache.latents) == {r.id for r in records}
-    assert sum(len(v) for v in cache.buckets.values()) == 7
-    for size, ids in cache.buckets.items():
-        assert all(cache.latents[i].shape[-2:] == (size[0] // 8, size[1] // 8) for i in ids)
-    # one index file works too: the ids only g1 held are encoded, im06 comes from the disk cache
-    encoded.clear()
-    again = features(records, tiny_pipe.vae, tiny_pipe, tmp_path / "cache",
-                     latent_index=latent_index_path(out, RES, fp, "g0"))  # fmt: skip
-    assert sum(encoded) == 2 and again.latents.from_store == 4
-    assert torch.equal(again.latents["im06"], cache.latents["im06"])
-    torch.testing.assert_close(again.latents["im04"], store["im04"], rtol=1e-2, atol=1e-2)
-
-
-def test_other_vae_or_resolution_falls_back_to_encoding_with_a_warning(built, tiny_pipe, tmp_path, caplog):
-    _, manifest, out, _, _ = built
-    records = train_data.read_manifest(manifest)
-    other = build_pipeline("tiny", seed=1).vae
-    assert fingerprint(other) != fingerprint(tiny_pipe.vae)
-    with caplog.at_level(logging.WARNING):
-        cache = features(records, other, tiny_pipe, tmp_path / "cache", latent_index=out)
-    assert "built with VAE fingerprint" in caplog.text and "encoding latents instead" in caplog.text
-    assert cache.latents.from_store == 0
-    row = pd.read_parquet(manifest).iloc[0].to_dict()
-    torch.testing.assert_close(cache.latents["im00"], encode_direct(other, row), rtol=1e-4, atol=1e-4)
-    caplog.clear()
-    with caplog.at_level(logging.WARNING):
-        low = build_cache(records, resolution=64, vae=tiny_pipe.vae, text_encoder=tiny_pipe.text_encoder,
-                          tokenizer=tiny_pipe.tokenizer, system_prompts={}, cache_dir=tmp_path / "c64",
-                          latent_index=out)  # fmt: skip
-    assert "no latents at 64px (it has: 128)" in caplog.text and low.latents.from_store == 0
+    stream = StageStream(out, StageFilter(RES, fp, "highres"), micro_batch=2, seed=0, rank=0, world=1,
+                         cache_dir=tmp_path / "c", workers=0)  # fmt: skip
+    assert stream.n_samples == 6 and usable_index(out, StageFilter(RES, fp)) is not None
+    seen = set()
+    for _ in range(6):
+        batch = stream.next()
+        for rec, latent in zip(batch.records, batch.latents, strict=True):
+            assert torch.equal(latent, store[rec.id]) and rec.captions[0].text == "a blue ellipse"
+            seen.add(rec.id)
+    assert seen == set(store)
 
 
 def test_bad_index_is_a_clear_error(tmp_path):
@@ -235,6 +198,6 @@ def test_a_stage_trains_from_the_latent_store(built, tmp_path, monkeypatch):
     def no_encoding(*_):
         raise AssertionError("a latent was encoded although the store holds it")
 
-    monkeypatch.setattr(train_data, "encode_pixels", no_encoding)
+    monkeypatch.setattr(latent_cache, "encode_pixels", no_encoding)
     result = train_stage(cfg)
     assert len(result.losses) == 2 and all(loss == loss for loss in result.losses)

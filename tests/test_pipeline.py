@@ -74,17 +74,21 @@ def test_spec_parses_strictly_and_references_resolve(compiled):
     for label, config in k8s.items():  # each executor's Kubernetes config parses strictly too
         assert label in deployment.executors
         json_format.ParseDict(config, k8s_pb2.KubernetesExecutorConfig())
-    for name in train:
+    for name in train:  # the default cluster launcher: a small task that runs the stage as a TrainJob
         label = spec.components[tasks[name].component_ref.name].executor_label
         resources = deployment.executors[label].container.resources
-        assert (
-            resources.accelerator.resource_type == "nvidia.com/gpu"
-            and resources.accelerator.resource_count == "1"
-        )
-        assert k8s[label]["nodeSelector"]["labels"] == {"nvidia.com/gpu.present": "true"}
-        assert k8s[label]["tolerations"][0]["key"] == "nvidia.com/gpu"
-        assert k8s[label]["pvcMount"][0]["mountPath"] == "/cache"
-        assert k8s[label]["emptyDirMounts"][0]["mountPath"] == "/dev/shm"
+        assert not resources.accelerator.resource_type and resources.resource_cpu_limit == "1"
+        assert k8s[label]["pvcMount"][0]["mountPath"] == "/cache"  # inputs staged for the job's pods
+        params = tasks[name].inputs.parameters
+        assert params["launcher"].runtime_value.constant.string_value == "trainjob"
+        settings = json.loads(params["trainjob_json"].runtime_value.constant.string_value)
+        assert settings["pvc"] == "lumina-cache" and settings["runtime"] == "torch-distributed"
+        assert settings["node_selector"] == {"nvidia.com/gpu.present": "true"}
+        assert params["nodes"].component_input_parameter == "train_nodes"  # pipeline parameters
+        assert params["gpus_per_node"].component_input_parameter == "gpus_per_node"
+    defaults = spec.root.input_definitions.parameters
+    assert defaults["train_nodes"].default_value.number_value == 4
+    assert defaults["gpus_per_node"].default_value.number_value == 8
     for task in tasks.values():  # every task, the train stages included, reaches the same MLflow and S3
         secrets = k8s[spec.components[task.component_ref.name].executor_label]["secretAsEnv"]
         envs = {kv["envVar"] for secret in secrets for kv in secret["keyToEnv"]}
@@ -115,6 +119,25 @@ def test_spec_parses_strictly_and_references_resolve(compiled):
     for name in train:  # every stage reads the latent cache the per-group latent tasks wrote
         latents = tasks[name].inputs.artifacts["latents"].task_output_artifact
         assert latents.producer_task.startswith("for-loop") and latents.output_artifact_key.endswith("index")
+
+
+def test_pod_launcher_trains_in_the_task_pod_on_gpus(tmp_path):
+    settings = tmp_path / "cluster.yaml"
+    settings.write_text("train_launcher: pod\ngpus_per_train_task: 2\n")
+    spec_doc, platform_doc = yaml.safe_load_all(compile_pipeline(tmp_path / "p.yaml", settings).read_text())
+    executors = spec_doc["deploymentSpec"]["executors"]
+    k8s = platform_doc["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    train = [label for label in executors if label.startswith("exec-train-stage-op")]
+    assert len(train) == 3
+    for label in train:
+        accelerator = executors[label]["container"]["resources"]["accelerator"]
+        assert accelerator["resourceType"] == "nvidia.com/gpu" and accelerator["resourceCount"] == "2"
+        assert k8s[label]["nodeSelector"]["labels"] == {"nvidia.com/gpu.present": "true"}
+        assert k8s[label]["tolerations"][0]["key"] == "nvidia.com/gpu"
+        assert k8s[label]["emptyDirMounts"][0]["mountPath"] == "/dev/shm"
+    tasks = spec_doc["root"]["dag"]["tasks"]
+    for name in (n for n in tasks if n.startswith("train-stage-op")):
+        assert "launcher" not in tasks[name]["inputs"]["parameters"]  # the component's default: local
 
 
 class _Recorder(BaseHTTPRequestHandler):

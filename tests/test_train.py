@@ -14,13 +14,15 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
+from components.latents import LatentStore
 from components.train.config import load_config, stage_config
-from components.train.data import bucket_sizes, build_cache, decode_image, read_manifest
+from components.train.data import bucket_sizes, decode_image, fingerprint, read_manifest
+from components.train.loader import StageFilter, index_files, stage_rows
+from components.train.sources import encode_manifest
 from components.train.trainer import read_losses, train_stage
 from model.checkpoint import build_pipeline, load_pipeline
 from model.errors import ConfigError
 from model.flow import validation_loss
-from model.prompts import SystemPrompt
 from model.text import encode_prompts
 from model.vae import encode_images
 from services.process import free_port
@@ -85,10 +87,12 @@ def shard_manifest(manifest: Path, out: Path) -> Path:
     return path
 
 
-def cache_of(records, cache_dir: Path, pipe, resolution: int = 128, **kwargs):
-    return build_cache(records, resolution=resolution, vae=pipe.vae, text_encoder=pipe.text_encoder,
-                       tokenizer=pipe.tokenizer, system_prompts={"synthetic": SystemPrompt.B},
-                       cache_dir=cache_dir, **kwargs)  # fmt: skip
+def encoded(manifest: Path, cache_dir: Path, pipe, resolution: int = 128) -> tuple[LatentStore, dict]:
+    """The manifest encoded as training encodes it: a latent store and each id's bucket."""
+    flt = StageFilter(resolution, fingerprint(pipe.vae))
+    files = index_files(encode_manifest(manifest, None, pipe.vae, flt, cache_dir))
+    rows = pd.concat([stage_rows(f, flt) for f in files])
+    return LatentStore(rows), {r.id: (r.height, r.width) for r in rows.itertuples()}
 
 
 def heldout(pipe, manifest: Path) -> float:
@@ -139,13 +143,12 @@ def test_manifest_of_shard_refs_builds_the_same_cache_as_files(tmp_path, manifes
     assert all(r.ref is None and r.image_path.is_file() for r in by_file)
     assert all(r.image_path is None and r.ref.shard.endswith(".tar") and r.width for r in by_ref)
     assert len({r.ref.shard for r in by_ref}) == 3  # 24 images, 10 per shard
-    caches = [
-        cache_of(records, tmp_path / f"cache{i}", tiny_pipe) for i, records in enumerate((by_file, by_ref))
-    ]
-    assert caches[0].buckets == caches[1].buckets and len(caches[0].buckets) == 2  # 96x64 and 64x64 images
-    assert set(caches[0].latents) == set(caches[1].latents) == {r.id for r in by_file}
-    assert all(torch.equal(caches[0].latents[i], caches[1].latents[i]) for i in caches[0].latents)
-    assert caches[0].text.keys() == caches[1].text.keys()
+    (a, size_a), (b, size_b) = (
+        encoded(m, tmp_path / f"cache{i}", tiny_pipe) for i, m in enumerate((manifest, sharded))
+    )
+    assert size_a == size_b and len(set(size_a.values())) == 2  # 96x64 and 64x64 images
+    assert set(a) == set(b) == {r.id for r in by_file}
+    assert all(torch.equal(a[i], b[i]) for i in a)
 
 
 def test_manifest_checks_refs_and_keeps_file_rows(tmp_path, manifest):
@@ -246,6 +249,7 @@ def test_killed_run_resumes_with_identical_losses(tmp_path, manifest):
     config = tmp_path / "stage.yaml"
     config.write_text(
         "stage: lowres\nprofile: tiny\nsteps: 40\nglobal_batch: 4\nmicro_batch: 2\ncheckpoint_every: 5\n"
+        "loader_unit: 8\nloader_workers: 2\n"
     )
     straight = _train_cli(manifest, tmp_path / "straight", config)
     assert straight.wait(timeout=600) == 0, straight.stderr.read()
@@ -260,6 +264,10 @@ def test_killed_run_resumes_with_identical_losses(tmp_path, manifest):
         time.sleep(0.02)
     assert killed.wait(timeout=60) == -signal.SIGKILL, "the run finished before it could be killed"
     assert len(read_losses(tmp_path / "resumed")) < 40
+    (saved,) = [json.loads(p.read_text()) for p in (tmp_path / "resumed").glob("checkpoints/*/loader.json")][
+        -1:
+    ]
+    assert saved["positions"][0] != {"epoch": 0, "cursor": 0, "batch": 0}  # killed mid-stream
 
     resumed = _train_cli(manifest, tmp_path / "resumed", config)
     assert resumed.wait(timeout=600) == 0, resumed.stderr.read()
@@ -322,39 +330,96 @@ def test_a_stage_run_left_open_by_a_crash_ends_failed(tmp_path):
     assert run.info.status == "FAILED" and run.data.metrics["loss"] == 1.0
 
 
-def _torchrun(tmp_path: Path, manifest: Path, name: str, zero_stage: int) -> Path:
+TORCHRUN_STEPS = 8
+
+
+def _torchrun_cmd(
+    tmp_path: Path, manifest: Path, name: str, zero_stage: int, nodes: str, extra: str = ""
+) -> list[str]:
+    """``torchrun`` of a tiny stage; ``nodes``: its node options (one node x 2, or a node of two)."""
     config = tmp_path / f"{name}.yaml"
     config.write_text(
-        f"steps: 6\nglobal_batch: 4\nmicro_batch: 1\nzero_stage: {zero_stage}\n"
-        "checkpoint_every: 3\ntrack: false\n"
+        f"steps: {TORCHRUN_STEPS}\nglobal_batch: 4\nmicro_batch: 1\nzero_stage: {zero_stage}\n"
+        f"checkpoint_every: 2\ntrack: false\nloader_unit: 8\n{extra}"
     )
-    port = str(free_port())
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
-           "-m", "components.train", "--manifest", str(manifest), "--output-dir", str(tmp_path / name),
-           "--config", str(config)]  # fmt: skip
-    env = {
+    return [sys.executable, "-m", "torch.distributed.run", *nodes.split(), "-m", "components.train",
+            "--manifest", str(manifest), "--output-dir", str(tmp_path / name),
+            "--config", str(config)]  # fmt: skip
+
+
+def _clean_env() -> dict[str, str]:
+    return {
         k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")
     }
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _torchrun(tmp_path: Path, manifest: Path, name: str, zero_stage: int) -> Path:
+    nodes = f"--nproc_per_node 2 --master_port {free_port()}"
+    cmd = _torchrun_cmd(tmp_path, manifest, name, zero_stage, nodes)
+    proc = subprocess.run(cmd, env=_clean_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return tmp_path / name
 
 
+@pytest.fixture(scope="module")
+def one_node_two_processes(tmp_path_factory, manifest) -> Path:
+    """A ZeRO-2 stage on one node with two processes (the reference of the multi-node test)."""
+    return _torchrun(tmp_path_factory.mktemp("torchrun"), manifest, "zero2", 2)
+
+
 @pytest.mark.slow
-def test_two_processes_with_torchrun_zero2_and_zero3_agree(tmp_path, manifest):
-    zero2 = _torchrun(tmp_path, manifest, "zero2", 2)
-    assert len(read_losses(zero2)) == 6
+def test_two_processes_with_torchrun_zero2_and_zero3_agree(tmp_path, manifest, one_node_two_processes):
+    zero2 = one_node_two_processes
+    assert len(read_losses(zero2)) == TORCHRUN_STEPS
     assert (zero2 / "pipeline" / "model_index.json").is_file()
-    states = list((zero2 / "checkpoints" / "step6").glob("*optim_states.pt"))
+    states = list((zero2 / "checkpoints" / f"step{TORCHRUN_STEPS}").glob("*optim_states.pt"))
     assert len(states) == 2  # ZeRO-2 partitions optimizer state across the two ranks
     zero3 = _torchrun(tmp_path, manifest, "zero3", 3)
-    params = list((zero3 / "checkpoints" / "step6").glob("*model_states.pt"))
+    params = list((zero3 / "checkpoints" / f"step{TORCHRUN_STEPS}").glob("*model_states.pt"))
     assert len(params) == 2  # ZeRO-3 partitions the parameters too
     # same data, same maths: the sharding strategy must not change what is learned
     assert np.allclose(read_losses(zero2), read_losses(zero3), rtol=1e-4, atol=1e-5)
     w2 = load_pipeline(zero2 / "pipeline").transformer.state_dict()
     w3 = load_pipeline(zero3 / "pipeline").transformer.state_dict()
     assert all(torch.allclose(w2[k], w3[k], atol=1e-5) for k in w2)
+
+
+def _two_nodes(tmp_path: Path, manifest: Path) -> list[subprocess.Popen]:
+    """Two torchrun "nodes" of one process each on loopback (static rendezvous, shared output)."""
+    port = free_port()
+    procs = []
+    for node in (0, 1):
+        nodes = (
+            f"--nnodes 2 --node_rank {node} --nproc_per_node 1 --master_addr 127.0.0.1 --master_port {port}"
+        )
+        cmd = _torchrun_cmd(tmp_path, manifest, "nodes", 2, nodes)
+        procs.append(subprocess.Popen(cmd, env=_clean_env(), stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.PIPE, text=True, start_new_session=True))  # fmt: skip
+    return procs
+
+
+@pytest.mark.slow
+def test_two_nodes_match_one_node_and_resume_after_a_lost_rank(tmp_path, manifest, one_node_two_processes):
+    first = _two_nodes(tmp_path, manifest)
+    marker = tmp_path / "nodes" / "checkpoints" / "step2" / "COMPLETE"
+    deadline = time.time() + 300
+    while time.time() < deadline and not marker.is_file() and all(p.poll() is None for p in first):
+        time.sleep(0.02)
+    assert marker.is_file(), first[0].stderr.read()[-3000:]
+    os.killpg(first[1].pid, signal.SIGKILL)  # node 1 is lost, its rank with it
+    assert first[1].wait(timeout=60) != 0
+    # Trainer's JobSet fails or restarts the whole job when one of its pods fails: node 0 goes too
+    os.killpg(first[0].pid, signal.SIGKILL)
+    first[0].wait(timeout=60)
+    assert len(read_losses(tmp_path / "nodes")) < TORCHRUN_STEPS
+
+    again = _two_nodes(tmp_path, manifest)  # the job's restart: resumes from the last complete checkpoint
+    for proc in again:
+        assert proc.wait(timeout=600) == 0, proc.stderr.read()[-3000:]
+    # 2 nodes x 1 process and 1 node x 2 processes are the same two ranks: the same samples, noise and
+    # gradients. Tolerance: gloo's all-reduce of two float32 operands, rtol 1e-5.
+    want, got = read_losses(one_node_two_processes), read_losses(tmp_path / "nodes")
+    assert len(got) == TORCHRUN_STEPS and np.allclose(got, want, rtol=1e-5, atol=1e-7)
 
 
 def test_kfp_component_compiles(tmp_path):

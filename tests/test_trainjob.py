@@ -16,6 +16,7 @@ from kubeflow_trainer_api.models import TrainerV1alpha1TrainJob
 from components.train.trainjob import (
     TrainJobFailedError,
     job_failure_message,
+    run_stage_trainjob,
     stage_args,
     trainjob_manifest,
     trainjob_name,
@@ -252,8 +253,126 @@ def test_failed_job_message_reaches_the_raised_error():
 
 
 def test_kubernetes_client_fits_the_protocol():
-    client = pytest.importorskip("kubernetes.client")
-    assert callable(client.CustomObjectsApi.get_namespaced_custom_object)
+    from kubernetes import client
+
+    for method in ("get", "create", "delete"):
+        assert callable(getattr(client.CustomObjectsApi, f"{method}_namespaced_custom_object"))
+
+
+COMPLETE = {"conditions": [{"type": "Complete", "status": "True", "reason": "JobsCompleted"}]}
+FAILED = {
+    "conditions": [{"type": "Failed", "status": "True", "reason": "PodFailed", "message": "node-1 OOMKilled"}]
+}
+
+
+class Cluster:
+    """A stand-in for the Kubernetes API holding TrainJobs; each created job goes through ``script``
+    (its statuses, one per poll). Errors look like ``kubernetes.client.ApiException``."""
+
+    def __init__(self, script=(), existing=None):
+        self.jobs = dict(existing or {})
+        self.script, self.created, self.deleted = list(script), [], []
+
+    def _missing(self, name):
+        from kubernetes.client.exceptions import ApiException
+
+        return ApiException(status=404, reason=f"trainjobs {name} not found")
+
+    def get_namespaced_custom_object(self, group, version, namespace, plural, name):
+        assert (group, version, plural) == ("trainer.kubeflow.org", "v1alpha1", "trainjobs")
+        if name not in self.jobs:
+            raise self._missing(name)
+        job = self.jobs[name]
+        if self.script and job.get("_scripted"):
+            job["status"] = self.script.pop(0)
+        return job
+
+    def create_namespaced_custom_object(self, group, version, namespace, plural, body):
+        assert body["metadata"]["namespace"] == namespace and body["metadata"]["name"] not in self.jobs
+        self.created.append(copy.deepcopy(body))
+        self.jobs[body["metadata"]["name"]] = {**copy.deepcopy(body), "status": {}, "_scripted": True}
+        return body
+
+    def delete_namespaced_custom_object(self, group, version, namespace, plural, name):
+        self.deleted.append(name)
+        del self.jobs[name]
+        return {}
+
+
+def _settings():
+    from pipelines.lumina_pipeline import ClusterSettings, trainjob_settings
+
+    return {**trainjob_settings(ClusterSettings()), "namespace": "ml", "poll_s": 0}
+
+
+def test_the_train_step_creates_a_valid_job_and_follows_it(validator, crd):
+    cluster, lines = Cluster(script=[{}, COMPLETE]), []
+    run_stage_trainjob(ARGS, _settings(), run_id="r1", stage="hq", nodes=4, gpus_per_node=8, api=cluster,
+                       log=lines.append)  # fmt: skip
+    (job,) = cluster.created
+    _check(validator, crd, job)
+    assert job["metadata"]["name"] == "lumina-hq-r1" and job["spec"]["trainer"]["numNodes"] == 4
+    assert job["spec"]["trainer"]["args"] == ARGS
+    resources = job["spec"]["trainer"]["resourcesPerNode"]["limits"]
+    assert resources["nvidia.com/gpu"] == "8" and resources["cpu"] == "64" and resources["memory"] == "512Gi"
+    pod = _node_pod(job)
+    assert {v["name"]: v for v in pod["volumes"]}["cache"]["persistentVolumeClaim"][
+        "claimName"
+    ] == "lumina-cache"
+    assert {v["name"]: v for v in pod["volumes"]}["dshm"]["emptyDir"] == {
+        "medium": "Memory",
+        "sizeLimit": "64Gi",
+    }
+    assert (
+        pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+        and pod["tolerations"][0]["key"] == "nvidia.com/gpu"
+    )
+    secrets = {
+        e["valueFrom"]["secretKeyRef"]["name"] for e in job["spec"]["trainer"]["env"] if "valueFrom" in e
+    }
+    assert secrets == {"lumina-s3", "lumina-mlflow"}
+    assert any("created" in line for line in lines)
+
+
+def test_a_failing_job_fails_the_step_with_its_message():
+    cluster = Cluster(script=[{}, FAILED])
+    with pytest.raises(TrainJobFailedError, match="failed: PodFailed: node-1 OOMKilled"):
+        run_stage_trainjob(ARGS, _settings(), run_id="r1", stage="hq", nodes=2, gpus_per_node=1, api=cluster,
+                           log=lambda line: None)  # fmt: skip
+
+
+def test_a_retried_step_follows_reuses_or_recreates_its_job():
+    def job(status):
+        return {"metadata": {"name": "lumina-hq-r1"}, "status": status, "_scripted": True}
+
+    kwargs = {"run_id": "r1", "stage": "hq", "nodes": 2, "gpus_per_node": 1, "log": lambda line: None}
+    running = Cluster(script=[{}, COMPLETE], existing={"lumina-hq-r1": job({})})
+    run_stage_trainjob(ARGS, _settings(), api=running, **kwargs)
+    assert running.created == [] and running.deleted == []  # followed, not duplicated
+    done = Cluster(existing={"lumina-hq-r1": job(COMPLETE)})
+    run_stage_trainjob(ARGS, _settings(), api=done, **kwargs)
+    assert done.created == []
+    failed = Cluster(script=[{}, COMPLETE], existing={"lumina-hq-r1": {**job(FAILED), "_scripted": False}})
+    run_stage_trainjob(ARGS, _settings(), api=failed, **kwargs)
+    assert failed.deleted == ["lumina-hq-r1"] and len(failed.created) == 1  # the new pods resume
+
+
+def test_inputs_are_staged_on_the_shared_volume(tmp_path):
+    from components.train.launch import shared_copy, shared_init
+
+    artifact = tmp_path / "artifact"
+    (artifact / "sub").mkdir(parents=True)
+    (artifact / "sub" / "lowres.parquet").write_text("x")
+    work = tmp_path / "cache" / "runs" / "r1" / "hq"
+    staged = shared_copy(artifact, work, "manifest")
+    assert staged == work / "inputs" / "manifest" and (staged / "sub" / "lowres.parquet").read_text() == "x"
+    (artifact / "sub" / "lowres.parquet").write_text("y")
+    assert (shared_copy(artifact, work, "manifest") / "sub" / "lowres.parquet").read_text() == "y"
+    export = tmp_path / "cache" / "runs" / "r1" / "highres" / "pipeline"
+    export.mkdir(parents=True)
+    (export / "model_index.json").write_text("{}")
+    assert shared_init(artifact, {"export_dir": str(export)}, work) == export  # in place, no copy
+    assert shared_init(artifact, {"export_dir": str(tmp_path / "gone")}, work) == work / "inputs" / "init"
 
 
 def test_cli_prints_yaml_and_errors_in_one_line(validator, crd):
@@ -280,3 +399,13 @@ def test_cli_prints_yaml_and_errors_in_one_line(validator, crd):
         bad = subprocess.run([*base, *extra], capture_output=True, text=True)
         assert bad.returncode == 2 and bad.stdout == ""
         assert bad.stderr.count("\n") == 1 and bad.stderr.startswith("error: ") and message in bad.stderr
+
+
+def test_the_rbac_manifest_grants_what_the_train_step_calls():
+    role, binding = yaml.safe_load_all(
+        (Path(__file__).parents[1] / "pipelines" / "rbac-trainjob.yaml").read_text()
+    )
+    (rule,) = role["rules"]
+    assert rule["apiGroups"] == ["trainer.kubeflow.org"] and rule["resources"] == ["trainjobs"]
+    assert {"create", "get", "delete"} <= set(rule["verbs"])  # run_trainjob's calls
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]

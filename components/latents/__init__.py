@@ -15,6 +15,8 @@ training uses it through ``TrainConfig.latents`` (``--latents``).
 
 from components.latents.cache import (
     INDEX_COLUMNS,
+    SAMPLE_COLUMNS,
+    TIER_COLUMNS,
     LatentStore,
     build_latents,
     latent_dir,
@@ -26,6 +28,8 @@ from components.latents.cache import (
 
 __all__ = [
     "INDEX_COLUMNS",
+    "SAMPLE_COLUMNS",
+    "TIER_COLUMNS",
     "LatentStore",
     "build_latents",
     "latent_dir",

@@ -26,6 +26,10 @@ from storage.shards import iter_images
 log = logging.getLogger(__name__)
 
 INDEX_COLUMNS = ("id", "file", "key", "height", "width", "resolution", "vae_fingerprint")
+# Carried from the manifest rows into the index when present: what training needs of a sample
+# besides its latent (the streaming loader reads nothing else) and the tier flags of the stages.
+SAMPLE_COLUMNS = ("captions", "domain")
+TIER_COLUMNS = ("lowres", "highres", "hq")
 LATENT_DTYPE = torch.bfloat16
 
 
@@ -68,23 +72,27 @@ def build_latents(
     Images are streamed (``read_ahead`` in flight) and encoded ``batch_size`` per bucket; only this
     group's latents are held. An unreadable image is logged and left out (training encodes it, or
     reports it). Returns the index frame (:data:`INDEX_COLUMNS`; ``height`` / ``width`` are the
-    bucket's size in pixels)."""
+    bucket's size in pixels), plus :data:`SAMPLE_COLUMNS` / :data:`TIER_COLUMNS` when ``rows`` has
+    them."""
     vae_fp = fingerprint(vae)
     uri = latent_file(out_prefix, resolution, vae_fp, name)
     buckets = bucket_sizes(resolution)
     tensors: dict[str, torch.Tensor] = {}
     index: list[dict[str, Any]] = []
-    pending: dict[tuple[int, int], list[tuple[str, torch.Tensor]]] = {}
+    pending: dict[tuple[int, int], list[tuple[dict[str, Any], torch.Tensor]]] = {}
+    carried = [c for c in (*SAMPLE_COLUMNS, *TIER_COLUMNS) if c in rows.columns]
 
     def encode(size: tuple[int, int]) -> None:
         batch = pending.pop(size, [])
         if not batch:
             return
         z = encode_pixels(vae, torch.stack([pixels for _, pixels in batch]))
-        for (rid, _), zi in zip(batch, z, strict=True):
+        for (row, _), zi in zip(batch, z, strict=True):
+            rid = str(row["id"])
             tensors[rid] = zi.to(LATENT_DTYPE).contiguous().clone()
             index.append({"id": rid, "file": uri, "key": rid, "height": size[0], "width": size[1],
-                          "resolution": resolution, "vae_fingerprint": vae_fp})  # fmt: skip
+                          "resolution": resolution, "vae_fingerprint": vae_fp,
+                          **{c: row[c] for c in carried}})  # fmt: skip
 
     seen: set[str] = set()
     records = rows.to_dict("records")
@@ -106,7 +114,7 @@ def build_latents(
         except (OSError, ValueError) as exc:  # PIL: not an image / truncated
             log.warning("latents %s: image %s left out: %s", name, rid, str(exc).splitlines()[0])
             continue
-        pending.setdefault(size, []).append((rid, pixels))
+        pending.setdefault(size, []).append((row, pixels))
         if len(pending[size]) >= batch_size:
             encode(size)
     for size in list(pending):
@@ -121,7 +129,7 @@ def build_latents(
         tensors.clear()
         upload_file(local, uri)
     log.info("latents %s: %d images -> %s", name, len(index), uri)
-    return pd.DataFrame(index, columns=list(INDEX_COLUMNS))
+    return pd.DataFrame(index, columns=[*INDEX_COLUMNS, *carried])
 
 
 def _positive(value: Any) -> bool:

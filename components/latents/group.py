@@ -3,8 +3,10 @@ training stage's resolution with the stage VAE, into ``<group prefix>/latents-r<
 
 Which images: the group's ``tiers.parquet`` (written by the tier fan-in): the ``lowres`` tier at
 the first stage's resolution, the ``highres`` tier (⊇ ``hq``) at the high-resolution stages' one.
-A group whose index for a (resolution, VAE) already exists is not encoded again (a retried or
-re-run task reuses it); a retry otherwise rewrites only this group's files.
+A group whose index for a (resolution, VAE) already holds every image wanted is not encoded again
+(a retried or re-run task reuses it); a retry otherwise rewrites only this group's files. The index
+always gets this run's captions, domain and tier flags (what the streaming training loader reads),
+merged onto the latents by image id.
 """
 
 from __future__ import annotations
@@ -12,7 +14,15 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from components.latents.cache import build_latents, latent_index_path, read_latent_index, write_latent_index
+from components.latents.cache import (
+    INDEX_COLUMNS,
+    SAMPLE_COLUMNS,
+    TIER_COLUMNS,
+    build_latents,
+    latent_index_path,
+    read_latent_index,
+    write_latent_index,
+)
 from components.plan.plan import Group
 from components.tier.tier import GROUP_TIERS_FILE
 from components.train.config import STAGE_DEFAULTS, Stage
@@ -20,6 +30,7 @@ from components.train.data import fingerprint
 from model.checkpoint import pipeline_vae
 from model.errors import ConfigError
 from storage import exists, join, read_parquet
+from storage.shards import REF_COLUMNS
 
 log = logging.getLogger(__name__)
 
@@ -48,15 +59,20 @@ def latents_group(group: Group, out_dir: str | Path, *, profile: str = "tiny", s
     for resolution, tier in stage_resolutions(profile).items():
         rows = tiers[tiers[tier]] if tier in tiers else tiers.head(0)
         index_uri = latent_index_path(group.prefix, resolution, vae_fp, group.name)
-        if exists(index_uri):
-            index = read_latent_index(index_uri)
-            log.info("latents %s r%d: reusing %d", group.name, resolution, len(index))
+        stored = read_latent_index(index_uri) if exists(index_uri) else None
+        if stored is not None and set(rows["id"].astype(str)) <= set(stored["id"].astype(str)):
+            log.info("latents %s r%d: reusing %d", group.name, resolution, len(stored))
+            latents = stored[list(INDEX_COLUMNS)]
         else:
-            index = build_latents(
-                rows, vae=vae, resolution=resolution, out_prefix=group.prefix, name=group.name
-            )
-            write_latent_index(index, index_uri)
-            log.info("latents %s r%d: %d images", group.name, resolution, len(index))
+            latents = build_latents(
+                rows[["id", "width", "height", "image_path", *REF_COLUMNS]],
+                vae=vae, resolution=resolution, out_prefix=group.prefix, name=group.name,
+            )  # fmt: skip
+            log.info("latents %s r%d: %d images", group.name, resolution, len(latents))
+        # the latents are reusable; captions, domain and tier flags are always this run's
+        carried = [c for c in (*SAMPLE_COLUMNS, *TIER_COLUMNS) if c in rows.columns]
+        index = latents.merge(rows[["id", *carried]].astype({"id": str}), on="id", how="inner")
+        write_latent_index(index, index_uri)
         local = out / f"{group.name}-r{resolution}.index.parquet"
         index.to_parquet(local, index=False)
         written.append(local)

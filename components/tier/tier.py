@@ -185,10 +185,11 @@ GROUP_TIERS_FILE = "tiers.parquet"
 
 def write_group_tiers(scored: pd.DataFrame, tiers: dict[str, pd.DataFrame], groups: Sequence[Group]) -> None:
     """``<group prefix>/tiers.parquet``: each group's tiered images with their shard refs, sizes and one
-    boolean column per tier (what the group's latent task encodes, at which resolution)."""
+    boolean column per tier (what the group's latent task encodes, at which resolution), and the
+    captions and domain the latent index carries for the streaming training loader."""
     members = {name: set(frame["id"]) for name, frame in tiers.items()}
     frame = scored[scored["id"].isin(members["lowres"])]
-    columns = ["id", "group", "width", "height", "image_path", *REF_COLUMNS]
+    columns = ["id", "group", "width", "height", "image_path", "domain", "captions", *REF_COLUMNS]
     for group in groups:
         part = frame[frame["group"] == group.name][columns].copy() if "group" in frame else frame.head(0)
         for name in TIERS:

@@ -3,8 +3,14 @@
 (No ``from __future__ import annotations``: KFP reads the real annotation objects.)
 
 The container image (issue #7) has the project installed, so nothing is pip-installed at run
-time. On a cluster the pipeline gives this task GPUs; with several GPUs in the pod the wrapper
-starts ``torchrun`` over all of them.
+time. ``launcher``:
+
+- ``local`` (the embedded default, and a cluster compiled with ``train_launcher: pod``): the stage
+  runs in this task's pod, with ``torchrun`` over all its GPUs when it has several;
+- ``trainjob`` (a cluster's default): the task creates a Kubeflow Trainer ``TrainJob`` of ``nodes`` x
+  ``gpus_per_node`` for the stage (``trainjob_json``: the cluster settings the pipeline was compiled
+  with), follows it and fails with the job's own message when it fails. Inputs are staged on the
+  shared cache volume, where the job's pods find them and write the stage's outputs.
 """
 
 from typing import List
@@ -30,6 +36,10 @@ def train_stage_op(
     latents: Input[List[Dataset]] = None,
     work_root: str = "",
     run_id: str = "",
+    launcher: str = "local",
+    nodes: int = 1,
+    gpus_per_node: int = 1,
+    trainjob_json: str = "",
 ) -> str:
     """Train one stage into ``pipeline`` (diffusers folder); returns the stage's MLflow run id.
     ``work_root`` (the cache PVC on a cluster): the stage works in ``<work_root>/<run_id>/<stage>``,
@@ -46,17 +56,28 @@ def train_stage_op(
 
     import torch
 
-    from components.train.launch import launch_env, stage_work_dir
+    from components.train.launch import launch_env, shared_copy, shared_init, stage_work_dir
 
     work = stage_work_dir(work_root, run_id, stage)
-    cmd = ["-m", "components.train", "--manifest", manifest.path, "--output-dir", str(work / stage),
+    on_trainjob = launcher == "trainjob"
+    if launcher not in ("local", "trainjob"):
+        raise ValueError(f"launcher must be local or trainjob (got {launcher!r})")
+    inputs = {"manifest": manifest.path, "init_from": init_from.path if init_from is not None else None,
+              "image_root": images.path if images is not None else None}  # fmt: skip
+    if on_trainjob:  # the job's pods see the shared volume, not this pod's downloaded artifacts
+        inputs["manifest"] = str(shared_copy(manifest.path, work, "manifest"))
+        if init_from is not None:
+            inputs["init_from"] = str(shared_init(init_from.path, init_from.metadata, work))
+        if images is not None:
+            inputs["image_root"] = str(shared_copy(images.path, work, "images"))
+    cmd = ["--manifest", inputs["manifest"], "--output-dir", str(work / stage),
            "--stage", stage, "--profile", profile, "--seed", str(seed)]  # fmt: skip
     if steps:
         cmd += ["--steps", str(steps)]
-    if init_from is not None:
-        cmd += ["--init-from", init_from.path]
-    if images is not None:
-        cmd += ["--image-root", images.path]
+    if inputs["init_from"]:
+        cmd += ["--init-from", inputs["init_from"]]
+    if inputs["image_root"]:
+        cmd += ["--image-root", inputs["image_root"]]
     if latents:  # the latent step's per-group indexes (dsl.Collected): one folder of Parquet files
         index_dir = work / "latents"
         shutil.rmtree(index_dir, ignore_errors=True)  # a retry gets this attempt's indexes only
@@ -68,19 +89,29 @@ def train_stage_op(
     if config_yaml:
         (work / "stage.yaml").write_text(config_yaml)
         cmd += ["--config", str(work / "stage.yaml")]
-    gpus = torch.cuda.device_count()
-    launcher = (
-        [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={gpus}"]
-        if gpus > 1
-        else [sys.executable]
-    )
-    subprocess.run(launcher + cmd, check=True, env=launch_env(os.environ))  # its own rendezvous
+    if on_trainjob:
+        from components.train.trainjob import run_stage_trainjob
+
+        settings = json.loads(trainjob_json or "{}")
+        run_stage_trainjob(
+            cmd, settings, run_id=run_id, stage=stage, nodes=nodes, gpus_per_node=gpus_per_node
+        )
+    else:
+        gpus = torch.cuda.device_count()
+        launcher_cmd = (
+            [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={gpus}"]
+            if gpus > 1
+            else [sys.executable]
+        )
+        stage_cmd = [*launcher_cmd, "-m", "components.train", *cmd]
+        subprocess.run(stage_cmd, check=True, env=launch_env(os.environ))  # its own rendezvous
     shutil.copytree(work / stage / "pipeline", pipeline.path, dirs_exist_ok=True)
     losses = [json.loads(line)["loss"] for line in (work / stage / "losses.jsonl").read_text().splitlines()]
     metrics.log_metric("final_loss", losses[-1])
     metrics.log_metric("steps", len(losses))
     run_id = json.loads((work / stage / "run.json").read_text()).get("mlflow_run_id", "")
     pipeline.metadata.update(
-        {"stage": stage, "profile": profile, "final_loss": losses[-1], "mlflow_run_id": run_id}
-    )
+        {"stage": stage, "profile": profile, "final_loss": losses[-1], "mlflow_run_id": run_id,
+         "export_dir": str(work / stage / "pipeline") if work_root else ""}
+    )  # fmt: skip
     return run_id

@@ -28,6 +28,7 @@ PAPER_STAGES: dict[Stage, dict[str, Any]] = {
 }
 for _stage in PAPER_STAGES.values():  # 110M images: no per-caption feature store (README, caption embeddings)
     _stage["text_features"] = "online"
+    _stage["loader_workers"] = 4
 
 # Scaled down so all three stages finish on 2 CPU cores in a few minutes.
 TINY_STAGES: dict[Stage, dict[str, Any]] = {
@@ -90,6 +91,18 @@ class TrainConfig(BaseModel):
         description="cache: Gemma features of every caption variant computed once at the start of the"
         " stage (small datasets); online: captions encoded in each training step (the paper's scale:"
         " no per-variant feature store; see README 'Caption embeddings')",
+    )
+    loader_workers: int = Field(
+        1, ge=0, description="loader worker processes per rank reading latent units ahead (0: in the step)"
+    )
+    loader_unit: int = Field(
+        256, ge=1, description="samples per loader unit (the unit of reading and of memory)"
+    )
+    collective_timeout_minutes: float = Field(
+        30.0,
+        gt=0,
+        description="a collective waiting longer fails the rank (a lost node ends the job, which"
+        " the runtime restarts from the last complete checkpoint, instead of hanging it)",
     )
     resolution: int = Field(64, ge=64)
     steps: int = Field(100, ge=1)

@@ -22,26 +22,23 @@ import json
 import logging
 import math
 import random
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
+import pyarrow.parquet as pq
 import torch
 from PIL import Image, ImageOps
-from tqdm.auto import tqdm
 
 from model.errors import ConfigError
 from model.prompts import SystemPrompt, apply_system_prompt
-from model.text import encode_prompts
-from model.vae import encode_pixels
 from storage.io import is_s3
 from storage.shards import REF_COLUMNS, MemberRef, image_bytes
 
 if TYPE_CHECKING:
-    from components.latents import LatentStore
+    pass
 
 log = logging.getLogger(__name__)
 
@@ -99,50 +96,67 @@ def _present(value: Any) -> bool:
 
 
 def read_manifest(path: str | Path, image_root: str | Path | None = None) -> list[TrainRecord]:
-    """Read and check a training manifest; one clear error for a bad one. Rows name their image by
-    a shard ref or by ``image_path``; relative image paths (and relative local shard paths)
-    resolve against ``image_root`` (e.g. the ingest dataset) or else the manifest's folder."""
+    """Read and check a whole training manifest (see :func:`iter_manifest`)."""
+    records = [r for chunk in iter_manifest(path, image_root) for r in chunk]
+    if not records:
+        raise ConfigError(f"training manifest {path} is empty")
+    return records
+
+
+def iter_manifest(
+    path: str | Path, image_root: str | Path | None = None, batch_rows: int = 4096
+) -> Iterator[list[TrainRecord]]:
+    """Read and check a training manifest ``batch_rows`` rows at a time (memory bounded by the
+    batch); one clear error for a bad one. Rows name their image by a shard ref or by
+    ``image_path``; relative image paths (and relative local shard paths) resolve against
+    ``image_root`` (e.g. the ingest dataset) or else the manifest's folder."""
     path = Path(path)
     root = Path(image_root) if image_root is not None else path.parent
     if not path.is_file():
         raise ConfigError(f"training manifest not found: {path}")
     try:
-        frame = pd.read_parquet(path)
+        table = pq.ParquetFile(path)
+        columns = set(table.schema_arrow.names)
     except Exception as exc:  # pyarrow raises several types for a bad file
         raise ConfigError(f"cannot read training manifest {path}: {str(exc).splitlines()[0]}") from None
-    has_refs = "shard" in frame.columns
-    missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns and not (c == "image_path" and has_refs)]
+    has_refs = "shard" in columns
+    missing = [c for c in REQUIRED_COLUMNS if c not in columns and not (c == "image_path" and has_refs)]
     if has_refs:
-        missing += [c for c in REF_COLUMNS if c not in frame.columns]
+        missing += [c for c in REF_COLUMNS if c not in columns]
     if missing:
         raise ConfigError(f"training manifest {path} lacks columns: {', '.join(missing)}")
-    has_paths, has_size = "image_path" in frame.columns, {"width", "height"} <= set(frame.columns)
-    records = []
-    for row in frame.to_dict("records"):
-        rid = str(row["id"])
-        caps = tuple(Caption(**c) for c in json.loads(row["captions"]))
-        if not caps:
-            raise ConfigError(f"training manifest {path}: image {rid} has no captions")
-        ref = image = None
-        if has_refs and _present(row["shard"]):
-            shard = str(row["shard"])
-            if not is_s3(shard) and not Path(shard).is_absolute():
-                shard = str(root / shard)
-            if not (_present(row["offset"]) and _present(row["size"])):
-                raise ConfigError(f"training manifest {path}: image {rid} has a shard but no offset/size")
-            ref = MemberRef(shard, str(row["member"]), int(row["offset"]), int(row["size"]))
-        elif has_paths and _present(row["image_path"]):
-            image = Path(str(row["image_path"]))
-            image = image if image.is_absolute() else root / image
-        else:
-            raise ConfigError(f"training manifest {path}: image {rid} has neither a shard nor an image_path")
-        width = height = None
-        if has_size and _present(row["width"]) and _present(row["height"]):
-            width, height = int(row["width"]), int(row["height"])
-        records.append(TrainRecord(rid, image, str(row["domain"]), caps, ref, width, height))
-    if not records:
-        raise ConfigError(f"training manifest {path} is empty")
-    return records
+    has_paths, has_size = "image_path" in columns, {"width", "height"} <= columns
+    for batch in table.iter_batches(batch_size=batch_rows):
+        records = []
+        for row in batch.to_pylist():
+            records.append(_manifest_record(row, path, root, has_refs, has_paths, has_size))
+        yield records
+
+
+def _manifest_record(
+    row: dict[str, Any], path: Path, root: Path, has_refs: bool, has_paths: bool, has_size: bool
+) -> TrainRecord:
+    rid = str(row["id"])
+    caps = tuple(Caption(**c) for c in json.loads(row["captions"]))
+    if not caps:
+        raise ConfigError(f"training manifest {path}: image {rid} has no captions")
+    ref = image = None
+    if has_refs and _present(row["shard"]):
+        shard = str(row["shard"])
+        if not is_s3(shard) and not Path(shard).is_absolute():
+            shard = str(root / shard)
+        if not (_present(row["offset"]) and _present(row["size"])):
+            raise ConfigError(f"training manifest {path}: image {rid} has a shard but no offset/size")
+        ref = MemberRef(shard, str(row["member"]), int(row["offset"]), int(row["size"]))
+    elif has_paths and _present(row["image_path"]):
+        image = Path(str(row["image_path"]))
+        image = image if image.is_absolute() else root / image
+    else:
+        raise ConfigError(f"training manifest {path}: image {rid} has neither a shard nor an image_path")
+    width = height = None
+    if has_size and _present(row["width"]) and _present(row["height"]):
+        width, height = int(row["width"]), int(row["height"])
+    return TrainRecord(rid, image, str(row["domain"]), caps, ref, width, height)
 
 
 def bucket_sizes(resolution: int) -> list[tuple[int, int]]:
@@ -252,52 +266,6 @@ def choose_caption(
     return rng.choices(texts, weights=weights, k=1)[0]
 
 
-class StageLatents(Mapping[str, torch.Tensor]):
-    """The stage's latents by record id: those encoded here (in memory) and, lazily, those served
-    by a :class:`components.latents.LatentStore` (read from its safetensors files on access)."""
-
-    def __init__(
-        self, ids: Sequence[str], encoded: Mapping[str, torch.Tensor], store: LatentStore | None = None
-    ) -> None:
-        self._ids = list(dict.fromkeys(ids))
-        self._encoded = encoded
-        self._store = store
-
-    def __getitem__(self, key: str) -> torch.Tensor:
-        if key in self._encoded:
-            return self._encoded[key]
-        if self._store is not None and key in self._store:
-            return self._store[key]
-        raise KeyError(key)
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._encoded or (self._store is not None and key in self._store)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._ids)
-
-    def __len__(self) -> int:
-        return len(self._ids)
-
-    @property
-    def from_store(self) -> int:
-        """How many of the stage's ids the latent store serves."""
-        return sum(1 for i in self._ids if i not in self._encoded)
-
-
-@dataclass
-class FeatureCache:
-    """View of the cached features for one stage (latents may be served lazily from a store)."""
-
-    latents: Mapping[str, torch.Tensor]  # record id -> (C, h, w) fp32
-    text: dict[str, torch.Tensor]  # caption text -> (L, D) valid tokens only
-    buckets: dict[tuple[int, int], list[str]]  # (h, w) -> record ids
-
-    def batch_text(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Right-padded caption features and mask for a batch of texts."""
-        return pad_features([self.text[t] for t in texts])
-
-
 def pad_features(feats: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Caption features of valid tokens only, ``(L_i, D)`` each, as one right-padded batch and mask."""
     length = max(f.shape[0] for f in feats)
@@ -307,107 +275,3 @@ def pad_features(feats: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Ten
         embeds[i, : f.shape[0]] = f
         mask[i, : f.shape[0]] = 1
     return embeds, mask
-
-
-def stage_latent_store(
-    index: str | Path, *, resolution: int, vae_fingerprint: str, cache_dir: Path
-) -> LatentStore | None:
-    """The latent store of an index (a Parquet file or a folder of them) restricted to this stage's
-    resolution and VAE; ``None`` (with a warning: the stage encodes instead) when it has none."""
-    from components.latents import LatentStore, read_latent_index
-
-    frame = read_latent_index(index)
-    at_res = frame[frame["resolution"] == resolution]
-    matching = at_res[at_res["vae_fingerprint"] == vae_fingerprint]
-    if matching.empty:
-        if at_res.empty:
-            found = ", ".join(str(r) for r in sorted(frame["resolution"].unique()))
-            log.warning(
-                "latent index %s has no latents at %dpx (it has: %s); encoding latents instead",
-                index, resolution, found or "none",
-            )  # fmt: skip
-        else:
-            found = ", ".join(sorted(at_res["vae_fingerprint"].unique()))
-            log.warning(
-                "latent index %s was built with VAE fingerprint %s, this stage's VAE is %s; "
-                "encoding latents instead",
-                index, found, vae_fingerprint,
-            )  # fmt: skip
-        return None
-    return LatentStore(matching, cache_dir=cache_dir / "latent-files")
-
-
-@torch.no_grad()
-def build_cache(
-    records: Sequence[TrainRecord],
-    *,
-    resolution: int,
-    vae: torch.nn.Module,
-    text_encoder: torch.nn.Module,
-    tokenizer,
-    system_prompts: dict[str, SystemPrompt],
-    cache_dir: Path,
-    batch_size: int = 8,
-    latent_index: str | Path | None = None,
-    text_features: bool = True,
-) -> FeatureCache:
-    """Compute (or reuse) VAE latents per image at this stage's buckets and Gemma features per
-    caption variant (plus the empty caption used by caption dropout).
-
-    ``latent_index`` (a Parquet file or folder of index Parquets from :mod:`components.latents`):
-    ids it holds at this resolution for this VAE are served lazily from its safetensors files;
-    the others are encoded here as without it. An index for another VAE is warned about and not
-    used."""
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    vae_fp = fingerprint(vae)
-    lat_file = cache_dir / f"latents-r{resolution}-{vae_fp}.pt"
-    txt_file = cache_dir / f"text-{fingerprint(text_encoder)}.pt"
-    store = None
-    if latent_index is not None:
-        store = stage_latent_store(latent_index, resolution=resolution, vae_fingerprint=vae_fp,
-                                   cache_dir=cache_dir)  # fmt: skip
-    latents: dict[str, torch.Tensor] = torch.load(lat_file) if lat_file.is_file() else {}
-    text: dict[str, torch.Tensor] = torch.load(txt_file) if txt_file.is_file() else {}
-
-    buckets = bucket_sizes(resolution)
-    down = 2 ** (len(vae.config.block_out_channels) - 1)
-    by_bucket: dict[tuple[int, int], list[str]] = {}
-    todo: dict[tuple[int, int], list[TrainRecord]] = {}
-    for rec in records:
-        if store is not None and rec.id in store:
-            size = store.bucket(rec.id)
-        elif rec.id in latents and not (rec.width and rec.height):
-            size = (latents[rec.id].shape[-2] * down, latents[rec.id].shape[-1] * down)  # no image read
-        else:
-            size = nearest_bucket(*image_size(rec), buckets)
-            if rec.id not in latents:
-                todo.setdefault(size, []).append(rec)
-        by_bucket.setdefault(size, []).append(rec.id)
-    n_new = sum(len(v) for v in todo.values())
-    if store is not None:
-        log.info(
-            "latents %dpx: %d from %s, %d to encode", resolution, len(records) - n_new, latent_index, n_new
-        )
-    with tqdm(total=n_new, desc=f"latents {resolution}px", disable=n_new == 0, leave=False) as bar:
-        for size, recs in todo.items():
-            for i in range(0, len(recs), batch_size):
-                chunk = recs[i : i + batch_size]
-                pixels = torch.stack([load_image(r, size) for r in chunk])
-                for rec, zi in zip(chunk, encode_pixels(vae, pixels), strict=True):
-                    latents[rec.id] = zi.clone()
-                bar.update(len(chunk))
-    if n_new:
-        torch.save(latents, lat_file)
-
-    wanted = {t for r in records for t in caption_texts(r, system_prompts)} | {""} if text_features else set()
-    texts = sorted(wanted - set(text))  # text_features=False: captions are encoded in the step
-    for i in tqdm(range(0, len(texts), 32), desc="text features", disable=not texts, leave=False):
-        chunk = texts[i : i + 32]
-        emb = encode_prompts(chunk, tokenizer, text_encoder)
-        for t, e, m in zip(chunk, emb.embeds, emb.mask, strict=True):
-            text[t] = e[: int(m.sum())].float().clone()
-    if texts:
-        torch.save(text, txt_file)
-    ids = [r.id for r in records]
-    encoded = {i: latents[i] for i in ids if i in latents}
-    return FeatureCache(latents=StageLatents(ids, encoded, store), text=text, buckets=by_bucket)

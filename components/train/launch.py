@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shutil
 import socket
 import tempfile
 from collections.abc import Mapping
@@ -39,3 +40,26 @@ def launch_env(environ: Mapping[str, str]) -> dict[str, str]:
     an inherited ``MASTER_PORT`` may still be bound by the caller's process (one that trained
     in-process before, e.g. a test), which failed the stage with EADDRINUSE."""
     return {k: v for k, v in environ.items() if k not in RENDEZVOUS_VARIABLES}
+
+
+def shared_copy(source: str | Path, work: Path, name: str) -> Path:
+    """``source`` (a file or folder the KFP task downloaded) copied to ``<work>/inputs/<name>``, a
+    path the TrainJob's pods see on the shared volume (replaced whole: a retry gets this attempt's)."""
+    source, target = Path(source), work / "inputs" / name
+    if target.is_dir():
+        shutil.rmtree(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if source.is_dir():
+        shutil.copytree(source, target)
+    else:
+        shutil.copy2(source, target)
+    return target
+
+
+def shared_init(init_path: str | Path, metadata: Mapping[str, object], work: Path) -> Path:
+    """The previous stage's pipeline folder on the shared volume: its export in place when the
+    artifact says where that is and it is there (no copy of the weights), else a copy."""
+    export = str(metadata.get("export_dir") or "")
+    if export and (Path(export) / "model_index.json").is_file():
+        return Path(export)
+    return shared_copy(init_path, work, "init")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import datetime
 import json
 import logging
 import os
@@ -21,10 +22,20 @@ from PIL import Image
 from components.tracking import MlflowTracker, default_tracking_uri, file_sha256, git_sha
 from components.train import checkpoints
 from components.train.config import TrainConfig
-from components.train.data import FeatureCache, build_cache, choose_caption, read_manifest
+from components.train.data import choose_caption, fingerprint, pad_features
 from components.train.launch import free_port
+from components.train.loader import (
+    LOADER_STATE,
+    Position,
+    StageFilter,
+    StageStream,
+    index_files,
+    load_position,
+    save_positions,
+)
+from components.train.sources import encode_manifest, text_feature_cache, usable_index
 from model.checkpoint import build_pipeline, load_pipeline, save_pipeline
-from model.errors import error_summary
+from model.errors import ConfigError, error_summary
 from model.flow import TimestepSampler, flow_matching_loss
 from model.text import encode_prompts
 
@@ -57,7 +68,7 @@ def ensure_distributed_env() -> bool:
     return owned
 
 
-def init_distributed(owned_port: bool, attempts: int = 5) -> None:
+def init_distributed(owned_port: bool, attempts: int = 5, timeout_minutes: float = 30.0) -> None:
     """``deepspeed.init_distributed()``; when the port is ours, it is picked right before each bind
     attempt (and again if another process took it in between: EADDRINUSE), instead of failing."""
     import deepspeed
@@ -66,7 +77,7 @@ def init_distributed(owned_port: bool, attempts: int = 5) -> None:
         if owned_port:
             os.environ["MASTER_PORT"] = str(free_port())
         try:
-            deepspeed.init_distributed()
+            deepspeed.init_distributed(timeout=datetime.timedelta(minutes=timeout_minutes))
             return
         except Exception as exc:  # torch's DistNetworkError; anything else is re-raised
             if not owned_port or "EADDRINUSE" not in str(exc) or attempt == attempts - 1:
@@ -87,38 +98,72 @@ def deepspeed_config(cfg: TrainConfig, world_size: int, bf16: bool) -> dict:
 
 
 def micro_batch(
-    cfg: TrainConfig, cache: FeatureCache, records: dict, step: int, micro: int, rank: int
+    cfg: TrainConfig, stream: StageStream, step: int, micro: int, rank: int
 ) -> tuple[torch.Tensor, list[str], torch.Generator]:
-    """The micro batch for (step, micro, rank): a function of the seed alone, so a resumed run
-    sees exactly the data, captions, noise and times an uninterrupted run would."""
+    """The next micro batch of the rank's stream, with its captions, caption dropout and noise
+    generator drawn from (seed, step, micro, rank): a resumed run sees exactly the data, captions,
+    noise and times an uninterrupted run would."""
+    batch = stream.next()
     rng = random.Random(f"{cfg.seed}:{step}:{micro}:{rank}")
-    sizes = sorted(cache.buckets)
-    size = rng.choices(sizes, weights=[len(cache.buckets[s]) for s in sizes], k=1)[0]
-    ids = [rng.choice(cache.buckets[size]) for _ in range(cfg.micro_batch)]
     texts = [
         ""
         if rng.random() < cfg.caption_dropout
-        else choose_caption(
-            records[i], rng, cfg.granularity_weights, cfg.language_weights, cfg.system_prompts
-        )
-        for i in ids
+        else choose_caption(r, rng, cfg.granularity_weights, cfg.language_weights, cfg.system_prompts)
+        for r in batch.records
     ]
     gen = torch.Generator().manual_seed(rng.getrandbits(63))
-    return torch.stack([cache.latents[i] for i in ids]), texts, gen
+    return batch.latents, texts, gen
 
 
 @torch.no_grad()
 def caption_features(
-    cfg: TrainConfig, features: FeatureCache, pipe, texts: list[str], device: torch.device
+    cfg: TrainConfig, text: dict[str, torch.Tensor] | None, pipe, texts: list[str], device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded Gemma features and mask of a micro batch's captions: from the stage's feature
     cache, or (``text_features: online``) encoded now by the frozen text encoder."""
-    if cfg.text_features == "cache":
-        return features.batch_text(texts)
+    if cfg.text_features == "cache" and text is not None:
+        return pad_features([text[t] for t in texts])
     if next(pipe.text_encoder.parameters()).device != torch.device(device):
         pipe.text_encoder.to(device)
     emb = encode_prompts(texts, pipe.tokenizer, pipe.text_encoder, device=device)
     return emb.embeds.float(), emb.mask.long()
+
+
+def stage_index(cfg: TrainConfig, pipe, flt: StageFilter) -> list[str]:
+    """The latent index files the stage streams from (every rank gets rank 0's answer): the
+    pipeline's index when it fits the stage, else the manifest encoded into the cache folder."""
+    import torch.distributed as dist
+
+    box: list = [None]
+    if dist.get_rank() == 0:
+        files = usable_index(cfg.latents, flt) if cfg.latents is not None else None
+        if files is None:
+            local = encode_manifest(cfg.manifest, cfg.image_root, pipe.vae, flt, cfg.resolved_cache_dir)
+            files = index_files(local)
+        else:
+            log.info("latents %dpx: streaming from %s", cfg.resolution, cfg.latents)
+        box = [files]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def stage_text_features(
+    cfg: TrainConfig, pipe, files: list[str], flt: StageFilter
+) -> dict[str, torch.Tensor] | None:
+    """``text_features: cache``: every caption variant's features (rank 0 computes, then all load)."""
+    import torch.distributed as dist
+
+    if cfg.text_features != "cache":
+        return None
+    cache_file = cfg.resolved_cache_dir / f"text-{fingerprint(pipe.text_encoder)}.pt"
+
+    def build() -> dict[str, torch.Tensor]:
+        return text_feature_cache(files, flt, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
+                                  system_prompts=cfg.system_prompts, cache_file=cache_file)  # fmt: skip
+
+    text = build() if dist.get_rank() == 0 else None
+    dist.barrier()
+    return text if text is not None else build()
 
 
 @contextlib.contextmanager
@@ -171,30 +216,16 @@ def train_stage(cfg: TrainConfig, tracker: MlflowTracker | None = None) -> Stage
     import deepspeed  # imported late: it initialises its accelerator on import
 
     torch.manual_seed(cfg.seed)
-    records = read_manifest(cfg.manifest, cfg.image_root)
+    if not cfg.manifest.is_file():
+        raise ConfigError(f"training manifest not found: {cfg.manifest}")
     cfg.output_dir.mkdir(parents=True, exist_ok=True)
     pipe = load_pipeline(cfg.init_from) if cfg.init_from else build_pipeline(cfg.profile, seed=cfg.seed)
-    init_distributed(owned_port)
+    init_distributed(owned_port, timeout_minutes=cfg.collective_timeout_minutes)
     import torch.distributed as dist
 
-    def cache() -> FeatureCache:
-        return build_cache(
-            records,
-            resolution=cfg.resolution,
-            vae=pipe.vae,
-            text_encoder=pipe.text_encoder,
-            tokenizer=pipe.tokenizer,
-            system_prompts=cfg.system_prompts,
-            cache_dir=cfg.resolved_cache_dir,
-            latent_index=cfg.latents,
-            text_features=cfg.text_features == "cache",
-        )
-
-    # rank 0 fills the shared cache; the others read it after the barrier
-    features = cache() if dist.get_rank() == 0 else None
-    dist.barrier()
-    features = features or cache()
-    by_id = {r.id: r for r in records}
+    flt = StageFilter(cfg.resolution, fingerprint(pipe.vae), str(cfg.stage))
+    index = stage_index(cfg, pipe, flt)
+    text = stage_text_features(cfg, pipe, index, flt)
 
     use_cuda = torch.cuda.is_available()
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and use_cuda)
@@ -226,9 +257,15 @@ def train_stage(cfg: TrainConfig, tracker: MlflowTracker | None = None) -> Stage
         )
 
     ckpt_dir = cfg.output_dir / CKPT_DIR
-    start = resume(engine, ema, ckpt_dir)
+    start, position = resume(engine, ema, ckpt_dir)
     if start:
-        log.info("resumed stage %s at step %d", cfg.stage, start)
+        log.info("resumed stage %s at step %d (data at %s)", cfg.stage, start, position)
+    stream = StageStream(
+        index, flt, micro_batch=cfg.micro_batch, seed=cfg.seed, rank=rank, world=world,
+        unit_size=cfg.loader_unit, workers=cfg.loader_workers, start=position,
+        cache_dir=cfg.resolved_cache_dir / "latent-files",
+    )  # fmt: skip
+    log.info("stage %s: %d samples in %d units", cfg.stage, stream.n_samples, len(stream.units))
 
     sampler = TimestepSampler(cfg.timestep_sampling)
     accum = cfg.gradient_accumulation(world)
@@ -244,9 +281,9 @@ def train_stage(cfg: TrainConfig, tracker: MlflowTracker | None = None) -> Stage
     for step in range(start, cfg.steps):
         step_loss = step_aux = 0.0
         for micro in range(accum):
-            latents, texts, gen = micro_batch(cfg, features, by_id, step, micro, rank)
+            latents, texts, gen = micro_batch(cfg, stream, step, micro, rank)
             dev = engine.device
-            feats, mask = caption_features(cfg, features, pipe, texts, dev)
+            feats, mask = caption_features(cfg, text, pipe, texts, dev)
             out = flow_matching_loss(
                 velocity, latents.to(dev), feats.to(dev), mask.to(dev),
                 sampler=sampler, aux_weight=cfg.aux_weight, generator=gen,
@@ -293,8 +330,9 @@ def train_stage(cfg: TrainConfig, tracker: MlflowTracker | None = None) -> Stage
             if rank == 0:
                 _append_losses(cfg.output_dir, start, losses)  # before the marker: resume rewrites later rows
                 start, losses = done, []
-            save_checkpoint(engine, ema, ckpt_dir, done, cfg.keep_checkpoints)
+            save_checkpoint(engine, ema, ckpt_dir, done, cfg.keep_checkpoints, stream.position)
             schedule.saved()
+    stream.close()
 
     export = cfg.output_dir / EXPORT_DIR
     all_losses = read_losses(cfg.output_dir)
@@ -315,9 +353,10 @@ def train_stage(cfg: TrainConfig, tracker: MlflowTracker | None = None) -> Stage
     return StageResult(export, cfg.steps, final, all_losses, run_id)
 
 
-def save_checkpoint(engine, ema: Ema, ckpt_dir: Path, step: int, keep: int) -> None:
-    """Write then mark: the DeepSpeed tag folder ``step{N}`` (all ranks), the EMA weights in it
-    (rank 0), a barrier, then rank 0's ``COMPLETE`` marker and the pruning of old checkpoints."""
+def save_checkpoint(engine, ema: Ema, ckpt_dir: Path, step: int, keep: int, position: Position) -> None:
+    """Write then mark: the DeepSpeed tag folder ``step{N}`` (all ranks), the EMA weights and every
+    rank's loader position in it (rank 0), a barrier, then rank 0's ``COMPLETE`` marker and the
+    pruning of old checkpoints."""
     import torch.distributed as dist
 
     tag_dir = ckpt_dir / checkpoints.tag_name(step)
@@ -326,8 +365,11 @@ def save_checkpoint(engine, ema: Ema, ckpt_dir: Path, step: int, keep: int) -> N
         checkpoints.unmark(tag_dir)  # a stale marker must not vouch for files being rewritten
     dist.barrier()
     engine.save_checkpoint(str(ckpt_dir), tag=tag_dir.name, client_state={"step": step})
+    positions: list = [None] * dist.get_world_size()
+    dist.all_gather_object(positions, position)
     if rank == 0:
         torch.save(ema.shadow, tag_dir / checkpoints.EMA_FILE)
+        save_positions(tag_dir / LOADER_STATE, positions)
     dist.barrier()
     if rank == 0:
         checkpoints.mark_complete(tag_dir, step)
@@ -335,9 +377,9 @@ def save_checkpoint(engine, ema: Ema, ckpt_dir: Path, step: int, keep: int) -> N
             log.info("removed old checkpoint %s", path)
 
 
-def resume(engine, ema: Ema, ckpt_dir: Path) -> int:
+def resume(engine, ema: Ema, ckpt_dir: Path) -> tuple[int, Position | None]:
     """Restore the newest complete checkpoint (rank 0 lists them; every rank must load a tag for
-    it to count) and return its step; 0 when there is none."""
+    it to count); return its step and this rank's loader position (0, None when there is none)."""
     import torch.distributed as dist
 
     box = [checkpoints.scan(ckpt_dir) if dist.get_rank() == 0 else None]
@@ -366,7 +408,9 @@ def resume(engine, ema: Ema, ckpt_dir: Path) -> int:
         return error
 
     chosen = checkpoints.resume_from(box[0], load, where=str(ckpt_dir))
-    return chosen.step if chosen else 0
+    if chosen is None:
+        return 0, None
+    return chosen.step, load_position(chosen.path / LOADER_STATE, dist.get_rank(), dist.get_world_size())
 
 
 def write_artifacts(cfg: TrainConfig, pipe, losses: list[float]) -> list[Path]:

@@ -332,6 +332,112 @@ def wait_for_trainjob(
         sleep(poll_s)
 
 
+class TrainJobApi(CustomObjects, Protocol):
+    """What :func:`run_trainjob` needs of ``kubernetes.client.CustomObjectsApi``."""
+
+    def create_namespaced_custom_object(
+        self, group: str, version: str, namespace: str, plural: str, body: Mapping[str, Any]
+    ) -> Mapping[str, Any]: ...
+
+    def delete_namespaced_custom_object(
+        self, group: str, version: str, namespace: str, plural: str, name: str
+    ) -> Mapping[str, Any]: ...
+
+
+def _status_code(exc: Exception) -> int | None:
+    return getattr(exc, "status", None)  # kubernetes.client.ApiException carries the HTTP status
+
+
+def _existing(api: CustomObjects, name: str, namespace: str) -> Mapping[str, Any] | None:
+    try:
+        return api.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+    except Exception as exc:
+        if _status_code(exc) == 404:
+            return None
+        raise
+
+
+def run_trainjob(
+    api: TrainJobApi,
+    job: Mapping[str, Any],
+    *,
+    timeout_s: float = 7 * 24 * 3600,
+    poll_s: float = 30.0,
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Create a stage's TrainJob and follow it to the end (see :func:`wait_for_trainjob`).
+
+    A retried pipeline task meets its own job again (the name is the run and stage): one still
+    running is followed, not duplicated; a complete one is taken as done; a failed one is deleted
+    and created again, and the new pods resume from the stage's last complete checkpoint."""
+    name, namespace = job["metadata"]["name"], job["metadata"].get("namespace") or "default"
+    found = _existing(api, name, namespace)
+    if found is not None:
+        status = found.get("status") or {}
+        if _is_complete(status):
+            log(f"TrainJob {namespace}/{name} already complete")
+            return dict(found)
+        if job_failure_message(status) is None:
+            log(f"TrainJob {namespace}/{name} is still running; following it")
+            return wait_for_trainjob(api, name, namespace, timeout_s, poll_s, sleep=sleep, clock=clock)
+        log(f"TrainJob {namespace}/{name} failed before ({job_failure_message(status)}); creating it again")
+        api.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+        deadline = clock() + 600
+        while _existing(api, name, namespace) is not None:  # deletion is asynchronous
+            if clock() >= deadline:
+                raise TimeoutError(f"TrainJob {namespace}/{name} was not deleted within 600 s")
+            sleep(min(poll_s, 5.0))
+    api.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, dict(job))
+    log(f"TrainJob {namespace}/{name} created: kubectl -n {namespace} get trainjob {name}")
+    return wait_for_trainjob(api, name, namespace, timeout_s, poll_s, sleep=sleep, clock=clock)
+
+
+NAMESPACE_FILE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+
+
+def current_namespace(default: str = "default") -> str:
+    """The namespace this pod runs in (the pipeline's), from its service account."""
+    try:
+        return NAMESPACE_FILE.read_text().strip() or default
+    except OSError:
+        return default
+
+
+def kubernetes_api() -> TrainJobApi:
+    """``CustomObjectsApi`` from the in-cluster service account (or the local kubeconfig)."""
+    from kubernetes import client, config
+
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        config.load_kube_config()
+    return client.CustomObjectsApi()
+
+
+def run_stage_trainjob(
+    train_args: list[str],
+    settings: Mapping[str, Any],
+    *,
+    run_id: str,
+    stage: str,
+    nodes: int,
+    gpus_per_node: int,
+    api: TrainJobApi | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """The pipeline's train step on a cluster: the stage's TrainJob (``settings``: the keyword
+    arguments of :func:`trainjob_manifest` the compiled pipeline fixed, plus ``poll_s``), created
+    in this pod's namespace unless ``settings`` names one, and followed to the end."""
+    options = dict(settings)
+    poll_s = float(options.pop("poll_s", 30.0))
+    options.setdefault("namespace", current_namespace())
+    job = trainjob_manifest(train_args, run_id=run_id, stage=stage, nodes=nodes, gpus_per_node=gpus_per_node,
+                            **options)  # fmt: skip
+    return run_trainjob(api or kubernetes_api(), job, poll_s=poll_s, log=log)
+
+
 app = typer.Typer(add_completion=False, help="Write a Kubeflow Trainer v2 TrainJob for a multi-node stage.")
 
 
