@@ -73,7 +73,7 @@ def run_child(mode: str, root: str, n: int) -> dict:
     samples = 0
     if mode == "stream":
         stream = StageStream(root, StageFilter(256, "bench"), micro_batch=MICRO, seed=0, rank=0, world=1,
-                             workers=2, unit_size=256, cache_dir=Path(root) / "cache")  # fmt: skip
+                             workers=2, unit_size=256)  # fmt: skip
         while stream.position.epoch == 0:
             samples += len(stream.next().records)
         stream.close()

@@ -89,7 +89,9 @@ def bench_case(
         times.append(time.perf_counter() - start)
     step_s = statistics.median(times)
     n_params = sum(p.numel() for p in tr.parameters())
-    img_tokens = (resolution // 16) ** 2
+    caption_tokens = emb.embeds.shape[1]
+    # the main pass on (res/16)² image tokens and the 4x-pooled auxiliary pass on (res/64)² (aux_weight 1)
+    tokens = (resolution // 16) ** 2 + caption_tokens + (resolution // 64) ** 2 + caption_tokens
     row = {
         "profile": profile,
         "resolution": resolution,
@@ -103,7 +105,7 @@ def bench_case(
     if device == "cuda":
         name = torch.cuda.get_device_name()
         peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
-        flops = transformer_flops_per_sample(n_params, img_tokens + emb.embeds.shape[1]) * micro / step_s
+        flops = transformer_flops_per_sample(n_params, tokens) * micro / step_s
         row["mfu"] = flops / (peak * 1e12) if peak else None
     return row
 
@@ -111,24 +113,28 @@ def bench_case(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, default=Path("bench/results/train.json"))
-    parser.add_argument("--profiles", default="tiny,small")
+    parser.add_argument(
+        "--profiles",
+        default="tiny,small,full" if torch.cuda.is_available() else "tiny,small",
+        help="the full profile (2.6B, 256² and 1024²: the MFU figures of docs/scale.md) needs a GPU",
+    )
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--zero-stages", default="0,1,2,3")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     ensure_distributed_env()
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(".cache/torch_extensions").resolve()))
-    sizes = {"tiny": (128, 8), "small": (256, 4), "full": (1024, 1)}
+    sizes = {"tiny": [(128, 8)], "small": [(256, 4)], "full": [(256, 8), (1024, 2)]}
     rows = []
     try:
         for profile in args.profiles.split(","):
             get_profile(profile)
-            res, micro = sizes[profile]
-            for cached in (True, False):
-                rows.append(bench_case(profile, res, micro, 1, cached, args.steps, args.device))
-            for zero in (int(z) for z in args.zero_stages.split(",")):
-                if zero != 1:
-                    rows.append(bench_case(profile, res, micro, zero, True, args.steps, args.device))
+            for res, micro in sizes[profile]:
+                for cached in (True, False):
+                    rows.append(bench_case(profile, res, micro, 1, cached, args.steps, args.device))
+                for zero in (int(z) for z in args.zero_stages.split(",")):
+                    if zero != 1:
+                        rows.append(bench_case(profile, res, micro, zero, True, args.steps, args.device))
     except LuminaError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)

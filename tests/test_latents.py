@@ -113,7 +113,7 @@ def test_build_latents_writes_one_bf16_safetensors_file_keyed_by_id(built, tiny_
 
 def test_store_serves_what_direct_encoding_gives(built, tiny_pipe):
     rows, _, out, _, frames = built
-    store = LatentStore(pd.concat(frames), cache_dir=None)
+    store = LatentStore(pd.concat(frames))
     assert len(store) == 6 and "im06" not in store and "im00" in store
     for row in rows.iloc[:6].to_dict("records"):
         got, want = store[row["id"]], encode_direct(tiny_pipe.vae, row)
@@ -146,7 +146,7 @@ def test_the_training_stream_serves_the_indexed_latents(built, tiny_pipe, tmp_pa
     _, _, out, fp, frames = built
     store = LatentStore(pd.concat(frames))
     stream = StageStream(out, StageFilter(RES, fp, "highres"), micro_batch=2, seed=0, rank=0, world=1,
-                         cache_dir=tmp_path / "c", workers=0)  # fmt: skip
+                         workers=0)  # fmt: skip
     assert stream.n_samples == 6 and usable_index(out, StageFilter(RES, fp)) is not None
     seen = set()
     for _ in range(6):
@@ -165,24 +165,24 @@ def test_bad_index_is_a_clear_error(tmp_path):
         read_latent_index(tmp_path)
 
 
-def test_s3_shards_and_latents_download_each_file_once(s3, tmp_path, tiny_pipe, monkeypatch):
+def test_s3_latents_are_read_by_ranges_a_run_of_ids_at_once(s3, tmp_path, tiny_pipe):
     rows = shard_rows("s3://lumina/shards", SIZES[:4])
     out = "s3://lumina/cache"
     index = build_latents(rows, vae=tiny_pipe.vae, resolution=RES, out_prefix=out, name="g0", batch_size=3)
     fp = fingerprint(tiny_pipe.vae)
     assert set(index["file"]) == {f"{out}/latents-r{RES}-{fp}/g0.safetensors"}
+    assert list(index["key"]) == sorted(index["key"])  # the file's tensor order
     write_latent_index(index, latent_index_path(out, RES, fp, "g0"))
-    downloads = []
-    real = latent_cache.download_file
-    monkeypatch.setattr(latent_cache, "download_file", lambda u, p: downloads.append(u) or real(u, p))
-    store = LatentStore.from_index(f"{out}/latents-r{RES}-{fp}/", cache_dir=tmp_path / "dl")
+    store = LatentStore.from_index(f"{out}/latents-r{RES}-{fp}/")
     for row in rows.to_dict("records"):
         want = encode_direct(tiny_pipe.vae, row)
         torch.testing.assert_close(store[row["id"]], want, rtol=1e-2, atol=1e-2 * want.abs().max().item())
-    assert len(downloads) == 1
-    assert [p.name for p in (tmp_path / "dl").rglob("*") if p.is_file()] == ["g0.safetensors"]
-    assert torch.equal(LatentStore(index, cache_dir=tmp_path / "dl")["im01"], store["im01"])
-    assert len(downloads) == 1  # a second store finds the downloaded copy
+    assert store.range_reads == len(rows)  # one small read per id, nothing downloaded whole
+    fresh = LatentStore(index)
+    together = fresh.read_many(list(index["id"]))  # a loader unit: one read for the whole run
+    assert fresh.range_reads == 1
+    assert all(torch.equal(t, store[i]) for i, t in zip(index["id"], together, strict=True))
+    assert not any(tmp_path.rglob("*.safetensors"))
 
 
 @pytest.mark.slow

@@ -63,9 +63,7 @@ def ids_of(batch) -> list[str]:
 
 def stream(index, tmp_path, **kwargs) -> StageStream:
     options = {"micro_batch": 3, "seed": 7, "rank": 0, "world": 1, "unit_size": 8, "workers": 0}
-    return StageStream(
-        index, StageFilter(64, FP, "lowres"), cache_dir=tmp_path / "c", **{**options, **kwargs}
-    )
+    return StageStream(index, StageFilter(64, FP, "lowres"), **{**options, **kwargs})
 
 
 def test_units_cover_the_files_and_ranks_split_each_epoch(index):
@@ -109,9 +107,7 @@ def test_an_epoch_sees_every_sample_with_its_own_latent(index, tmp_path):
 
 
 def test_the_stage_tier_filters_rows(index, tmp_path):
-    hq = StageStream(
-        index, StageFilter(64, FP, "hq"), micro_batch=2, seed=0, rank=0, world=1, cache_dir=tmp_path
-    )
+    hq = StageStream(index, StageFilter(64, FP, "hq"), micro_batch=2, seed=0, rank=0, world=1)
     assert hq.n_samples == len([i for i in range(57) if i % 4 == 0])
     assert all(int(r.id[2:]) % 4 == 0 for _ in range(10) for r in hq.next().records)
 
@@ -164,13 +160,11 @@ def test_usable_index_needs_this_resolution_vae_and_captions(index, tmp_path, ca
 
 def test_bad_index_files_are_one_line_errors(tmp_path):
     with pytest.raises(ConfigError, match="no latent index"):
-        StageStream(tmp_path, StageFilter(64, FP), micro_batch=1, seed=0, rank=0, world=1, cache_dir=tmp_path)
+        StageStream(tmp_path, StageFilter(64, FP), micro_batch=1, seed=0, rank=0, world=1)
     (tmp_path / "bad.parquet").write_bytes(b"not parquet")
     with pytest.raises(ConfigError, match="cannot read latent index"):
-        StageStream(tmp_path, StageFilter(64, FP), micro_batch=1, seed=0, rank=0, world=1, cache_dir=tmp_path)
+        StageStream(tmp_path, StageFilter(64, FP), micro_batch=1, seed=0, rank=0, world=1)
     (tmp_path / "bad.parquet").unlink()
     write_index(tmp_path, "g", 3)
     with pytest.raises(ConfigError, match="no training samples"):
-        StageStream(
-            tmp_path, StageFilter(256, FP), micro_batch=1, seed=0, rank=0, world=1, cache_dir=tmp_path
-        )
+        StageStream(tmp_path, StageFilter(256, FP), micro_batch=1, seed=0, rank=0, world=1)

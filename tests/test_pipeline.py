@@ -86,6 +86,7 @@ def test_spec_parses_strictly_and_references_resolve(compiled):
         assert settings["node_selector"] == {"nvidia.com/gpu.present": "true"}
         assert params["nodes"].component_input_parameter == "train_nodes"  # pipeline parameters
         assert params["gpus_per_node"].component_input_parameter == "gpus_per_node"
+        assert params["config_yaml"].component_input_parameter == "train_config_yaml"  # any TrainConfig field
     defaults = spec.root.input_definitions.parameters
     assert defaults["train_nodes"].default_value.number_value == 4
     assert defaults["gpus_per_node"].default_value.number_value == 8
@@ -103,6 +104,10 @@ def test_spec_parses_strictly_and_references_resolve(compiled):
         spec.components[inner["recaption-group-op"].component_ref.name].executor_label
     ]
     assert recaption.container.resources.accelerator.resource_count == "1"  # a GPU per recaption task
+    latents = deployment.executors[
+        spec.components[inner["latents-group-op"].component_ref.name].executor_label
+    ]
+    assert latents.container.resources.accelerator.resource_count == "1"  # the VAE encoder on a GPU
     score = deployment.executors[spec.components[inner["score-group-op"].component_ref.name].executor_label]
     assert score.container.resources.resource_cpu_request == "2"
     stages = [

@@ -9,7 +9,8 @@ the caller with :func:`write_latent_index`, ``<name>.index.parquet`` in the same
 :func:`build_latents` encodes one group of manifest rows (images read from their shards, resized to
 the stage's aspect-ratio buckets exactly as :mod:`components.train.data` does) in batches, holding
 at most one file's tensors in memory. :class:`LatentStore` serves latents by id lazily
-(``safetensors.safe_open``; ``s3://`` files are downloaded once to a local cache folder) as fp32;
+(``safetensors.safe_open`` for local files; ``s3://`` files by byte ranges, a run of ids in one
+read, never downloaded whole) as fp32;
 training uses it through ``TrainConfig.latents`` (``--latents``).
 """
 

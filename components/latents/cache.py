@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import hashlib
+import json
 import logging
-import os
 import tempfile
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,7 @@ from safetensors.torch import save_file
 from components.train.data import bucket_sizes, fingerprint, load_image, measure_image, nearest_bucket
 from model.errors import ConfigError
 from model.vae import encode_pixels
-from storage.io import download_file, is_s3, join, list_objects, read_parquet, upload_file, write_parquet
+from storage.io import is_s3, join, list_objects, read_parquet, read_range, upload_file, write_parquet
 from storage.shards import iter_images
 
 log = logging.getLogger(__name__)
@@ -89,7 +88,7 @@ def build_latents(
         z = encode_pixels(vae, torch.stack([pixels for _, pixels in batch]))
         for (row, _), zi in zip(batch, z, strict=True):
             rid = str(row["id"])
-            tensors[rid] = zi.to(LATENT_DTYPE).contiguous().clone()
+            tensors[rid] = zi.to("cpu", LATENT_DTYPE).contiguous().clone()
             index.append({"id": rid, "file": uri, "key": rid, "height": size[0], "width": size[1],
                           "resolution": resolution, "vae_fingerprint": vae_fp,
                           **{c: row[c] for c in carried}})  # fmt: skip
@@ -129,7 +128,10 @@ def build_latents(
         tensors.clear()
         upload_file(local, uri)
     log.info("latents %s: %d images -> %s", name, len(index), uri)
-    return pd.DataFrame(index, columns=[*INDEX_COLUMNS, *carried])
+    # sorted by key: the file's tensor order (safetensors sorts by name), so rows that are together
+    # in the index are together in the file and a loader unit is one range read
+    frame = pd.DataFrame(index, columns=[*INDEX_COLUMNS, *carried])
+    return frame.sort_values("key", kind="stable").reset_index(drop=True)
 
 
 def _positive(value: Any) -> bool:
@@ -163,14 +165,27 @@ def read_latent_index(path: str | Path) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
+SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+
+
+def safetensors_header(uri: str) -> tuple[int, dict[str, Any]]:
+    """(where the data starts, the tensor table) of a safetensors file, by two range reads."""
+    size = int.from_bytes(read_range(uri, 0, 8), "little")
+    table = json.loads(read_range(uri, 8, size))
+    table.pop("__metadata__", None)
+    return 8 + size, table
+
+
 class LatentStore(Mapping[str, torch.Tensor]):
     """Latents by image id, read lazily from the safetensors files an index names (fp32 out).
 
-    Local files are read in place; ``s3://`` files are downloaded once into ``cache_dir``. At most
-    ``max_open`` files are kept open (LRU). Ids are looked up in a pandas index, not a dict of
-    Python objects, so a large index stays compact."""
+    Local files are read in place (``safe_open``, at most ``max_open`` kept open, LRU). ``s3://``
+    files are read by byte ranges, never downloaded whole: :meth:`read_many` fetches the tensors of
+    a run of ids in one range read when they lie together in the file (an index is written sorted
+    by key, which is the file's tensor order, so a loader unit is one read). Ids are looked up in a
+    pandas index, not a dict of Python objects, so a large index stays compact."""
 
-    def __init__(self, index: pd.DataFrame, cache_dir: str | Path | None = None, max_open: int = 16) -> None:
+    def __init__(self, index: pd.DataFrame, max_open: int = 16) -> None:
         missing = [c for c in INDEX_COLUMNS if c not in index.columns]
         if missing:
             raise ConfigError(f"latent index lacks columns: {', '.join(missing)}")
@@ -180,14 +195,15 @@ class LatentStore(Mapping[str, torch.Tensor]):
         self._file_codes, self._files = codes, [str(f) for f in files]
         self._keys = frame["key"].astype(str).to_numpy()
         self._sizes = frame[["height", "width"]].to_numpy(dtype=np.int64)
-        self.cache_dir = Path(cache_dir) if cache_dir else Path(tempfile.gettempdir()) / "lumina-latents"
         self.max_open = max(1, max_open)
         self._open: OrderedDict[int, Any] = OrderedDict()
+        self._headers: OrderedDict[int, tuple[int, dict[str, Any]]] = OrderedDict()
+        self.range_reads = 0  # s3 reads of tensor data (what a benchmark or test counts)
 
     @classmethod
-    def from_index(cls, path: str | Path, cache_dir: str | Path | None = None) -> LatentStore:
+    def from_index(cls, path: str | Path) -> LatentStore:
         """A store over an index Parquet or a folder / prefix of them."""
-        return cls(read_latent_index(path), cache_dir=cache_dir)
+        return cls(read_latent_index(path))
 
     def __len__(self) -> int:
         return len(self._ids)
@@ -209,32 +225,65 @@ class LatentStore(Mapping[str, torch.Tensor]):
         return int(h), int(w)
 
     def __getitem__(self, key: str) -> torch.Tensor:
-        pos = self._position(key)
-        return self._handle(int(self._file_codes[pos])).get_tensor(self._keys[pos]).float()
+        return self.read_many([key])[0]
 
     @property
     def files(self) -> list[str]:
         return list(self._files)
 
-    def local_path(self, uri: str) -> Path:
-        """A local copy of a latent file: the file itself, or (``s3://``) downloaded once."""
-        if not is_s3(uri):
-            return Path(uri)
-        digest = hashlib.sha256(uri.encode()).hexdigest()[:16]
-        local = self.cache_dir / digest / uri.rsplit("/", 1)[-1]
-        if not local.is_file():
-            # a name per process: ranks sharing the cache folder never write the same file
-            part = download_file(uri, local.with_name(f".{local.name}.{os.getpid()}"))
-            part.replace(local)
-        return local
+    def read_many(self, keys: Sequence[str]) -> list[torch.Tensor]:
+        """The latents of ``keys`` (fp32, in order); per ``s3://`` file one range read when the
+        tensors lie together (their span at most twice their size), else one read each."""
+        positions = [self._position(k) for k in keys]
+        out: dict[int, torch.Tensor] = {}
+        by_file: dict[int, list[int]] = {}
+        for pos in positions:
+            by_file.setdefault(int(self._file_codes[pos]), []).append(pos)
+        for code, members in by_file.items():
+            uri = self._files[code]
+            if not is_s3(uri):
+                handle = self._handle(code)
+                out.update({pos: handle.get_tensor(self._keys[pos]).float() for pos in members})
+                continue
+            base, table = self._header(code)
+            entries = {pos: table[self._keys[pos]] for pos in members}
+            spans = [e["data_offsets"] for e in entries.values()]
+            lo, hi = min(b for b, _ in spans), max(e for _, e in spans)
+            if hi - lo <= 2 * sum(e - b for b, e in spans):
+                blob, origin = read_range(uri, base + lo, hi - lo), lo
+                self.range_reads += 1
+                out.update({pos: _tensor(blob, e, origin) for pos, e in entries.items()})
+            else:
+                for pos, e in entries.items():
+                    begin, end = e["data_offsets"]
+                    out[pos] = _tensor(read_range(uri, base + begin, end - begin), e, begin)
+                    self.range_reads += 1
+        return [out[pos] for pos in positions]
+
+    def _header(self, code: int) -> tuple[int, dict[str, Any]]:
+        if code not in self._headers:
+            self._headers[code] = safetensors_header(self._files[code])
+            while len(self._headers) > self.max_open:
+                self._headers.popitem(last=False)
+        return self._headers[code]
 
     def _handle(self, code: int):
         handle = self._open.get(code)
         if handle is None:
-            handle = safe_open(str(self.local_path(self._files[code])), framework="pt")
+            handle = safe_open(self._files[code], framework="pt")
             self._open[code] = handle
             while len(self._open) > self.max_open:
                 self._open.popitem(last=False)
         else:
             self._open.move_to_end(code)
         return handle
+
+
+def _tensor(blob: bytes, entry: dict[str, Any], origin: int) -> torch.Tensor:
+    """One tensor of a safetensors table out of a blob read from data offset ``origin`` (fp32)."""
+    dtype = SAFETENSORS_DTYPES.get(entry["dtype"])
+    if dtype is None:
+        raise ConfigError(f"latent tensor of unsupported dtype {entry['dtype']}")
+    begin, end = entry["data_offsets"]
+    raw = bytearray(blob[begin - origin : end - origin])
+    return torch.frombuffer(raw, dtype=dtype).reshape(entry["shape"]).float()

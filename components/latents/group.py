@@ -14,6 +14,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import torch
+
 from components.latents.cache import (
     INDEX_COLUMNS,
     SAMPLE_COLUMNS,
@@ -55,6 +57,8 @@ def latents_group(group: Group, out_dir: str | Path, *, profile: str = "tiny", s
     tiers = read_parquet(join(group.prefix, GROUP_TIERS_FILE))
     vae = pipeline_vae(profile, seed)
     vae_fp = fingerprint(vae)
+    if torch.cuda.is_available():  # a GPU task on a cluster (ClusterSettings.latents_gpus)
+        vae = vae.to("cuda")
     written = []
     for resolution, tier in stage_resolutions(profile).items():
         rows = tiers[tiers[tier]] if tier in tiers else tiers.head(0)

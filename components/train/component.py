@@ -70,7 +70,8 @@ def train_stage_op(
             inputs["init_from"] = str(shared_init(init_from.path, init_from.metadata, work))
         if images is not None:
             inputs["image_root"] = str(shared_copy(images.path, work, "images"))
-    cmd = ["--manifest", inputs["manifest"], "--output-dir", str(work / stage),
+    out = work / "output"  # checkpoints/, pipeline/, losses.jsonl (inputs/ and latents/ beside it)
+    cmd = ["--manifest", inputs["manifest"], "--output-dir", str(out),
            "--stage", stage, "--profile", profile, "--seed", str(seed)]  # fmt: skip
     if steps:
         cmd += ["--steps", str(steps)]
@@ -105,13 +106,13 @@ def train_stage_op(
         )
         stage_cmd = [*launcher_cmd, "-m", "components.train", *cmd]
         subprocess.run(stage_cmd, check=True, env=launch_env(os.environ))  # its own rendezvous
-    shutil.copytree(work / stage / "pipeline", pipeline.path, dirs_exist_ok=True)
-    losses = [json.loads(line)["loss"] for line in (work / stage / "losses.jsonl").read_text().splitlines()]
+    shutil.copytree(out / "pipeline", pipeline.path, dirs_exist_ok=True)
+    losses = [json.loads(line)["loss"] for line in (out / "losses.jsonl").read_text().splitlines()]
     metrics.log_metric("final_loss", losses[-1])
     metrics.log_metric("steps", len(losses))
-    run_id = json.loads((work / stage / "run.json").read_text()).get("mlflow_run_id", "")
+    run_id = json.loads((out / "run.json").read_text()).get("mlflow_run_id", "")
     pipeline.metadata.update(
         {"stage": stage, "profile": profile, "final_loss": losses[-1], "mlflow_run_id": run_id,
-         "export_dir": str(work / stage / "pipeline") if work_root else ""}
+         "export_dir": str(out / "pipeline") if work_root else ""}
     )  # fmt: skip
     return run_id

@@ -29,6 +29,9 @@ PAPER_STAGES: dict[Stage, dict[str, Any]] = {
 for _stage in PAPER_STAGES.values():  # 110M images: no per-caption feature store (README, caption embeddings)
     _stage["text_features"] = "online"
     _stage["loader_workers"] = 4
+    # a 2.6B checkpoint is ~47 GB: every 1,000 steps or 30 minutes, whichever comes first
+    _stage["checkpoint_every"] = 1000
+    _stage["checkpoint_minutes"] = 30.0
 
 # Scaled down so all three stages finish on 2 CPU cores in a few minutes.
 TINY_STAGES: dict[Stage, dict[str, Any]] = {

@@ -188,10 +188,9 @@ class UnitDataset(Dataset):
         *,
         seed: int,
         micro_batch: int,
-        cache_dir: Path,
     ) -> None:
         self.files, self.units, self.flt = list(files), list(units), flt
-        self.seed, self.micro_batch, self.cache_dir = seed, micro_batch, cache_dir
+        self.seed, self.micro_batch = seed, micro_batch
         self._frames: OrderedDict[int, pd.DataFrame] = OrderedDict()  # the last few index files read
 
     def __len__(self) -> int:
@@ -211,14 +210,13 @@ class UnitDataset(Dataset):
         missing = [c for c in SAMPLE_COLUMNS if c not in rows.columns]
         if missing:
             raise ConfigError(f"latent index {self.files[unit.file]} lacks columns: {', '.join(missing)}")
-        store = LatentStore(rows, cache_dir=self.cache_dir, max_open=1)
         records = [sample_record(r) for r in rows.to_dict("records")]
+        latents = LatentStore(rows, max_open=1).read_many([r.id for r in records])  # s3: one range read
         sizes = list(zip(rows["height"].astype(int), rows["width"].astype(int), strict=True))
         batches = []
         for positions in unit_batches(sizes, self.seed, epoch, index, self.micro_batch):
             chosen = [records[p] for p in positions]
-            latents = torch.stack([store[r.id] for r in chosen])
-            batches.append(LatentBatch(latents, chosen))
+            batches.append(LatentBatch(torch.stack([latents[p] for p in positions]), chosen))
         return UnitData(epoch, cursor, batches)
 
 
@@ -256,7 +254,6 @@ class StageStream:
         unit_size: int = 256,
         workers: int = 1,
         prefetch: int = 2,
-        cache_dir: Path,
         start: Position | None = None,
     ) -> None:
         self.files = index_files(index) if isinstance(index, str | Path) else list(index)
@@ -264,8 +261,7 @@ class StageStream:
         self.n_samples = sum(u.count for u in self.units)
         rank_units(len(self.units), 0, seed, rank, world)  # an empty stage fails here, with one line
         self.start = start or Position()
-        dataset = UnitDataset(self.files, self.units, flt, seed=seed, micro_batch=micro_batch,
-                              cache_dir=cache_dir)  # fmt: skip
+        dataset = UnitDataset(self.files, self.units, flt, seed=seed, micro_batch=micro_batch)
         sampler = RankSampler(len(self.units), seed=seed, rank=rank, world=world, start=self.start)
         self._loader = DataLoader(
             dataset, batch_size=None, sampler=sampler, collate_fn=_keep, num_workers=workers,

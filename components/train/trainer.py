@@ -263,7 +263,6 @@ def train_stage(cfg: TrainConfig, tracker: MlflowTracker | None = None) -> Stage
     stream = StageStream(
         index, flt, micro_batch=cfg.micro_batch, seed=cfg.seed, rank=rank, world=world,
         unit_size=cfg.loader_unit, workers=cfg.loader_workers, start=position,
-        cache_dir=cfg.resolved_cache_dir / "latent-files",
     )  # fmt: skip
     log.info("stage %s: %d samples in %d units", cfg.stage, stream.n_samples, len(stream.units))
 
