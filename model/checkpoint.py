@@ -73,6 +73,22 @@ def pipeline_vae(profile: str | ModelProfile, seed: int = 0) -> AutoencoderKL:
     return build_vae(profile, seed=seed + 2)
 
 
+def load_vae(source: str | Path) -> AutoencoderKL:
+    """The VAE of a diffusers pipeline folder (its ``vae/``), of a VAE folder itself, or of a hub id
+    (``subfolder="vae"``, from the local cache when offline); one-line error otherwise."""
+    folder = Path(str(source)).expanduser()
+    try:
+        if (folder / "vae" / "config.json").is_file():
+            return AutoencoderKL.from_pretrained(folder, subfolder="vae").eval()
+        if (folder / "config.json").is_file():
+            return AutoencoderKL.from_pretrained(folder).eval()
+        if folder.exists() or _looks_like_path(str(source)):
+            raise WeightsNotFoundError(f"no VAE in {folder} (expected vae/config.json)")
+        return AutoencoderKL.from_pretrained(str(source), subfolder="vae").eval()
+    except (OSError, ValueError) as exc:
+        raise WeightsNotFoundError(f"cannot load the VAE of {source}: {first_line(exc)}") from exc
+
+
 def build_scheduler(profile: ModelProfile) -> FlowMatchEulerDiscreteScheduler:
     """The flow-matching scheduler config saved with the pipeline (static time shift)."""
     return FlowMatchEulerDiscreteScheduler(

@@ -60,6 +60,20 @@ def _lineage(data_version: str = "") -> dict[str, str]:
     return {**lineage, "data_version": data_version} if data_version else lineage
 
 
+def check_base_model(source: str, local: bool) -> str:
+    """What can be checked of ``--base-model`` before the run: a local folder exists and holds a
+    diffusers pipeline (made absolute for the local runner's task processes)."""
+    from storage.models import is_hub_id
+
+    if source.startswith(("s3://", "models:/")) or is_hub_id(source):
+        return source
+    folder = Path(source).expanduser()
+    if not (folder / "model_index.json").is_file():
+        what = "not found" if not folder.exists() else "not a diffusers pipeline folder (no model_index.json)"
+        raise ConfigError(f"--base-model {source}: {what}")
+    return str(folder.resolve()) if local else source
+
+
 def _client(host: str, token: str | None):
     import kfp
 
@@ -94,9 +108,18 @@ def run(
             min=1, help=f"source entries per group (the fan-out unit; local default {LOCAL_GROUP_SIZE})"
         ),
     ] = None,
+    base_model: Annotated[
+        str | None,
+        typer.Option(
+            help="start the first stage from these weights: hub id (e.g. Alpha-VLLM/Lumina-Image-2.0),"
+            " diffusers folder, s3:// prefix or models:/<name>@<alias>"
+        ),
+    ] = None,
 ) -> None:
     """Run the pipeline: locally (embedded default) or on a Kubeflow host."""
     args = _arguments(profile, model_name, steps, eval_suite_size, gate, param)
+    if base_model:
+        args["base_model"] = check_base_model(base_model, local=not host)
     if group_size is not None or not host:  # a cluster run keeps the pipeline's default unless asked
         args["group_size"] = group_size or LOCAL_GROUP_SIZE
     if host:

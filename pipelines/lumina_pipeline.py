@@ -194,6 +194,7 @@ def build_pipeline(cluster: ClusterSettings | None = None, parallelism: int | No
         git_sha: str = "",
         data_version: str = "",
         train_config_yaml: str = "",
+        base_model: str = "",
         train_nodes: int = default_nodes,
         gpus_per_node: int = default_gpus,
     ) -> str:
@@ -241,13 +242,22 @@ def build_pipeline(cluster: ClusterSettings | None = None, parallelism: int | No
         tiers.after(recaption)  # tiers only from captions that passed the gate
         with dsl.ParallelFor(groups, parallelism=limit) as group:
             latents_group = latents_group_op(
-                group=group, tiers_hash=tiers.outputs["Output"], profile=profile, seed=seed
+                group=group,
+                tiers_hash=tiers.outputs["Output"],
+                profile=profile,
+                seed=seed,
+                base_model=base_model,
             )
             latents_group.set_display_name("latents-group")
         previous = None
         runs, train_tasks = {}, []
         for stage, steps in zip(STAGES, (lowres_steps, highres_steps, hq_steps), strict=True):
-            kwargs = {"init_from": previous.outputs["pipeline"]} if previous is not None else {}
+            # the first stage starts from base_model (when set), the others from the stage before
+            kwargs = (
+                {"init_from": previous.outputs["pipeline"]}
+                if previous is not None
+                else {"base_model": base_model}
+            )
             task = train_stage_op(
                 manifest=tiers.outputs["tiers"],
                 latents=dsl.Collected(latents_group.outputs["index"]),

@@ -87,6 +87,10 @@ def test_spec_parses_strictly_and_references_resolve(compiled):
         assert params["nodes"].component_input_parameter == "train_nodes"  # pipeline parameters
         assert params["gpus_per_node"].component_input_parameter == "gpus_per_node"
         assert params["config_yaml"].component_input_parameter == "train_config_yaml"  # any TrainConfig field
+    first = [n for n in train if "base_model" in tasks[n].inputs.parameters]
+    assert len(first) == 1  # the first stage starts from base_model, the others chain
+    assert tasks[first[0]].inputs.parameters["base_model"].component_input_parameter == "base_model"
+    assert inner["latents-group-op"].inputs.parameters["base_model"].component_input_parameter
     defaults = spec.root.input_definitions.parameters
     assert defaults["train_nodes"].default_value.number_value == 4
     assert defaults["gpus_per_node"].default_value.number_value == 8

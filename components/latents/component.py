@@ -9,7 +9,12 @@ from components.image import BASE_IMAGE
 
 @dsl.component(base_image=BASE_IMAGE)
 def latents_group_op(
-    group: str, tiers_hash: str, index: Output[Dataset], profile: str = "tiny", seed: int = 0
+    group: str,
+    tiers_hash: str,
+    index: Output[Dataset],
+    profile: str = "tiny",
+    seed: int = 0,
+    base_model: str = "",
 ) -> str:
     """Encode one group's tiered images at each stage resolution into bf16 safetensors beside its
     shards; the artifact holds the group's latent indexes (``tiers_hash``: the tiers it follows)."""
@@ -20,6 +25,6 @@ def latents_group_op(
     from components.plan.plan import Group
 
     plan_group = Group.from_json(group)
-    files = latents_group(plan_group, index.path, profile=profile, seed=seed)
+    files = latents_group(plan_group, index.path, profile=profile, seed=seed, base_model=base_model)
     index.metadata.update({"group": plan_group.name, "indexes": len(files), "tiers": tiers_hash})
     return plan_group.name

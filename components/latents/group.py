@@ -12,9 +12,11 @@ merged onto the latents by image id.
 from __future__ import annotations
 
 import logging
+import tempfile
 from pathlib import Path
 
 import torch
+from diffusers import AutoencoderKL
 
 from components.latents.cache import (
     INDEX_COLUMNS,
@@ -29,9 +31,10 @@ from components.plan.plan import Group
 from components.tier.tier import GROUP_TIERS_FILE
 from components.train.config import STAGE_DEFAULTS, Stage
 from components.train.data import fingerprint
-from model.checkpoint import pipeline_vae
+from model.checkpoint import load_vae, pipeline_vae
 from model.errors import ConfigError
 from storage import exists, join, read_parquet
+from storage.models import fetch_vae
 from storage.shards import REF_COLUMNS
 
 log = logging.getLogger(__name__)
@@ -48,14 +51,26 @@ def stage_resolutions(profile: str) -> dict[int, str]:
     return wanted
 
 
-def latents_group(group: Group, out_dir: str | Path, *, profile: str = "tiny", seed: int = 0) -> list[Path]:
-    """Encode the group's tiered images; copy each index into ``out_dir`` (the KFP artifact) and
-    return their paths. The VAE is the one :func:`model.checkpoint.build_pipeline` gives the first
-    stage for ``(profile, seed)``; training checks the fingerprint and encodes itself on a mismatch."""
+def stage_vae(profile: str, seed: int, base_model: str = "") -> AutoencoderKL:
+    """The VAE the first stage trains with: the base model's (``base_model``: a hub id, a folder,
+    ``s3://`` or ``models:/``; only its ``vae/`` is fetched from S3), else the one
+    :func:`model.checkpoint.build_pipeline` gives the stage for ``(profile, seed)``."""
+    if not base_model:
+        return pipeline_vae(profile, seed)
+    with tempfile.TemporaryDirectory(prefix="base-vae-") as tmp:
+        return load_vae(fetch_vae(base_model, tmp))
+
+
+def latents_group(
+    group: Group, out_dir: str | Path, *, profile: str = "tiny", seed: int = 0, base_model: str = ""
+) -> list[Path]:
+    """Encode the group's tiered images with the first stage's VAE (:func:`stage_vae`); copy each
+    index into ``out_dir`` (the KFP artifact) and return their paths. Training checks the VAE
+    fingerprint and encodes itself on a mismatch."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tiers = read_parquet(join(group.prefix, GROUP_TIERS_FILE))
-    vae = pipeline_vae(profile, seed)
+    vae = stage_vae(profile, seed, base_model)
     vae_fp = fingerprint(vae)
     if torch.cuda.is_available():  # a GPU task on a cluster (ClusterSettings.latents_gpus)
         vae = vae.to("cuda")

@@ -40,8 +40,11 @@ def train_stage_op(
     nodes: int = 1,
     gpus_per_node: int = 1,
     trainjob_json: str = "",
+    base_model: str = "",
 ) -> str:
     """Train one stage into ``pipeline`` (diffusers folder); returns the stage's MLflow run id.
+    ``base_model`` (first stage only: without ``init_from``): start from released or registered
+    weights (hub id, folder, ``s3://`` or ``models:/``) instead of a random model.
     ``work_root`` (the cache PVC on a cluster): the stage works in ``<work_root>/<run_id>/<stage>``,
     so a retried or preempted task resumes from its last complete checkpoint."""
     from model.logs import configure_logging_if_requested
@@ -56,7 +59,13 @@ def train_stage_op(
 
     import torch
 
-    from components.train.launch import launch_env, shared_copy, shared_init, stage_work_dir
+    from components.train.launch import (
+        base_model_source,
+        launch_env,
+        shared_copy,
+        shared_init,
+        stage_work_dir,
+    )
 
     work = stage_work_dir(work_root, run_id, stage)
     on_trainjob = launcher == "trainjob"
@@ -64,6 +73,8 @@ def train_stage_op(
         raise ValueError(f"launcher must be local or trainjob (got {launcher!r})")
     inputs = {"manifest": manifest.path, "init_from": init_from.path if init_from is not None else None,
               "image_root": images.path if images is not None else None}  # fmt: skip
+    if init_from is None and base_model:
+        inputs["init_from"] = base_model_source(base_model, work)
     if on_trainjob:  # the job's pods see the shared volume, not this pod's downloaded artifacts
         inputs["manifest"] = str(shared_copy(manifest.path, work, "manifest"))
         if init_from is not None:

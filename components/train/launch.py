@@ -42,6 +42,15 @@ def launch_env(environ: Mapping[str, str]) -> dict[str, str]:
     return {k: v for k, v in environ.items() if k not in RENDEZVOUS_VARIABLES}
 
 
+def base_model_source(base_model: str, work: Path) -> str:
+    """The first stage's ``--init-from`` for ``base_model``: an ``s3://`` or ``models:/`` model
+    downloaded into ``<work>/inputs/base`` (the shared volume on a cluster; reused by a retry), a
+    folder in place, a hub id as is (loaded from the Hugging Face cache)."""
+    from storage.models import resolve_model
+
+    return resolve_model(base_model, work / "inputs" / "base")
+
+
 def shared_copy(source: str | Path, work: Path, name: str) -> Path:
     """``source`` (a file or folder the KFP task downloaded) copied to ``<work>/inputs/<name>``, a
     path the TrainJob's pods see on the shared volume (replaced whole: a retry gets this attempt's)."""
