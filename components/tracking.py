@@ -88,6 +88,17 @@ class MlflowTracker:
         self.run = self.client.create_run(experiment_id(self.client, experiment), run_name=run_name)
         atexit.register(self._fail_if_open)
 
+    @classmethod
+    def reopen(cls, tracking_uri: str, run_id: str) -> MlflowTracker:
+        """Continue an existing run (a resumed stage): set RUNNING again, ended ``FAILED`` at exit
+        unless finished. Raises MLflow's error when the run is not in this store."""
+        tracker = cls.__new__(cls)
+        tracker.client = MlflowClient(tracking_uri=tracking_uri)
+        tracker.run = tracker.client.get_run(run_id)
+        tracker.client.update_run(run_id, status="RUNNING")
+        atexit.register(tracker._fail_if_open)
+        return tracker
+
     def _fail_if_open(self) -> None:
         with contextlib.suppress(Exception):  # at exit: the store may be gone already
             self.client.set_terminated(self.run_id, status="FAILED")

@@ -87,3 +87,19 @@ def test_the_cli_checks_a_local_base_model_before_running(tmp_path, base):
         check_base_model(str(tmp_path / "missing"), local=True)
     with pytest.raises(ConfigError, match="not a diffusers pipeline folder"):
         check_base_model(str(tmp_path), local=True)
+
+
+def test_a_registry_version_is_a_base_model(tmp_path, base, monkeypatch):
+    from components.register.register import register_model
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.chdir(tmp_path)  # the registry's default artifact root (./mlruns) goes here
+    register_model(base, "lumina-base", uri, {"val_loss": 1.0})
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    fetched = Path(base_model_source("models:/lumina-base@champion", tmp_path / "work"))
+    assert (fetched / "model_index.json").is_file()
+    assert fingerprint(stage_vae("tiny", 0, "models:/lumina-base@champion")) == fingerprint(
+        load_pipeline(base).vae
+    )
+    with pytest.raises(WeightsNotFoundError, match="cannot resolve models:/lumina-base@nope"):
+        base_model_source("models:/lumina-base@nope", tmp_path / "other")

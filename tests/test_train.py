@@ -273,6 +273,14 @@ def test_killed_run_resumes_with_identical_losses(tmp_path, manifest):
     assert resumed.wait(timeout=600) == 0, resumed.stderr.read()
     a, b = read_losses(tmp_path / "straight"), read_losses(tmp_path / "resumed")
     assert len(a) == len(b) == 40
+    from mlflow.tracking import MlflowClient  # the resumed stage continued its own MLflow run
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run_id = json.loads((tmp_path / "resumed" / "mlflow_run.json").read_text())["run_id"]
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and int(run.data.tags["resumed_at_step"]) in (5, 10)
+    assert len(client.search_runs([run.info.experiment_id])) == 2  # straight + resumed, no third
+    assert json.loads((tmp_path / "resumed" / "run.json").read_text())["mlflow_run_id"] == run_id
     assert a == pytest.approx(b, rel=1e-6, abs=1e-7)
     sa = load_pipeline(tmp_path / "straight" / "pipeline").transformer.state_dict()
     sb = load_pipeline(tmp_path / "resumed" / "pipeline").transformer.state_dict()
@@ -449,3 +457,31 @@ def test_gradient_checkpointing_gives_the_same_losses(tmp_path, manifest):
         runs[ckpt] = train_stage(cfg).losses
     assert len(runs[True]) == 4
     assert runs[True] == pytest.approx(runs[False], rel=1e-5)
+
+
+def test_a_stage_run_continues_or_links_its_earlier_run(tmp_path, manifest, monkeypatch, caplog):
+    from mlflow.tracking import MlflowClient
+
+    from components.train.trainer import stage_tracker
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    cfg = stage_config("lowres", manifest=manifest, output_dir=tmp_path / "run")
+    cfg.output_dir.mkdir()
+    first, continued = stage_tracker(cfg, start=0)  # a fresh stage: a new run, its id kept
+    assert not continued
+    again, continued = stage_tracker(cfg, start=5)  # killed after a checkpoint: the same run
+    assert continued and again.run_id == first.run_id
+    client = first.client
+    assert client.get_run(first.run_id).data.tags["resumed_at_step"] == "5"
+    over, continued = stage_tracker(cfg, start=0)  # killed before any checkpoint: starts over
+    assert not continued and over.run_id != first.run_id
+    assert client.get_run(first.run_id).info.status == "KILLED"
+    assert client.get_run(over.run_id).data.tags["previous_run"] == first.run_id
+    other = MlflowClient(f"sqlite:///{tmp_path / 'other.db'}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'other.db'}")
+    with caplog.at_level("WARNING"):
+        fresh, continued = stage_tracker(cfg, start=5)  # the earlier run is in another store
+    assert not continued and "cannot continue MLflow run" in caplog.text
+    assert other.get_run(fresh.run_id).data.tags["previous_run"] == over.run_id
+    for tracker in (first, over, fresh):
+        tracker.finish()

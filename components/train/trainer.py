@@ -241,10 +241,16 @@ def train_stage(cfg: TrainConfig, tracker: MlflowTracker | None = None) -> Stage
     )
     rank = engine.global_rank
     ema = Ema(transformer, cfg.ema_decay, cfg.zero_stage)
+    ckpt_dir = cfg.output_dir / CKPT_DIR
+    start, position = resume(engine, ema, ckpt_dir)
+    if start:
+        log.info("resumed stage %s at step %d (data at %s)", cfg.stage, start, position)
+    continued = False
     if tracker is None and cfg.track and rank == 0:
-        tracker = MlflowTracker(default_tracking_uri(cfg.output_dir), run_name=f"{cfg.stage}-{cfg.profile}")
+        tracker, continued = stage_tracker(cfg, start)
     if tracker is not None:
-        tracker.log_params(cfg.model_dump(mode="json"))
+        if not continued:  # a continued run has its params (MLflow params cannot change)
+            tracker.log_params(cfg.model_dump(mode="json"))
         tracker.set_tags(
             {
                 "stage": str(cfg.stage),
@@ -255,11 +261,6 @@ def train_stage(cfg: TrainConfig, tracker: MlflowTracker | None = None) -> Stage
                 "world_size": str(world),
             }
         )
-
-    ckpt_dir = cfg.output_dir / CKPT_DIR
-    start, position = resume(engine, ema, ckpt_dir)
-    if start:
-        log.info("resumed stage %s at step %d (data at %s)", cfg.stage, start, position)
     stream = StageStream(
         index, flt, micro_batch=cfg.micro_batch, seed=cfg.seed, rank=rank, world=world,
         unit_size=cfg.loader_unit, workers=cfg.loader_workers, start=position,
@@ -350,6 +351,38 @@ def train_stage(cfg: TrainConfig, tracker: MlflowTracker | None = None) -> Stage
         run_id = ""
     final = all_losses[-1] if all_losses else float("nan")
     return StageResult(export, cfg.steps, final, all_losses, run_id)
+
+
+RUN_FILE = "mlflow_run.json"
+
+
+def stage_tracker(cfg: TrainConfig, start: int) -> tuple[MlflowTracker, bool]:
+    """The stage's MLflow run and whether it continues an earlier one: a stage resumed from a
+    checkpoint continues the run it started (its id kept in ``output_dir/mlflow_run.json``, the
+    run set RUNNING again, tagged ``resumed_at_step``); a stage that starts over (no complete
+    checkpoint) or whose run is gone gets a new run, the earlier one ended ``KILLED`` and linked
+    by the ``previous_run`` tag."""
+    uri, path = default_tracking_uri(cfg.output_dir), cfg.output_dir / RUN_FILE
+    saved = json.loads(path.read_text()).get("run_id") if path.is_file() else None
+    if saved and start > 0:
+        try:
+            tracker = MlflowTracker.reopen(uri, saved)
+        except Exception as exc:  # MlflowException: the run is not in this store
+            log.warning(
+                "cannot continue MLflow run %s (%s); starting a new one", saved, error_summary(exc, 200)
+            )
+        else:
+            tracker.set_tags({"resumed_at_step": str(start)})
+            log.info("continuing MLflow run %s at step %d", saved, start)
+            return tracker, True
+    tracker = MlflowTracker(uri, run_name=f"{cfg.stage}-{cfg.profile}")
+    if saved:
+        tracker.set_tags({"previous_run": saved})
+        with contextlib.suppress(Exception):  # the old run may be in another store
+            if tracker.client.get_run(saved).info.status == "RUNNING":
+                tracker.client.set_terminated(saved, status="KILLED")
+    path.write_text(json.dumps({"run_id": tracker.run_id}))
+    return tracker, False
 
 
 def save_checkpoint(engine, ema: Ema, ckpt_dir: Path, step: int, keep: int, position: Position) -> None:
