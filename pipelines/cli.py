@@ -136,6 +136,9 @@ def run(
     result = run_local(
         Path(source), out, args, mlflow_server=mlflow_server, dvc_data=dvc_data, parallelism=parallelism
     )
+    if result.skipped:
+        typer.echo(f"nothing trained   : {result.skipped}")
+        return
     reg = result.registration
     typer.echo(f"registered model : {reg['name']} version {reg['version']}")
     typer.echo(
@@ -175,10 +178,14 @@ def schedule(
     model_name: str = "lumina-tiny",
     max_concurrency: int = 1,
     data_version: Annotated[str, typer.Option(help="data version tag for the registered versions")] = "",
+    retrain_unchanged: Annotated[
+        bool, typer.Option(help="also train when the source is unchanged since the last registered version")
+    ] = False,
 ) -> None:
     """Create a recurring run (scheduled retraining) from the compiled pipeline. Its runs carry the
     code's git sha (and ``--data-version``) as lineage; each run's plan fingerprints the source, so
-    new objects under the prefix are ingested and an unchanged source reuses the cached steps."""
+    new objects under the prefix are ingested, and a run whose source is unchanged since a
+    registered version ends early (``only_new_data``) instead of registering the same weights."""
     client = _client(host, token)
     experiment = client.create_experiment(EXPERIMENT)
     job = client.create_recurring_run(
@@ -187,7 +194,13 @@ def schedule(
         cron_expression=cron,
         pipeline_package_path=str(COMPILED),
         max_concurrency=max_concurrency,
-        params={**_lineage(data_version), "source": source, "profile": profile, "model_name": model_name},
+        params={
+            **_lineage(data_version),
+            "source": source,
+            "profile": profile,
+            "model_name": model_name,
+            "only_new_data": not retrain_unchanged,
+        },
     )
     typer.echo(json.dumps({"recurring_run_id": job.recurring_run_id, "cron": cron}))
 

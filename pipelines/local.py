@@ -31,6 +31,7 @@ class LocalRun:
     report: Path | None
     data_version: str
     pipeline_root: Path
+    skipped: str = ""  # why nothing was trained (only_new_data and an unchanged source)
 
 
 def version_data(data_dir: Path, endpoint: str) -> str:
@@ -120,5 +121,9 @@ def run_local(
             "source": str(source.resolve()),
         }
         task = build_pipeline(None, parallelism)(**args)
-        registration = json.loads(task.output)
-    return LocalRun(registration, tracking_uri, find_report(pipeline_root), data_version, pipeline_root)
+        result = json.loads(task.output)
+    skipped = result.get("skipped", "") if isinstance(result, dict) else ""
+    registration = {} if skipped else result
+    return LocalRun(
+        registration, tracking_uri, find_report(pipeline_root), data_version, pipeline_root, skipped
+    )

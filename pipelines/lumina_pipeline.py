@@ -25,7 +25,7 @@ from components.ingest.component import ingest_group_op, ingest_merge_op
 from components.latents.component import latents_group_op
 from components.plan.component import plan_op
 from components.recaption.component import captions_merge_op, recaption_group_op
-from components.register.component import register_op
+from components.register.component import new_data_op, nothing_new_op, register_op
 from components.tier.component import score_group_op, tier_op
 from components.train.component import train_stage_op
 
@@ -195,6 +195,7 @@ def build_pipeline(cluster: ClusterSettings | None = None, parallelism: int | No
         data_version: str = "",
         train_config_yaml: str = "",
         base_model: str = "",
+        only_new_data: bool = False,
         train_nodes: int = default_nodes,
         gpus_per_node: int = default_gpus,
     ) -> str:
@@ -206,106 +207,121 @@ def build_pipeline(cluster: ClusterSettings | None = None, parallelism: int | No
         # fingerprint, so the steps after it hit KFP's cache exactly when the source is unchanged.
         plan.set_caching_options(False)
         groups = plan.outputs["Output"]
-        with dsl.ParallelFor(groups, parallelism=limit) as group:
-            ingest_group = ingest_group_op(group=group, shard_size=shard_size)
-            ingest_group.set_display_name("ingest-group")
-            ingest_group.set_retry(num_retries=2, backoff_duration="30s")  # object stores are flaky
-        ingest = ingest_merge_op(
+        check = new_data_op(
             groups=groups,
-            parts=dsl.Collected(ingest_group.outputs["manifest"]),
-            source=source,
-            dedup_distance=dedup_distance,
-            captions_file=captions_file,
-        )
-        ingest.set_display_name("ingest-merge")
-        with dsl.ParallelFor(groups, parallelism=limit) as group:
-            recaption_group = recaption_group_op(
-                group=group,
-                dataset_hash=ingest.outputs["Output"],
-                backend=recaption_backend,
-                vlm_model=vlm_model,
-            )
-            recaption_group.set_display_name("recaption-group")
-            score_group = score_group_op(captions=recaption_group.outputs["captions"])
-            score_group.set_display_name("score-group")
-        recaption = captions_merge_op(
-            groups=groups, parts=dsl.Collected(recaption_group.outputs["captions"]), backend=recaption_backend
-        )
-        recaption.set_display_name("captions-merge")
-        tiers = tier_op(
-            captions=dsl.Collected(recaption_group.outputs["captions"]),
-            scores=dsl.Collected(score_group.outputs["scores"]),
-            config_json=tier_config_json,
-            groups=groups,
-        )
-        tiers.set_display_name("tier")
-        tiers.after(recaption)  # tiers only from captions that passed the gate
-        with dsl.ParallelFor(groups, parallelism=limit) as group:
-            latents_group = latents_group_op(
-                group=group,
-                tiers_hash=tiers.outputs["Output"],
-                profile=profile,
-                seed=seed,
-                base_model=base_model,
-            )
-            latents_group.set_display_name("latents-group")
-        previous = None
-        runs, train_tasks = {}, []
-        for stage, steps in zip(STAGES, (lowres_steps, highres_steps, hq_steps), strict=True):
-            # the first stage starts from base_model (when set), the others from the stage before
-            kwargs = (
-                {"init_from": previous.outputs["pipeline"]}
-                if previous is not None
-                else {"base_model": base_model}
-            )
-            task = train_stage_op(
-                manifest=tiers.outputs["tiers"],
-                latents=dsl.Collected(latents_group.outputs["index"]),
-                work_root=f"{cluster.cache_mount}/runs" if cluster is not None else "",
-                run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
-                stage=stage,
-                profile=profile,
-                steps=steps,
-                seed=seed,
-                nodes=train_nodes,
-                gpus_per_node=gpus_per_node,
-                config_yaml=train_config_yaml,
-                **launcher,
-                **kwargs,
-            )
-            task.set_display_name(f"train-{stage}")
-            if on_trainjob:
-                _train_launcher(task, cluster)
-            elif cluster is not None:
-                _train_on_gpus(task, cluster)
-            runs[stage], previous = task.outputs["Output"], task
-            train_tasks.append(task)
-        final_model = previous.outputs["pipeline"]
-        evaluate = evaluate_op(
-            model=final_model, config_json=eval_config_json, mlflow_tracking_uri=mlflow_tracking_uri
-        )
-        evaluate.set_display_name("evaluate")
-        register = register_op(
-            model=final_model,
-            eval_result=evaluate.outputs["Output"],
             model_name=model_name,
-            profile=profile,
-            data_version=data_version,
-            dataset_hash=ingest.outputs["Output"],
-            captions_hash=recaption.outputs["Output"],
-            tiers_hash=tiers.outputs["Output"],
-            lowres_run=runs["lowres"],
-            highres_run=runs["highres"],
-            hq_run=runs["hq"],
-            git_sha=git_sha,
-            gate_json=gate_json,
+            only_new_data=only_new_data,
             mlflow_tracking_uri=mlflow_tracking_uri,
         )
-        register.set_display_name("register").set_retry(num_retries=2)
-        register.set_caching_options(False)  # registering is a side effect: never served from cache
+        check.set_display_name("new-data")
+        check.set_caching_options(False)  # it asks the registry about this run's source
+        with dsl.If(check.outputs["decision"] == "train", "new-data"):
+            with dsl.ParallelFor(groups, parallelism=limit) as group:
+                ingest_group = ingest_group_op(group=group, shard_size=shard_size)
+                ingest_group.set_display_name("ingest-group")
+                ingest_group.set_retry(num_retries=2, backoff_duration="30s")  # object stores are flaky
+            ingest = ingest_merge_op(
+                groups=groups,
+                parts=dsl.Collected(ingest_group.outputs["manifest"]),
+                source=source,
+                dedup_distance=dedup_distance,
+                captions_file=captions_file,
+            )
+            ingest.set_display_name("ingest-merge")
+            with dsl.ParallelFor(groups, parallelism=limit) as group:
+                recaption_group = recaption_group_op(
+                    group=group,
+                    dataset_hash=ingest.outputs["Output"],
+                    backend=recaption_backend,
+                    vlm_model=vlm_model,
+                )
+                recaption_group.set_display_name("recaption-group")
+                score_group = score_group_op(captions=recaption_group.outputs["captions"])
+                score_group.set_display_name("score-group")
+            recaption = captions_merge_op(
+                groups=groups,
+                parts=dsl.Collected(recaption_group.outputs["captions"]),
+                backend=recaption_backend,
+            )
+            recaption.set_display_name("captions-merge")
+            tiers = tier_op(
+                captions=dsl.Collected(recaption_group.outputs["captions"]),
+                scores=dsl.Collected(score_group.outputs["scores"]),
+                config_json=tier_config_json,
+                groups=groups,
+            )
+            tiers.set_display_name("tier")
+            tiers.after(recaption)  # tiers only from captions that passed the gate
+            with dsl.ParallelFor(groups, parallelism=limit) as group:
+                latents_group = latents_group_op(
+                    group=group,
+                    tiers_hash=tiers.outputs["Output"],
+                    profile=profile,
+                    seed=seed,
+                    base_model=base_model,
+                )
+                latents_group.set_display_name("latents-group")
+            previous = None
+            runs, train_tasks = {}, []
+            for stage, steps in zip(STAGES, (lowres_steps, highres_steps, hq_steps), strict=True):
+                # the first stage starts from base_model (when set), the others from the stage before
+                kwargs = (
+                    {"init_from": previous.outputs["pipeline"]}
+                    if previous is not None
+                    else {"base_model": base_model}
+                )
+                task = train_stage_op(
+                    manifest=tiers.outputs["tiers"],
+                    latents=dsl.Collected(latents_group.outputs["index"]),
+                    work_root=f"{cluster.cache_mount}/runs" if cluster is not None else "",
+                    run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+                    stage=stage,
+                    profile=profile,
+                    steps=steps,
+                    seed=seed,
+                    nodes=train_nodes,
+                    gpus_per_node=gpus_per_node,
+                    config_yaml=train_config_yaml,
+                    **launcher,
+                    **kwargs,
+                )
+                task.set_display_name(f"train-{stage}")
+                if on_trainjob:
+                    _train_launcher(task, cluster)
+                elif cluster is not None:
+                    _train_on_gpus(task, cluster)
+                runs[stage], previous = task.outputs["Output"], task
+                train_tasks.append(task)
+            final_model = previous.outputs["pipeline"]
+            evaluate = evaluate_op(
+                model=final_model, config_json=eval_config_json, mlflow_tracking_uri=mlflow_tracking_uri
+            )
+            evaluate.set_display_name("evaluate")
+            register = register_op(
+                model=final_model,
+                eval_result=evaluate.outputs["Output"],
+                model_name=model_name,
+                profile=profile,
+                data_version=data_version,
+                dataset_hash=ingest.outputs["Output"],
+                captions_hash=recaption.outputs["Output"],
+                tiers_hash=tiers.outputs["Output"],
+                lowres_run=runs["lowres"],
+                highres_run=runs["highres"],
+                hq_run=runs["hq"],
+                git_sha=git_sha,
+                gate_json=gate_json,
+                mlflow_tracking_uri=mlflow_tracking_uri,
+                source_fingerprint=check.outputs["fingerprint"],
+            )
+            register.set_display_name("register").set_retry(num_retries=2)
+            register.set_caching_options(False)  # registering is a side effect: never served from cache
+        with dsl.Else():
+            unchanged = nothing_new_op(reason=check.outputs["reason"])
+            unchanged.set_display_name("no-new-data")
         if cluster is not None:
             data_tasks = (plan, ingest_group, ingest, score_group, recaption, tiers, latents_group)
-            for task in (*data_tasks, recaption_group, *train_tasks, evaluate, register):
+            for task in (*data_tasks, check, recaption_group, *train_tasks, evaluate, register, unchanged):
                 _with_cluster_env(task, cluster)  # the stage runs log to the same MLflow as the rest
             for task in data_tasks:
                 _data_task(task, cluster)
@@ -314,6 +330,6 @@ def build_pipeline(cluster: ClusterSettings | None = None, parallelism: int | No
             if cluster.latents_gpus:
                 _on_gpu_nodes(latents_group, cluster, cluster.latents_gpus, cluster.data_cpu_limit,
                               cluster.data_memory_limit)  # fmt: skip
-        return register.outputs["Output"]
+        return dsl.OneOf(register.outputs["Output"], unchanged.output)
 
     return lumina_pipeline

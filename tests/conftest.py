@@ -49,3 +49,41 @@ def s3():
             yield endpoint
     finally:
         mp.undo()
+
+
+class CliResult:
+    """What a CLI run left: exit code and captured output (like ``subprocess.CompletedProcess``)."""
+
+    def __init__(self, returncode: int, stdout: str, stderr: str) -> None:
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+@pytest.fixture
+def cli(monkeypatch, capsys):
+    """Run a typer app through the project's CLI runner (:func:`model.cli_errors.run_cli`) in this
+    process — exit code, one-line errors and all — without a subprocess's ~5 s of imports. One
+    subprocess smoke test per entry point stays in test_cli.py."""
+    import logging
+    import sys
+
+    from model.cli_errors import run_cli
+
+    def run(module: str, *args: str) -> CliResult:
+        import importlib
+
+        app = importlib.import_module(module).app
+        root = logging.getLogger()
+        handlers, level = root.handlers[:], root.level
+        monkeypatch.setattr(sys, "argv", [module, *args])
+        code = 0
+        try:
+            run_cli(app)
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        finally:
+            root.handlers[:] = handlers
+            root.setLevel(level)
+        out = capsys.readouterr()
+        return CliResult(code, out.out, out.err)
+
+    return run

@@ -12,22 +12,25 @@ def lumina(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "model", *args], capture_output=True, text=True, timeout=300)
 
 
-def assert_one_line_error(proc: subprocess.CompletedProcess, pattern: str) -> None:
+def assert_one_line_error(proc, pattern: str) -> None:
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and pattern in errors[0], proc.stderr
 
 
-def test_bad_profile(tmp_path):
+def test_bad_profile_in_a_subprocess(tmp_path):  # the entry point's smoke test; the rest run in-process
     assert_one_line_error(lumina("info", "--profile", "giant"), "unknown model profile 'giant'")
+
+
+def test_bad_profile(tmp_path, cli):
     assert_one_line_error(
-        lumina("build", "--out", str(tmp_path / "x"), "--profile", "giant"), "unknown model"
+        cli("model.cli", "build", "--out", str(tmp_path / "x"), "--profile", "giant"), "unknown model"
     )
 
 
-def test_missing_weights_path(tmp_path):
-    proc = lumina("sample", "--model", str(tmp_path / "missing"), "--prompt", "a cat")
+def test_missing_weights_path(tmp_path, cli):
+    proc = cli("model.cli", "sample", "--model", str(tmp_path / "missing"), "--prompt", "a cat")
     assert_one_line_error(proc, "model folder not found")
 
 
@@ -39,8 +42,10 @@ def test_missing_weights_path(tmp_path):
         (["--steps", "0"], "invalid steps"),
     ],
 )
-def test_bad_sampling_options(tiny_folder, tmp_path, args, pattern):
-    proc = lumina("sample", "--model", str(tiny_folder), "--prompt", "a cat", "--out", str(tmp_path), *args)
+def test_bad_sampling_options(tiny_folder, tmp_path, args, pattern, cli):
+    proc = cli(
+        "model.cli", "sample", "--model", str(tiny_folder), "--prompt", "a cat", "--out", str(tmp_path), *args
+    )
     assert_one_line_error(proc, pattern)
 
 
@@ -84,17 +89,16 @@ def test_build_sample_and_calibrate(tmp_path):
 @pytest.mark.parametrize(
     ("module", "args", "pattern"),
     [
-        ("components.ingest", ["src", "out", "--workers", "0"], "'--workers'"),
-        ("components.ingest", ["src", "out", "--bogus"], "No such option: --bogus"),
-        ("components.tier", ["--no-such-flag"], "No such option"),
-        ("data_tools", ["sample-data", "--tuxpaint", "-1"], "'--tuxpaint'"),
-        ("pipelines", ["run", "--steps"], "requires an argument"),
-        ("model", ["sample"], "Missing option"),
+        ("components.ingest.__main__", ["src", "out", "--workers", "0"], "'--workers'"),
+        ("components.ingest.__main__", ["src", "out", "--bogus"], "No such option: --bogus"),
+        ("components.tier.__main__", ["--no-such-flag"], "No such option"),
+        ("data_tools.__main__", ["sample-data", "--tuxpaint", "-1"], "'--tuxpaint'"),
+        ("pipelines.cli", ["run", "--steps"], "requires an argument"),
+        ("model.cli", ["sample"], "Missing option"),
     ],
 )
-def test_bad_usage_is_one_line_not_a_traceback(module, args, pattern):
-    proc = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=300)
-    assert_one_line_error(proc, pattern)
+def test_bad_usage_is_one_line_not_a_traceback(module, args, pattern, cli):
+    assert_one_line_error(cli(module, *args), pattern)
 
 
 def test_json_logs_for_log_collectors(tmp_path):

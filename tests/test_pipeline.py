@@ -43,7 +43,20 @@ def test_spec_parses_strictly_and_references_resolve(compiled):
     deployment = json_format.ParseDict(
         spec_doc["deploymentSpec"], pipeline_spec_pb2.PipelineDeploymentConfig()
     )
-    root = spec.root.dag.tasks
+    top = spec.root.dag.tasks
+    assert {"plan-op", "new-data-op", "condition-branches-1"} == set(top)
+    (train_branch, skip_branch) = spec.components[
+        top["condition-branches-1"].component_ref.name
+    ].dag.tasks.values()
+    # everything after the plan runs only when there is data to train on; else one step says why
+    assert train_branch.trigger_policy.condition.endswith(
+        "['pipelinechannel--new-data-op-decision'] == 'train'"
+    )
+    assert skip_branch.trigger_policy.condition.startswith("!(")
+    assert list(spec.components[skip_branch.component_ref.name].dag.tasks) == ["nothing-new-op"]
+    assert top["new-data-op"].caching_options.enable_cache is False
+    root = {**{n: t for n, t in top.items() if not n.startswith("condition")},
+            **spec.components[train_branch.component_ref.name].dag.tasks}  # fmt: skip
     assert {
         "plan-op",
         "ingest-merge-op",
@@ -84,12 +97,25 @@ def test_spec_parses_strictly_and_references_resolve(compiled):
         settings = json.loads(params["trainjob_json"].runtime_value.constant.string_value)
         assert settings["pvc"] == "lumina-cache" and settings["runtime"] == "torch-distributed"
         assert settings["node_selector"] == {"nvidia.com/gpu.present": "true"}
-        assert params["nodes"].component_input_parameter == "train_nodes"  # pipeline parameters
-        assert params["gpus_per_node"].component_input_parameter == "gpus_per_node"
-        assert params["config_yaml"].component_input_parameter == "train_config_yaml"  # any TrainConfig field
+        assert (
+            params["nodes"].component_input_parameter.removeprefix("pipelinechannel--") == "train_nodes"
+        )  # pipeline parameters
+        assert (
+            params["gpus_per_node"].component_input_parameter.removeprefix("pipelinechannel--")
+            == "gpus_per_node"
+        )
+        assert (
+            params["config_yaml"].component_input_parameter.removeprefix("pipelinechannel--")
+            == "train_config_yaml"
+        )  # any TrainConfig field
     first = [n for n in train if "base_model" in tasks[n].inputs.parameters]
     assert len(first) == 1  # the first stage starts from base_model, the others chain
-    assert tasks[first[0]].inputs.parameters["base_model"].component_input_parameter == "base_model"
+    assert (
+        tasks[first[0]]
+        .inputs.parameters["base_model"]
+        .component_input_parameter.removeprefix("pipelinechannel--")
+        == "base_model"
+    )
     assert inner["latents-group-op"].inputs.parameters["base_model"].component_input_parameter
     defaults = spec.root.input_definitions.parameters
     assert defaults["train_nodes"].default_value.number_value == 4
@@ -225,24 +251,27 @@ def test_submit_schedule_and_status_reach_the_api(kfp_api):
     assert job["trigger"]["cron_schedule"]["cron"] == "0 0 3 * * 0"
     params = job["runtime_config"]["parameters"]
     assert params["data_version"] == "dvc-abc" and len(params["git_sha"]) >= 7  # scheduled runs: lineage
+    assert params["only_new_data"] is True  # a scheduled run on an unchanged source ends early
     spec = job["pipeline_spec"].get("pipeline_spec", job["pipeline_spec"])
     assert spec["pipelineInfo"]["name"] == "lumina-pipeline"
     out = _cli("status", "--host", host, "--run-id", "run-1")
     assert "SUCCEEDED" in out.stdout
 
 
-def test_cli_errors_are_one_line(tmp_path):
-    proc = _cli("run", "--source", str(tmp_path / "missing"), "--out", str(tmp_path / "o"), check=False)
+def test_cli_errors_are_one_line(tmp_path, cli):
+    proc = cli("pipelines.cli", "run", "--source", str(tmp_path / "missing"), "--out", str(tmp_path / "o"))
     assert proc.returncode == 2 and "pipeline source not found" in proc.stderr
-    proc = _cli("run", "--steps", "1", "--out", str(tmp_path / "o"), check=False)
+    proc = cli("pipelines.cli", "run", "--steps", "1", "--out", str(tmp_path / "o"))
     assert proc.returncode == 2 and "three counts" in proc.stderr
     bad_yaml, bad_rule = tmp_path / "bad.yaml", tmp_path / "rule.yaml"
     bad_yaml.write_text("rules: [1\n")
     bad_rule.write_text("rules:\n  val_loss: {better: sideways}\n")
-    proc = _cli("run", "--gate", str(bad_yaml), "--out", str(tmp_path / "o"), check=False)
+    proc = cli("pipelines.cli", "run", "--gate", str(bad_yaml), "--out", str(tmp_path / "o"))
     assert proc.returncode == 2 and "is not valid YAML" in proc.stderr
-    proc = _cli("run", "--gate", str(bad_rule), "--out", str(tmp_path / "o"), check=False)
+    proc = cli("pipelines.cli", "run", "--gate", str(bad_rule), "--out", str(tmp_path / "o"))
     assert proc.returncode == 2 and "invalid rules.val_loss.better" in proc.stderr
+    proc = cli("pipelines.cli", "run", "--base-model", str(tmp_path / "nope"), "--out", str(tmp_path / "o"))
+    assert proc.returncode == 2 and "--base-model" in proc.stderr and "not found" in proc.stderr
 
 
 @pytest.mark.slow
@@ -279,6 +308,7 @@ def test_local_run_registers_and_failing_gate_keeps_champion(tmp_path):
         "run.evaluate",
         "git_sha",
         "metric.val_loss",
+        "source_fingerprint",
     ):
         assert version.tags.get(tag), f"tag {tag} missing on the model version"
     assert client.get_run(version.tags["run.hq"]).data.params["stage"] == "hq"
@@ -310,3 +340,9 @@ def test_local_run_registers_and_failing_gate_keeps_champion(tmp_path):
     champion = client.get_model_version_by_alias("lumina-e2e", "champion")
     challenger = client.get_model_version_by_alias("lumina-e2e", "challenger")
     assert str(champion.version) == reg["version"] and str(challenger.version) != reg["version"]
+
+    # a recurring run (only_new_data) on the unchanged source ends after the plan and says why
+    third = run_local(tmp_path / "raw" / "synthetic", tmp_path / "out", {**args, "only_new_data": True})
+    assert third.registration == {} and third.skipped.startswith("no new data: lumina-e2e version")
+    assert f"version {challenger.version} was trained on this source" in third.skipped
+    assert len(client.search_model_versions("name = 'lumina-e2e'")) == 2  # nothing registered again

@@ -76,20 +76,17 @@ def test_bad_inputs(tmp_path):
         download_version("runs:/abc/model", tmp_path)
 
 
-def test_registry_cli_lists_promotes_and_rolls_back(tiny_folder, tmp_path):
+def test_registry_cli_lists_promotes_and_rolls_back(tiny_folder, tmp_path, monkeypatch, cli):
     import json
-    import os
-    import subprocess
-    import sys
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     good = register_model(tiny_folder, "ops", uri, {"val_loss": 0.4})
     bad = register_model(tiny_folder, "ops", uri, {"val_loss": 3.0})  # over the default max: held
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    run_registry_cli = cli
 
-    def cli(*args: str) -> subprocess.CompletedProcess:
-        cmd = [sys.executable, "-m", "components.register", *args]
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    def cli(*args: str):
+        return run_registry_cli("components.register.__main__", *args)
 
     listed = json.loads(cli("versions", "ops", "--json").stdout)
     assert [v["version"] for v in listed] == [bad.version, good.version]
@@ -120,7 +117,7 @@ def test_registry_cli_lists_promotes_and_rolls_back(tiny_folder, tmp_path):
     ):
         proc = cli(*args)
         assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
-    env.pop("MLFLOW_TRACKING_URI")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
     assert "no MLflow tracking URI" in cli("versions", "ops").stderr
 
 
@@ -232,3 +229,35 @@ def test_nan_champion_does_not_block_and_deltas_are_recorded(tiny_folder, tmp_pa
     promotion = client.get_model_version("nan", better.version).tags["promotion"]
     assert promotion == "promoted; vs champion: acc +0.05 (+9.09%), val_loss -0.15 (-25.00%)"
     assert "no current champion to compare with" in client.get_model_version("nan", first.version).description
+
+
+def test_new_data_is_decided_by_the_source_fingerprint_of_registered_versions(s3, tmp_path, tiny_folder):
+    """A loopback S3 source planned, registered, then grown: only the grown source is new data."""
+    import io
+
+    from PIL import Image
+
+    from components.plan.plan import plan_source
+    from components.register.component import new_data_op
+    from storage import write_bytes
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    for i in range(3):
+        buf = io.BytesIO()
+        Image.new("RGB", (32, 32), (i * 60, 10, 10)).save(buf, format="PNG")
+        write_bytes(f"s3://lumina/raw/img{i}.png", buf.getvalue())
+
+    def decide(only_new: bool = True):
+        plan = plan_source("s3://lumina/raw/", str(tmp_path / "root"), group_size=2)
+        return new_data_op.python_func(groups=plan.group_items, model_name="m", only_new_data=only_new,
+                                       mlflow_tracking_uri=uri)  # fmt: skip
+
+    first = decide()
+    assert first.decision == "train" and len(first.fingerprint) == 16  # nothing registered yet
+    register_model(tiny_folder, "m", uri, {"val_loss": 0.8}, tags={"source_fingerprint": first.fingerprint})
+    again = decide()
+    assert again.decision == "unchanged" and "m version 1 was trained on this source" in again.reason
+    assert decide(only_new=False).decision == "train"  # a manual run trains anyway
+    write_bytes("s3://lumina/raw/img9.png", buf.getvalue())  # new data arrives
+    grown = decide()
+    assert grown.decision == "train" and grown.fingerprint != first.fingerprint

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
@@ -141,6 +142,17 @@ def plan_source(
     log.info("plan: %d entries (%d bytes) in %d groups under %s", len(listing), summary["bytes"],
              len(plan.groups), key)  # fmt: skip
     return plan
+
+
+def source_fingerprint(groups: Sequence[str]) -> str:
+    """The plan's source fingerprint (its ``ingest-<fingerprint16>`` key) from its group items: the
+    same for an unchanged source, another one as soon as an object is added, changed or removed."""
+    if not groups:
+        raise ConfigError("the plan has no groups")
+    match = re.search(r"ingest-([0-9a-f]{16})", Group.from_json(groups[0]).prefix)
+    if match is None:
+        raise ConfigError(f"not a planned group prefix: {Group.from_json(groups[0]).prefix}")
+    return match.group(1)
 
 
 def group_outputs(

@@ -1,5 +1,7 @@
 """KFP wrapper for registration (no ``from __future__ import annotations``: KFP reads real annotations)."""
 
+from typing import List, NamedTuple
+
 from kfp import dsl
 from kfp.dsl import Input, Model
 
@@ -22,6 +24,7 @@ def register_op(
     git_sha: str = "",
     gate_json: str = "",
     mlflow_tracking_uri: str = "",
+    source_fingerprint: str = "",
 ) -> str:
     """Register the model version (tagged with data hashes, stage runs, metrics, git sha);
     ``champion`` only if the promotion gate passes. Returns the registration as JSON."""
@@ -48,6 +51,45 @@ def register_op(
         "run.hq": hq_run,
         "run.evaluate": evaluation.get("run_id", ""),
         "git_sha": git_sha,
+        "source_fingerprint": source_fingerprint,
     }
     result = register_model(model.path, model_name, uri, evaluation["metrics"], gate=gate, tags=tags)
     return json.dumps(asdict(result))
+
+
+@dsl.component(base_image=BASE_IMAGE)
+def new_data_op(
+    groups: List[str], model_name: str, only_new_data: bool = False, mlflow_tracking_uri: str = ""
+) -> NamedTuple("NewData", [("decision", str), ("fingerprint", str), ("reason", str)]):
+    """``decision``: ``train``, or (``only_new_data``, e.g. a recurring run) ``unchanged`` when a
+    version of ``model_name`` was already registered from a source with this plan's fingerprint."""
+    from model.logs import configure_logging_if_requested
+
+    configure_logging_if_requested()
+    import os
+    from collections import namedtuple
+
+    from components.plan.plan import source_fingerprint
+    from components.register.register import version_for_source
+
+    result = namedtuple("NewData", ["decision", "fingerprint", "reason"])
+    fingerprint = source_fingerprint(groups)
+    if not only_new_data:
+        return result("train", fingerprint, "")
+    uri = mlflow_tracking_uri or os.environ["MLFLOW_TRACKING_URI"]
+    version = version_for_source(model_name, fingerprint, uri)
+    if version is None:
+        return result("train", fingerprint, "")
+    reason = (
+        f"no new data: {model_name} version {version} was trained on this source (fingerprint {fingerprint})"
+    )
+    print(reason)
+    return result("unchanged", fingerprint, reason)
+
+
+@dsl.component(base_image=BASE_IMAGE)
+def nothing_new_op(reason: str) -> str:
+    """The run's result when there was nothing new to train on (JSON ``{"skipped": reason}``)."""
+    import json
+
+    return json.dumps({"skipped": reason})

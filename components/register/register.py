@@ -194,6 +194,22 @@ def champion_metrics(client, name: str) -> dict[str, float] | None:
     return champion[1] if champion else None
 
 
+SOURCE_TAG = "source_fingerprint"
+
+
+def version_for_source(name: str, fingerprint: str, tracking_uri: str) -> str | None:
+    """The newest version of ``name`` registered from a source with this fingerprint (its
+    ``source_fingerprint`` tag), or None: then the source has data no registered version saw."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    if client.search_registered_models(f"name = '{name}'") == []:
+        return None
+    versions = client.search_model_versions(f"name = '{name}'")
+    same = [v for v in versions if (v.tags or {}).get(SOURCE_TAG) == fingerprint]
+    return str(max(same, key=lambda v: int(v.version)).version) if same else None
+
+
 def register_model(
     model_dir: str | Path,
     name: str,
