@@ -3,6 +3,7 @@ local-directory remote, through the ``dvc`` command line of this environment."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,15 +12,39 @@ from model.errors import LuminaError
 
 
 class DvcError(LuminaError):
-    """A dvc command failed (its last stderr line is in the message)."""
+    """A dvc command failed (DVC's own error line is in the message) or ran past its time limit."""
 
 
-def dvc(*args: str, cwd: Path, env: dict[str, str] | None = None) -> str:
+TIMEOUT_ENV = "LUMINA_DVC_TIMEOUT"  # seconds a dvc command may take (default 300)
+_NOISE = ("Having any troubles?", "Hit us up at", "https://dvc.org/support")
+
+
+def error_line(stderr: str) -> str:
+    """DVC's own error (the first ``ERROR:`` line, prefix dropped), not its closing support notice."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    for line in lines:
+        if line.startswith("ERROR:"):
+            return line.removeprefix("ERROR:").strip()
+    useful = [line for line in lines if not any(noise in line for noise in _NOISE)]
+    return (useful or ["(no output)"])[-1]
+
+
+def dvc(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float | None = None) -> str:
+    """Run ``dvc`` of this environment; one-line :class:`DvcError` on failure or after ``timeout``
+    seconds (default ``LUMINA_DVC_TIMEOUT`` or 300: an unreachable remote is retried by DVC for
+    minutes)."""
     exe = Path(sys.executable).parent / "dvc"
-    proc = subprocess.run([str(exe), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    limit = timeout if timeout is not None else float(os.environ.get(TIMEOUT_ENV) or 300)
+    try:
+        proc = subprocess.run(
+            [str(exe), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=limit
+        )
+    except subprocess.TimeoutExpired:
+        raise DvcError(
+            f"dvc {' '.join(args)} timed out after {limit:g} s (remote unreachable? raise {TIMEOUT_ENV})"
+        ) from None
     if proc.returncode != 0:
-        last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
-        raise DvcError(f"dvc {' '.join(args)} failed: {last}")
+        raise DvcError(f"dvc {' '.join(args)} failed: {error_line(proc.stderr)}")
     return proc.stdout
 
 

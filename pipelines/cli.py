@@ -27,6 +27,9 @@ def _arguments(
     """Pipeline arguments from the CLI options (``--param key=value`` for anything else)."""
     import yaml
 
+    from model.profiles import get_profile
+
+    get_profile(profile)  # an unknown profile fails here, not three steps into the run
     args: dict[str, Any] = {"profile": profile, "model_name": model_name}
     if steps:
         parts = steps.split(",")
@@ -74,9 +77,47 @@ def check_base_model(source: str, local: bool) -> str:
     return str(folder.resolve()) if local else source
 
 
+def check_host(host: str, token: str | None, timeout_s: float = 10.0) -> None:
+    """One request to the API's health endpoint before anything else: an unreachable or refusing
+    host is one line, not kfp's retry traceback."""
+    import urllib.error
+    import urllib.request
+
+    if not host.startswith(("http://", "https://")):
+        raise ConfigError(f"--host {host!r}: expected an http:// or https:// URL")
+    request = urllib.request.Request(f"{host.rstrip('/')}/apis/v2beta1/healthz")
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s):
+            return
+    except urllib.error.HTTPError as exc:
+        if exc.code in (401, 403):
+            raise ConfigError(
+                f"Kubeflow Pipelines at {host} refused the request (HTTP {exc.code}): check --token"
+            ) from None
+        return  # the host answers; the API call itself will say what is wrong
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise ConfigError(f"cannot reach Kubeflow Pipelines at {host}: {reason}") from None
+
+
+def check_writable(folder: Path) -> None:
+    """``--out`` can be created and written (checked before the run starts)."""
+    import tempfile
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"--out {folder}: not writable ({exc.strerror or exc})") from None
+
+
 def _client(host: str, token: str | None):
     import kfp
 
+    check_host(host, token)
     return kfp.Client(host=host, existing_token=token)
 
 
@@ -133,6 +174,7 @@ def run(
         raise ConfigError("--no-local needs --host")
     from pipelines.local import run_local
 
+    check_writable(out)
     result = run_local(
         Path(source), out, args, mlflow_server=mlflow_server, dvc_data=dvc_data, parallelism=parallelism
     )

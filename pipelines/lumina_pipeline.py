@@ -1,5 +1,9 @@
-"""The Kubeflow pipeline: plan → ingest ×groups → merge → (recaption → score) ×groups → captions
-merge → tier → train (3 stages) → evaluate → register.
+"""The Kubeflow pipeline: plan → new-data → ingest ×groups → merge → (recaption → score) ×groups →
+captions merge → tier → latents ×groups → train (3 stages) → evaluate → register.
+
+``new-data`` decides whether the rest runs (``dsl.If``): always, unless ``only_new_data`` (recurring
+runs) and a registered version was trained on a source with this plan's fingerprint; then the
+``no-new-data`` step ends the run saying so.
 
 The data steps fan out with ``dsl.ParallelFor`` over the plan's groups and fan in with
 ``dsl.Collected``; images stay in tar shards under ``data_root`` and only manifests, URIs and
@@ -8,10 +12,11 @@ because KFP 2.17 writes it into the IR as a constant (``iteratorPolicy.paralleli
 
 (No ``from __future__ import annotations``: KFP reads real annotations.)
 
-:func:`build_pipeline` returns the pipeline for a cluster (``cluster=True``: GPU accelerator and
-node placement on the train tasks, PVC for the DeepSpeed/latent cache, S3 and MLflow secrets as
-env, /dev/shm) or for the local runner (``cluster=False``: the same graph without Kubernetes
-settings, which the local runner does not apply).
+:func:`build_pipeline` returns the pipeline for a cluster (``cluster`` given: each train stage a
+Kubeflow Trainer ``TrainJob`` created by a small task on the cache PVC, or with ``train_launcher:
+pod`` a GPU pod; GPUs for recaption and latents; S3 and MLflow secrets as env) or for the local
+runner (``cluster=None``: the same graph without Kubernetes settings, which the local runner does
+not apply).
 """
 
 import json

@@ -96,3 +96,21 @@ def test_caption_sidecar_from_s3(s3, tmp_path):
         ConfigError, match=r"caption sidecar s3://lumina-sidecar/meta/none\.csv cannot be fetched"
     ):
         ingest("s3://lumina-sidecar/raw/", tmp_path / "out2", captions="s3://lumina-sidecar/meta/none.csv")
+
+
+def test_dvc_errors_name_dvcs_own_line_and_time_out(tmp_path):
+    from data_tools.dvc_remote import dvc, error_line
+
+    stderr = (
+        "ERROR: failed to push data to the cloud - Unable to locate credentials\n"
+        "Having any troubles? Hit us up at https://dvc.org/support, we are always happy to help!\n"
+    )
+    assert error_line(stderr) == "failed to push data to the cloud - Unable to locate credentials"
+    assert error_line("something broke\nHaving any troubles? Hit us up at https://dvc.org/support\n") == (
+        "something broke"
+    )
+    with pytest.raises(DvcError, match=r"dvc version timed out after 0.01 s \(remote unreachable"):
+        dvc("version", cwd=tmp_path, timeout=0.01)
+    with pytest.raises(DvcError, match="dvc status failed: you are not inside of a DVC repository") as info:
+        dvc("status", cwd=tmp_path)
+    assert "Having any troubles" not in str(info.value)

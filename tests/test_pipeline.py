@@ -346,3 +346,24 @@ def test_local_run_registers_and_failing_gate_keeps_champion(tmp_path):
     assert third.registration == {} and third.skipped.startswith("no new data: lumina-e2e version")
     assert f"version {challenger.version} was trained on this source" in third.skipped
     assert len(client.search_model_versions("name = 'lumina-e2e'")) == 2  # nothing registered again
+
+
+def test_operator_mistakes_are_one_line_before_anything_runs(tmp_path, cli):
+    import socket
+
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    for args, message in (
+        (["run", "--host", dead, "--source", "s3://b/raw"], f"cannot reach Kubeflow Pipelines at {dead}"),
+        (["status", "--host", dead], "cannot reach Kubeflow Pipelines"),
+        (["run", "--host", "kfp.example.com"], "expected an http:// or https:// URL"),
+        (["run", "--profile", "huge", "--out", str(tmp_path / "o")], "unknown model profile 'huge'"),
+    ):
+        proc = cli("pipelines.cli", *args)
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+        assert proc.returncode == 2 and len(errors) == 1 and message in errors[0], proc.stderr
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    proc = cli("pipelines.cli", "run", "--out", str(blocker / "out"))
+    assert proc.returncode == 2 and f"--out {blocker / 'out'}: not writable" in proc.stderr
