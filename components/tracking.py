@@ -46,10 +46,23 @@ def default_tracking_uri(output_dir: Path) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(output_dir.parent / 'mlflow.db').resolve()}"
 
 
+def artifact_root(tracking_uri: str) -> str | None:
+    """Where an embedded store's artifacts go: ``mlartifacts/`` beside its sqlite file (MLflow's own
+    default, ``./mlruns`` of the working directory, splits the registry from its files). None for a
+    tracking server, whose configured artifact root (S3 on a cluster) applies."""
+    if tracking_uri.startswith("sqlite:///"):
+        return (Path(tracking_uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts").as_uri()
+    return None
+
+
 def experiment_id(client: MlflowClient, name: str) -> str:
-    """The id of experiment ``name``, created when it does not exist yet."""
+    """The id of experiment ``name``, created when it does not exist yet (artifacts of an embedded
+    store beside it: :func:`artifact_root`)."""
     experiment = client.get_experiment_by_name(name)
-    return experiment.experiment_id if experiment else client.create_experiment(name)
+    if experiment:
+        return experiment.experiment_id
+    root = artifact_root(str(client.tracking_uri))
+    return client.create_experiment(name, artifact_location=f"{root}/{name}" if root else None)
 
 
 @dataclass

@@ -318,6 +318,7 @@ def build_pipeline(cluster: ClusterSettings | None = None, parallelism: int | No
                 gate_json=gate_json,
                 mlflow_tracking_uri=mlflow_tracking_uri,
                 source_fingerprint=check.outputs["fingerprint"],
+                pipeline_run=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
             )
             register.set_display_name("register").set_retry(num_retries=2)
             register.set_caching_options(False)  # registering is a side effect: never served from cache

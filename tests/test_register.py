@@ -261,3 +261,38 @@ def test_new_data_is_decided_by_the_source_fingerprint_of_registered_versions(s3
     write_bytes("s3://lumina/raw/img9.png", buf.getvalue())  # new data arrives
     grown = decide()
     assert grown.decision == "train" and grown.fingerprint != first.fingerprint
+
+
+def test_registry_keeps_files_beside_its_store_history_and_one_version_per_run(
+    tiny_folder, tmp_path, monkeypatch, cli
+):
+    import json
+
+    work = tmp_path / "cwd"
+    work.mkdir()
+    monkeypatch.chdir(work)  # MLflow's own default would put the files in ./mlruns here
+    uri = f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}"
+    (tmp_path / "out").mkdir()
+    first = register_model(tiny_folder, "hist", uri, {"val_loss": 0.4}, tags={"pipeline_run": "run-a"})
+    assert not any(work.iterdir())  # nothing in the working directory
+    assert list((tmp_path / "out" / "mlartifacts").rglob("model_index.json"))  # beside the store
+
+    retried = register_model(tiny_folder, "hist", uri, {"val_loss": 0.4}, tags={"pipeline_run": "run-a"})
+    assert retried.version == first.version and retried.promoted  # a retry finds its version
+    second = register_model(tiny_folder, "hist", uri, {"val_loss": 0.3}, tags={"pipeline_run": "run-b"})
+    client = MlflowClient(tracking_uri=uri)
+    assert len(client.search_model_versions("name = 'hist'")) == 2
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    assert cli("components.register.__main__", "promote", "hist", first.version, "--force").returncode == 0
+    assert cli("components.register.__main__", "promote", "hist", second.version).returncode == 0
+    old = client.get_model_version("hist", first.version)
+    history = [entry["note"] for entry in json.loads(old.tags["promotion.history"])]
+    assert history[0].startswith("registered: promoted") and history[1].startswith("manual champion by")
+    assert (
+        history[2] == f"champion moved to v{second.version} by " + history[1].split(" by ")[1].split(" ")[0]
+    )
+    card = client.get_model_version("hist", second.version).description
+    assert card.startswith(f"# hist v{second.version}") and card.count("## Promotion history") == 1
+    assert "Aliases now: challenger, champion" in card and "manual champion by" in card
+    assert "Aliases now: none" in old.description

@@ -25,6 +25,7 @@ def register_op(
     gate_json: str = "",
     mlflow_tracking_uri: str = "",
     source_fingerprint: str = "",
+    pipeline_run: str = "",
 ) -> str:
     """Register the model version (tagged with data hashes, stage runs, metrics, git sha);
     ``champion`` only if the promotion gate passes. Returns the registration as JSON."""
@@ -52,6 +53,7 @@ def register_op(
         "run.evaluate": evaluation.get("run_id", ""),
         "git_sha": git_sha,
         "source_fingerprint": source_fingerprint,
+        "pipeline_run": pipeline_run,  # a retried register step finds the version this run made
     }
     result = register_model(model.path, model_name, uri, evaluation["metrics"], gate=gate, tags=tags)
     return json.dumps(asdict(result))

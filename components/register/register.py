@@ -195,6 +195,61 @@ def champion_metrics(client, name: str) -> dict[str, float] | None:
 
 
 SOURCE_TAG = "source_fingerprint"
+PIPELINE_RUN_TAG = "pipeline_run"
+
+
+HISTORY_TAG = "promotion.history"
+HISTORY_HEADING = "## Promotion history"
+
+
+def record_promotion(client, name: str, version: str, note: str, event: str = "") -> None:
+    """Set the version's ``promotion`` tag to ``note`` and append it, timestamped, to its
+    ``promotion.history`` tag (JSON; the oldest entries give way past ~4,500 characters); the
+    model card (the version's description) gets its aliases and history section regenerated."""
+    import json
+    from datetime import UTC, datetime
+
+    client.set_model_version_tag(name, version, "promotion", note)
+    mv = client.get_model_version(name, version)
+    try:
+        history = json.loads((mv.tags or {}).get(HISTORY_TAG, "[]"))
+    except ValueError:
+        history = []
+    history.append({"at": datetime.now(UTC).isoformat(timespec="seconds"), "note": f"{event}{note}"})
+    text = json.dumps(history)
+    while len(text) > 4500 and len(history) > 1:
+        history.pop(0)
+        text = json.dumps(history)
+    client.set_model_version_tag(name, version, HISTORY_TAG, text)
+    aliases = sorted(
+        a for a, v in (client.get_registered_model(name).aliases or {}).items() if str(v) == str(version)
+    )
+    card = (mv.description or "").split(f"\n{HISTORY_HEADING}\n")[0].rstrip()
+    section = [HISTORY_HEADING, "", f"Aliases now: {', '.join(aliases) or 'none'}", ""]
+    section += [f"- {entry['at']}: {entry['note']}" for entry in history]
+    client.update_model_version(name, version, description=f"{card}\n\n" + "\n".join(section) + "\n")
+
+
+def registered_by_run(name: str, pipeline_run: str, tracking_uri: str) -> Registration | None:
+    """The registration pipeline run ``pipeline_run`` made of ``name`` (its ``pipeline_run`` tag),
+    or None: a retried register step returns it instead of registering the weights twice."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    if not pipeline_run:
+        return None
+    client = MlflowClient(tracking_uri=tracking_uri)
+    try:
+        versions = client.search_model_versions(f"name = '{name}'")
+    except MlflowException:
+        return None
+    mine = [v for v in versions if (v.tags or {}).get(PIPELINE_RUN_TAG) == pipeline_run]
+    if not mine:
+        return None
+    v = max(mine, key=lambda m: int(m.version))
+    aliases = sorted(a for a in (client.get_registered_model(name).aliases or {})
+                     if str(client.get_registered_model(name).aliases[a]) == str(v.version))  # fmt: skip
+    return Registration(name, str(v.version), aliases, CHAMPION in aliases, run_id=v.run_id or "")
 
 
 def version_for_source(name: str, fingerprint: str, tracking_uri: str) -> str | None:
@@ -231,6 +286,15 @@ def register_model(
         raise ConfigError(f"{model_dir} is not a diffusers pipeline folder (no model_index.json)")
     gate = gate or PromotionGate()
     all_tags = {**(tags or {}), **_metric_tags(metrics)}
+    earlier = registered_by_run(name, all_tags.get(PIPELINE_RUN_TAG, ""), tracking_uri)
+    if earlier is not None:  # a retried register task: the version this pipeline run made
+        log.info(
+            "%s v%s was registered by pipeline run %s already",
+            name,
+            earlier.version,
+            all_tags[PIPELINE_RUN_TAG],
+        )
+        return earlier
     with client_run(tracking_uri, EXPERIMENT, f"register-{name}", all_tags) as run:
         client = run.client
         for key, value in metrics.items():
@@ -251,7 +315,6 @@ def register_model(
             client.set_registered_model_alias(name, CHAMPION, version.version)
             aliases.append(CHAMPION)
         champion_version = champion[0] if champion else ""
-        client.set_model_version_tag(name, version.version, "promotion", result.summary())
         card = model_card(
             name,
             str(version.version),
@@ -264,6 +327,8 @@ def register_model(
             champion_version,
         )
         client.update_model_version(name, version.version, description=card)
+        record_promotion(client, name, str(version.version), result.summary(), event="registered: ")
+        card = client.get_model_version(name, version.version).description  # with its history section
         client.log_text(run.run_id, card, "model_card.md")
     log.info("registered %s v%s aliases=%s %s", name, version.version, aliases, result.summary())
     return Registration(

@@ -7,7 +7,14 @@ import getpass
 import logging
 from dataclasses import dataclass, field
 
-from components.register.register import CHAMPION, GateResult, PromotionGate, current_champion, tag_metrics
+from components.register.register import (
+    CHAMPION,
+    GateResult,
+    PromotionGate,
+    current_champion,
+    record_promotion,
+    tag_metrics,
+)
 from model.errors import ConfigError, LuminaError
 
 log = logging.getLogger(__name__)
@@ -119,6 +126,8 @@ def promote(
         note += f", forced past: {'; '.join(reasons)}"
     if extra:
         note += f"; {'; '.join(extra)}"
-    client.set_model_version_tag(name, target.version, "promotion", note)
+    record_promotion(client, name, str(target.version), note)
+    if previous and alias == CHAMPION:
+        record_promotion(client, name, previous, f"{alias} moved to v{target.version} by {who}")
     log.info("%s v%s is now %s (%s)", name, target.version, alias, note)
     return reasons
