@@ -45,9 +45,9 @@ def test_spec_parses_strictly_and_references_resolve(compiled):
     )
     top = spec.root.dag.tasks
     assert {"plan-op", "new-data-op", "condition-branches-1"} == set(top)
-    (train_branch, skip_branch) = spec.components[
-        top["condition-branches-1"].component_ref.name
-    ].dag.tasks.values()
+    branches = spec.components[top["condition-branches-1"].component_ref.name].dag.tasks.values()
+    (skip_branch,) = [b for b in branches if b.trigger_policy.condition.startswith("!(")]
+    (train_branch,) = [b for b in branches if not b.trigger_policy.condition.startswith("!(")]
     # everything after the plan runs only when there is data to train on; else one step says why
     assert train_branch.trigger_policy.condition.endswith(
         "['pipelinechannel--new-data-op-decision'] == 'train'"
