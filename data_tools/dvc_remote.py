@@ -80,3 +80,30 @@ def push(repo: Path, env: dict[str, str] | None = None) -> None:
 
 def pull(repo: Path, env: dict[str, str] | None = None) -> None:
     dvc("pull", cwd=repo, env=env)
+
+
+def mirror_remote(remote: str, store: Path) -> int:
+    """Copy the remote's objects that ``store`` (a local folder) lacks into it; returns how many.
+    The embedded default's loopback S3 server keeps objects in memory: this mirror is what makes
+    its data versions outlive the run."""
+    from storage import download_file, list_objects
+
+    prefix = remote.rstrip("/") + "/"
+    copied = 0
+    for obj in list_objects(prefix, must_exist=False):
+        target = store / obj.uri[len(prefix) :]
+        if not target.is_file() or target.stat().st_size != obj.size:
+            download_file(obj.uri, target)
+            copied += 1
+    return copied
+
+
+def restore_remote(store: Path, remote: str) -> int:
+    """Upload a mirror (:func:`mirror_remote`) into a fresh remote; returns how many objects."""
+    from storage import join, upload_file
+
+    count = 0
+    for path in sorted(p for p in store.rglob("*") if p.is_file()) if store.is_dir() else []:
+        upload_file(path, join(remote, path.relative_to(store).as_posix()))
+        count += 1
+    return count

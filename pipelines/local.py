@@ -34,21 +34,36 @@ class LocalRun:
     skipped: str = ""  # why nothing was trained (only_new_data and an unchanged source)
 
 
-def version_data(data_dir: Path, endpoint: str) -> str:
+def version_data(data_dir: Path, endpoint: str, store: Path) -> str:
     """``dvc add`` the data folder (→ ``data.dvc``), push it to the loopback S3 remote; return
-    the DVC content hash."""
-    from data_tools.dvc_remote import configure_remote, ensure_repo, push, track
+    the DVC content hash. The loopback server starts empty each run: the remote's objects are
+    restored from ``store`` (a folder under the outputs) first and mirrored back after the push,
+    so earlier data versions stay pullable."""
+    from data_tools.dvc_remote import (
+        configure_remote,
+        ensure_repo,
+        mirror_remote,
+        push,
+        restore_remote,
+        track,
+    )
     from services.s3 import ensure_bucket
 
     repo = REPO
+    remote = f"s3://{DATA_BUCKET}/dvc"
     ensure_repo(repo)
     ensure_bucket(DATA_BUCKET, endpoint)
-    configure_remote(repo, f"s3://{DATA_BUCKET}/dvc", endpoint=endpoint, local=True)
+    with mock.patch.dict(os.environ, {"AWS_ENDPOINT_URL": endpoint}):  # the storage layer's S3 client
+        restored = restore_remote(store, remote)
+    configure_remote(repo, remote, endpoint=endpoint, local=True)
     target = str(data_dir.resolve().relative_to(repo))
     if f"{target}.dvc" != DVC_FILE:
         raise ConfigError(f"the data folder to version is {DVC_FILE.removesuffix('.dvc')}/, not {target}")
     digest = track(repo, target)
     push(repo)
+    with mock.patch.dict(os.environ, {"AWS_ENDPOINT_URL": endpoint}):
+        added = mirror_remote(remote, store)
+    log.info("DVC remote: %d objects restored from %s, %d new mirrored there", restored, store, added)
     return digest
 
 
@@ -93,7 +108,7 @@ def run_local(
         if dvc_data is not None:
             stack.enter_context(_environment({**DUMMY_CREDENTIALS, "AWS_DEFAULT_REGION": REGION}))
             endpoint = stack.enter_context(s3_server())
-            data_version = version_data(dvc_data, endpoint)
+            data_version = version_data(dvc_data, endpoint, out_dir / "dvc-remote")
             log.info(
                 "data versioned: %s.dvc = %s (pushed to s3://%s on %s)",
                 dvc_data,

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from components.ingest.ingest import ingest
-from data_tools.dvc_remote import DvcError, configure_remote, pull, push, track
+from data_tools.dvc_remote import DvcError, configure_remote, mirror_remote, pull, push, restore_remote, track
 from data_tools.synthetic import build_synthetic
 from model.errors import ConfigError
 from services.s3 import DUMMY_CREDENTIALS, REGION, ensure_bucket, s3_client, s3_server
@@ -51,6 +51,14 @@ def test_dvc_round_trip_through_loopback_s3(s3, tmp_path):
     push(repo, env=env)
     stored = s3_client(s3).list_objects_v2(Bucket="lumina-data", Prefix="dvc/")["KeyCount"]
     assert stored >= len(before)
+    # the embedded default's mirror: the next run's loopback server starts empty and is refilled
+    store = tmp_path / "dvc-remote"
+    assert mirror_remote("s3://lumina-data/dvc", store) == stored
+    assert mirror_remote("s3://lumina-data/dvc", store) == 0  # only what is new
+    client = s3_client(s3)
+    for obj in client.list_objects_v2(Bucket="lumina-data", Prefix="dvc/")["Contents"]:
+        client.delete_object(Bucket="lumina-data", Key=obj["Key"])
+    assert restore_remote(store, "s3://lumina-data/dvc") == stored
     shutil.rmtree(repo / "data" / "raw")
     shutil.rmtree(repo / ".dvc" / "cache")
     pull(repo, env=env)
