@@ -7,16 +7,20 @@ an sqlite store). Everything it starts is stopped on exit.
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import io
 import json
 import logging
 import os
+import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from unittest import mock
 
-from model.errors import ConfigError
+from model.errors import ConfigError, LuminaError
 
 log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[1]
@@ -65,6 +69,59 @@ def version_data(data_dir: Path, endpoint: str, store: Path) -> str:
         added = mirror_remote(remote, store)
     log.info("DVC remote: %d objects restored from %s, %d new mirrored there", restored, store, added)
     return digest
+
+
+class PipelineFailed(LuminaError):
+    """A step of the local run failed: the step, its one-line reason and where the full log is."""
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_EXCEPTION_LINE = re.compile(r"^\s*(?:[\w.]+\.)?(\w*(?:Error|Failed|Exception|Refused)\w*): (.+)$")
+
+
+class TaskLog(io.TextIOBase):
+    """Where the tasks' output goes during a local run (kfp's runner prints each task process's
+    lines to stdout): the full text to ``pipeline.log``, the console only with ``echo`` (kfp's
+    own task status lines still reach the console through logging); the last lines are kept to
+    name a failure's reason."""
+
+    def __init__(self, path: Path, echo: bool = False, keep: int = 500) -> None:
+        self.path, self.echo = path, echo
+        self.lines: collections.deque[str] = collections.deque(maxlen=keep)
+        self._file = None
+        self._redirect = contextlib.redirect_stdout(self)
+
+    def __enter__(self) -> TaskLog:
+        self._file = open(self.path, "a", encoding="utf-8")
+        self._redirect.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._redirect.__exit__(*exc)
+        self._file.close()
+
+    def write(self, text: str) -> int:
+        self._file.write(text)
+        self.lines.extend(line for line in text.splitlines() if line.strip())
+        if self.echo:
+            sys.__stdout__.write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        self._file.flush()
+
+    def failure(self, message: str) -> PipelineFailed:
+        """``step <task> failed: <reason> (full log: <path>)`` from kfp's message and the output."""
+        plain = _ANSI.sub("", message).replace("\n", " ")
+        found = re.search(r"Inner task failed: '([^']+)'", plain)
+        step = found.group(1) if found else "a step"
+        reason = next((line.strip().removeprefix("error:").strip() for line in reversed(self.lines)
+                       if line.strip().startswith("error: ")), None)  # fmt: skip
+        if reason is None:
+            matches = (_EXCEPTION_LINE.match(_ANSI.sub("", line)) for line in reversed(self.lines))
+            hit = next((m for m in matches if m), None)
+            reason = f"{hit.group(1)}: {hit.group(2)}" if hit else "see the log"
+        return PipelineFailed(f"step {step} failed: {reason[:500]} (full log: {self.path})")
 
 
 def find_report(pipeline_root: Path) -> Path | None:
@@ -135,7 +192,12 @@ def run_local(
             **arguments,
             "source": str(source.resolve()),
         }
-        task = build_pipeline(None, parallelism)(**args)
+        log_path = out_dir / "pipeline.log"
+        with TaskLog(log_path, echo=os.environ.get("LUMINA_VERBOSE", "") not in ("", "0")) as task_log:
+            try:
+                task = build_pipeline(None, parallelism)(**args)
+            except RuntimeError as exc:  # kfp's "Inner task failed: ..."
+                raise task_log.failure(str(exc)) from None
         result = json.loads(task.output)
     skipped = result.get("skipped", "") if isinstance(result, dict) else ""
     registration = {} if skipped else result

@@ -126,6 +126,8 @@ def test_truncated_or_unreadable_source_shards_are_reported_and_the_rest_goes_on
     whole = (src / "good.tar").read_bytes()
     (src / "truncated.tar").write_bytes(whole[: len(whole) // 2 + 100])  # cut inside a member
     (src / "garbage.tar").write_bytes(b"this is not a tar file at all" * 40)
+    for name in ("zz0.png", "zz1.png"):  # the last group: every image corrupt, nothing kept
+        (src / name).write_bytes(b"not an image")
     opts = IngestOptions()
     plan = plan_source(str(src), str(tmp_path / "data"), group_size=2)
     dirs = [ingest_group(g, tmp_path / g.name, opts, progress=False).out_dir for g in plan.groups]
@@ -136,6 +138,7 @@ def test_truncated_or_unreadable_source_shards_are_reported_and_the_rest_goes_on
     assert bad["truncated.tar::k2.png"].startswith("unreadable_member")  # shard and member named
     assert bad["truncated.tar::"].startswith("truncated_shard")
     assert bad["truncated.tar::k0.png"].startswith("duplicate_of:")  # members before the cut were read
+    assert bad["zz0.png"] == bad["zz1.png"] == "not_an_image"
     kept = pd.read_parquet(merged.manifest)
     assert merged.kept == 4  # a.png and the three members of the good shard; copies in the cut one are dups
     assert set(kept["source_path"].str.rsplit("/", n=1).str[-1]) >= {"a.png", "good.tar::k0.png"}

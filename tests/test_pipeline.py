@@ -367,3 +367,20 @@ def test_operator_mistakes_are_one_line_before_anything_runs(tmp_path, cli):
     blocker.write_text("x")
     proc = cli("pipelines.cli", "run", "--out", str(blocker / "out"))
     assert proc.returncode == 2 and f"--out {blocker / 'out'}: not writable" in proc.stderr
+
+
+@pytest.mark.slow
+def test_a_failing_step_is_named_with_its_reason_and_log(tmp_path, cli):
+    """Only corrupt images: the ingest gate fails; the CLI says which step, why and where the log is,
+    in one line, instead of the task output and kfp's traceback."""
+    source = tmp_path / "corrupt"
+    source.mkdir()
+    for i in range(3):
+        (source / f"bad{i}.png").write_bytes(b"not a png " * i)
+    proc = cli("pipelines.cli", "run", "--source", str(source), "--out", str(tmp_path / "out"))
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-2000:]
+    assert errors[0].startswith("error: step ingest-merge-op failed: GateFailed: ingest manifest failed")
+    assert errors[0].endswith(f"(full log: {tmp_path / 'out' / 'pipeline.log'})")
+    assert "Traceback" in (tmp_path / "out" / "pipeline.log").read_text()  # the details are kept there
+    assert "Traceback" not in proc.stderr and "executor_output" not in proc.stdout

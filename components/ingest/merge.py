@@ -69,9 +69,11 @@ def merge_groups(
     kept_total = 0
     with pq.ParquetWriter(out / "manifest.parquet", MANIFEST_SCHEMA) as manifest:
         for group in ordered:  # one group's rows in memory at a time
-            frame = pd.read_parquet(folders[group.name] / "manifest.parquet").sort_values(
-                "seq", kind="stable"
-            )
+            frame = pd.read_parquet(folders[group.name] / "manifest.parquet")
+            if frame.empty:  # every image of the group was rejected (its rejects say why)
+                write_parquet(pd.DataFrame(columns=MANIFEST_COLUMNS), join(group.prefix, KEPT_FILE))
+                continue
+            frame = frame.sort_values("seq", kind="stable")
             keep = []
             for row in frame[NARROW].itertuples(index=False):
                 if row.sha256 in known:
