@@ -49,14 +49,15 @@ def test_bad_sampling_options(tiny_folder, tmp_path, args, pattern, cli):
     assert_one_line_error(proc, pattern)
 
 
-def test_build_sample_and_calibrate(tmp_path):
+def test_build_sample_and_calibrate(tmp_path, cli):
     folder = tmp_path / "tiny"
-    proc = lumina("build", "--out", str(folder), "--profile", "tiny", "--random-init")
+    proc = cli("model.cli", "build", "--out", str(folder), "--profile", "tiny", "--random-init")
     assert proc.returncode == 0, proc.stderr
     assert (folder / "model_index.json").is_file()
 
     out = tmp_path / "samples"
-    proc = lumina(
+    proc = cli(
+        "model.cli",
         "sample",
         "--model",
         str(folder),
@@ -77,8 +78,17 @@ def test_build_sample_and_calibrate(tmp_path):
     pngs = sorted(out.glob("*.png"))
     assert len(pngs) == 2 and Image.open(pngs[0]).size == (48, 32)
 
-    proc = lumina(
-        "calibrate-teacache", "--model", str(folder), "--height", "32", "--width", "32", "--steps", "8"
+    proc = cli(
+        "model.cli",
+        "calibrate-teacache",
+        "--model",
+        str(folder),
+        "--height",
+        "32",
+        "--width",
+        "32",
+        "--steps",
+        "8",
     )
     assert proc.returncode == 0, proc.stderr
     saved = json.loads((folder / "teacache.json").read_text())

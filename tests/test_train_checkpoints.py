@@ -253,3 +253,30 @@ def test_the_train_step_never_inherits_a_rendezvous():
         with mock.patch.dict(os.environ, child, clear=True):  # restored whole afterwards
             assert ensure_distributed_env() is True  # the stage owns (and picks) its port
             assert os.environ["MASTER_PORT"] != env["MASTER_PORT"]
+
+
+def test_a_configuration_error_is_not_run_again_by_a_retry(tmp_path, capsys):
+    import subprocess
+    import sys
+
+    from components.train.launch import PERMANENT_FAILURE, StageConfigError, run_stage_process
+
+    bad = [
+        sys.executable,
+        "-c",
+        "import sys; print('error: unknown stage mid', file=sys.stderr); sys.exit(2)",
+    ]
+    with pytest.raises(StageConfigError, match="stage failed: unknown stage mid"):
+        run_stage_process(bad, tmp_path, {})
+    assert (tmp_path / PERMANENT_FAILURE).read_text().strip() == "unknown stage mid"
+    assert "error: unknown stage mid" in capsys.readouterr().err  # passed through to the task's log
+    ran = tmp_path / "ran"
+    retry = [sys.executable, "-c", f"open({str(ran)!r}, 'w')"]
+    with pytest.raises(StageConfigError, match="not retried: an earlier attempt failed: unknown stage mid"):
+        run_stage_process(retry, tmp_path, {})
+    assert not ran.exists()
+    other = tmp_path / "other"
+    other.mkdir()
+    with pytest.raises(subprocess.CalledProcessError):  # a crash or a kill: the retry runs it again
+        run_stage_process([sys.executable, "-c", "raise SystemExit(1)"], other, {})
+    assert not (other / PERMANENT_FAILURE).exists()

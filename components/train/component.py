@@ -53,7 +53,6 @@ def train_stage_op(
     import json
     import os
     import shutil
-    import subprocess
     import sys
     from pathlib import Path
 
@@ -62,6 +61,7 @@ def train_stage_op(
     from components.train.launch import (
         base_model_source,
         launch_env,
+        run_stage_process,
         shared_copy,
         shared_init,
         stage_work_dir,
@@ -116,7 +116,8 @@ def train_stage_op(
             else [sys.executable]
         )
         stage_cmd = [*launcher_cmd, "-m", "components.train", *cmd]
-        subprocess.run(stage_cmd, check=True, env=launch_env(os.environ))  # its own rendezvous
+        # its own rendezvous; a configuration error is not run again by a retry of this task
+        run_stage_process(stage_cmd, work, launch_env(os.environ))
     shutil.copytree(out / "pipeline", pipeline.path, dirs_exist_ok=True)
     losses = [json.loads(line)["loss"] for line in (out / "losses.jsonl").read_text().splitlines()]
     metrics.log_metric("final_loss", losses[-1])

@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 import shutil
 import socket
+import subprocess
+import sys
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -72,3 +74,35 @@ def shared_init(init_path: str | Path, metadata: Mapping[str, object], work: Pat
     if export and (Path(export) / "model_index.json").is_file():
         return Path(export)
     return shared_copy(init_path, work, "init")
+
+
+PERMANENT_FAILURE = "permanent-failure.txt"
+USER_ERROR_EXIT = 2  # what the CLIs exit with for a mistake only the user can fix (model.cli_errors)
+
+
+class StageConfigError(RuntimeError):
+    """The stage process failed with a configuration error: retrying cannot help."""
+
+
+def run_stage_process(cmd: list[str], work: Path, env: Mapping[str, str]) -> None:
+    """Run the stage process (its stderr passed through). Exit 2 — a bad config, manifest or
+    model path — is written to ``<work>/permanent-failure.txt`` and raised as
+    :class:`StageConfigError`; a retried task (same work folder) fails at once with that reason
+    instead of running the stage again. Any other failure is
+    ``subprocess.CalledProcessError`` (a retry runs the stage again and resumes)."""
+    marker = work / PERMANENT_FAILURE
+    if marker.is_file():
+        raise StageConfigError(f"not retried: an earlier attempt failed: {marker.read_text().strip()}")
+    last_error = ""
+    with subprocess.Popen(cmd, env=dict(env), stderr=subprocess.PIPE, text=True) as proc:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            sys.stderr.write(line)
+            if line.startswith("error: "):
+                last_error = line.removeprefix("error: ").strip()
+    if proc.returncode == USER_ERROR_EXIT:
+        reason = last_error or "configuration error (exit 2)"
+        marker.write_text(reason + "\n")
+        raise StageConfigError(f"stage failed: {reason}")
+    if proc.returncode:
+        raise subprocess.CalledProcessError(proc.returncode, cmd)
