@@ -102,6 +102,29 @@ def check_host(host: str, token: str | None, timeout_s: float = 10.0) -> None:
         raise ConfigError(f"cannot reach Kubeflow Pipelines at {host}: {reason}") from None
 
 
+def check_services(source: str, mlflow_server: bool) -> None:
+    """What a local run reaches besides its own folders, checked before it starts: an ``s3://``
+    source has objects under it (credentials, endpoint and bucket work), and a tracking server
+    named by ``MLFLOW_TRACKING_URI`` answers its health check."""
+    import os
+    import urllib.error
+    import urllib.request
+
+    from storage import is_s3, list_objects
+
+    if is_s3(source):
+        next(iter(list_objects(source)), None)  # StorageError: one line (no such bucket, nothing under...)
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    if uri.startswith(("http://", "https://")) and not mlflow_server:
+        try:
+            with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=10):
+                pass
+        except urllib.error.HTTPError:
+            return  # it answers
+        except (urllib.error.URLError, OSError) as exc:
+            raise ConfigError(f"cannot reach MLflow at {uri}: {getattr(exc, 'reason', exc)}") from None
+
+
 def check_writable(folder: Path) -> None:
     """``--out`` can be created and written (checked before the run starts)."""
     import tempfile
@@ -175,8 +198,9 @@ def run(
     from pipelines.local import run_local
 
     check_writable(out)
+    check_services(source, mlflow_server)
     result = run_local(
-        Path(source), out, args, mlflow_server=mlflow_server, dvc_data=dvc_data, parallelism=parallelism
+        source, out, args, mlflow_server=mlflow_server, dvc_data=dvc_data, parallelism=parallelism
     )
     if result.skipped:
         typer.echo(f"nothing trained   : {result.skipped}")

@@ -135,7 +135,7 @@ def _environment(defaults: dict[str, str]):
 
 
 def run_local(
-    source: Path,
+    source: Path | str,
     out_dir: Path,
     arguments: dict[str, Any],
     *,
@@ -152,9 +152,15 @@ def run_local(
     from pipelines.lumina_pipeline import build_pipeline
     from services.mlflow_server import mlflow_server as start_mlflow
     from services.s3 import DUMMY_CREDENTIALS, REGION, s3_server
+    from storage import is_s3
 
-    if not source.exists():
-        raise ConfigError(f"pipeline source not found: {source} (run `make sample-data` first)")
+    if is_s3(source):
+        source_arg = str(source)
+    else:
+        source = Path(source)
+        if not source.exists():
+            raise ConfigError(f"pipeline source not found: {source} (run `make sample-data` first)")
+        source_arg = str(source.resolve())
     out_dir = out_dir.resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     data_version = ""
@@ -190,7 +196,7 @@ def run_local(
             "data_version": data_version,
             "data_root": str(out_dir / "data"),
             **arguments,
-            "source": str(source.resolve()),
+            "source": source_arg,
         }
         log_path = out_dir / "pipeline.log"
         with TaskLog(log_path, echo=os.environ.get("LUMINA_VERBOSE", "") not in ("", "0")) as task_log:

@@ -348,7 +348,7 @@ def test_local_run_registers_and_failing_gate_keeps_champion(tmp_path):
     assert len(client.search_model_versions("name = 'lumina-e2e'")) == 2  # nothing registered again
 
 
-def test_operator_mistakes_are_one_line_before_anything_runs(tmp_path, cli):
+def test_operator_mistakes_are_one_line_before_anything_runs(tmp_path, cli, s3, monkeypatch):
     import socket
 
     with socket.socket() as sock:  # a port nothing listens on
@@ -363,6 +363,12 @@ def test_operator_mistakes_are_one_line_before_anything_runs(tmp_path, cli):
         proc = cli("pipelines.cli", *args)
         errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
         assert proc.returncode == 2 and len(errors) == 1 and message in errors[0], proc.stderr
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", dead)
+    proc = cli("pipelines.cli", "run", "--out", str(tmp_path / "o"))
+    assert proc.returncode == 2 and f"cannot reach MLflow at {dead}" in proc.stderr
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    proc = cli("pipelines.cli", "run", "--source", "s3://lumina/nothing-here/", "--out", str(tmp_path / "o"))
+    assert proc.returncode == 2 and "nothing under s3://lumina/nothing-here/" in proc.stderr
     blocker = tmp_path / "file"
     blocker.write_text("x")
     proc = cli("pipelines.cli", "run", "--out", str(blocker / "out"))
