@@ -69,7 +69,8 @@ def usable_index(index: str | Path, flt: StageFilter) -> list[str] | None:
 
 def local_index_dir(cache_dir: Path, manifest: Path, image_root: Path | None, flt: StageFilter) -> Path:
     """Where :func:`encode_manifest` puts a manifest's latents (keyed by content, not by path)."""
-    digest = hashlib.sha256(manifest.read_bytes())
+    with open(manifest, "rb") as fh:  # streamed: a manifest of 110M rows is gigabytes
+        digest = hashlib.file_digest(fh, "sha256")
     digest.update(str(image_root or manifest.parent.resolve()).encode())
     return cache_dir / f"latents-r{flt.resolution}-{flt.vae_fingerprint}-m{digest.hexdigest()[:16]}"
 
