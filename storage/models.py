@@ -21,7 +21,14 @@ from pathlib import Path
 from model.errors import WeightsNotFoundError, first_line
 from storage.io import StorageError, download_file, list_objects, parse_s3, s3_client
 from storage.registry import fetch_mlflow
-from storage.staging import MODEL_INDEX, abandon_staging, cached_download, finish_staging, start_staging
+from storage.staging import (
+    MODEL_INDEX,
+    abandon_staging,
+    cached_download,
+    download_lock,
+    finish_staging,
+    start_staging,
+)
 
 log = logging.getLogger(__name__)
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
@@ -111,11 +118,12 @@ def resolve_source(source: str, dest: str | Path) -> Path:
         raise WeightsNotFoundError("no model source: set LUMINA_MODEL_SOURCE or pass --model / --source")
     dest = Path(dest).expanduser()
     if source.startswith(("models:/", "s3://")):
-        cached = cached_download(dest, source)
-        if cached is not None:
-            log.info("using cached %s in %s", source, cached)
-            return cached
-        return fetch_mlflow(source, dest) if source.startswith("models:/") else fetch_s3(source, dest)
+        with download_lock(dest):  # concurrent fetches into one folder: one downloads, the rest reuse
+            cached = cached_download(dest, source)
+            if cached is not None:
+                log.info("using cached %s in %s", source, cached)
+                return cached
+            return fetch_mlflow(source, dest) if source.startswith("models:/") else fetch_s3(source, dest)
     if "://" in source:
         raise WeightsNotFoundError(
             f"unsupported model source {source!r}: use models:/<name>@<alias>, s3://bucket/prefix or a folder"

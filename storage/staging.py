@@ -8,8 +8,10 @@ in it is ever deleted. Failures are :class:`~model.errors.WeightsNotFoundError` 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 from model.errors import WeightsNotFoundError
@@ -57,11 +59,30 @@ def previous_entries(dest: Path) -> list[str]:
     return [n for n in names if isinstance(n, str) and n and "/" not in n and n not in (".", "..")]
 
 
+LOCK = ".lock"
+
+
+@contextlib.contextmanager
+def download_lock(dest: Path) -> Iterator[None]:
+    """Hold ``dest/.lock`` exclusively (``flock``) for a download into ``dest``: a second fetch of
+    the same folder (another process, pod or thread) waits, then finds the finished download,
+    instead of deleting the first one's ``.partial`` under it."""
+    import fcntl
+
+    dest.mkdir(parents=True, exist_ok=True)
+    with open(dest / LOCK, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def start_staging(dest: Path) -> Path:
     """A fresh ``dest/.partial``. ``dest`` must be empty or hold only an earlier download: nothing
     else in it is ever deleted."""
     dest.mkdir(parents=True, exist_ok=True)
-    ours = {MARKER, ".partial", "lost+found", *previous_entries(dest)}  # lost+found: a volume root
+    ours = {MARKER, ".partial", LOCK, "lost+found", *previous_entries(dest)}  # lost+found: a volume root
     foreign = sorted(child.name for child in dest.iterdir() if child.name not in ours)
     if foreign:
         raise WeightsNotFoundError(

@@ -134,3 +134,21 @@ def test_s3_download_missing_key(s3, tmp_path):
     assert list(tmp_path.iterdir()) == []  # no partial file left behind
     with pytest.raises(StorageError, match="no such object"):
         storage.read_bytes("s3://lumina/missing.bin")
+
+
+def test_concurrent_fetches_into_one_folder_share_one_download(s3, tmp_path, tiny_folder):
+    """Two fetches of the same model into one cache folder (two server pods on one volume): one
+    downloads under the folder's lock, the other waits and reuses it; neither breaks the other."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from storage.models import resolve_source
+
+    for path in tiny_folder.rglob("*"):
+        if path.is_file():
+            storage.upload_file(path, f"s3://lumina/race/{path.relative_to(tiny_folder).as_posix()}")
+    dest = tmp_path / "cache"
+    with ThreadPoolExecutor(4) as pool:
+        folders = list(pool.map(lambda _: resolve_source("s3://lumina/race", dest), range(4)))
+    assert len(set(folders)) == 1 and (folders[0] / "model_index.json").is_file()
+    assert not (dest / ".partial").exists()
+    assert resolve_source("s3://lumina/race", dest) == folders[0]  # the lock file is not "foreign"
