@@ -955,7 +955,7 @@ def test_fetch_from_s3(s3_endpoint, tiny_folder, tmp_path):
 
     # another source into the same folder replaces the earlier download; foreign files are never deleted
     other = resolve_source("s3://models/lumina/tiny-other", dest)
-    assert other == dest and sorted(p.name for p in dest.iterdir()) == [MARKER, "model_index.json"]
+    assert other == dest and sorted(p.name for p in dest.iterdir()) == [".lock", MARKER, "model_index.json"]
     (tmp_path / "volume" / "lost+found").mkdir(parents=True)  # a fresh ext4 volume root is fine
     assert (resolve_source("s3://models/lumina/tiny-other", tmp_path / "volume") / "lost+found").is_dir()
     (tmp_path / "busy").mkdir()
