@@ -15,9 +15,10 @@ import torch
 from PIL import Image, ImageDraw
 
 from components.latents import LatentStore
+from components.latents.cache import index_files
 from components.train.config import load_config, stage_config
 from components.train.data import bucket_sizes, decode_image, fingerprint, read_manifest
-from components.train.loader import StageFilter, index_files, stage_rows
+from components.train.loader import StageFilter, stage_rows
 from components.train.sources import encode_manifest
 from components.train.trainer import read_losses, train_stage
 from model.checkpoint import build_pipeline, load_pipeline

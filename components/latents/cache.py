@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -146,19 +147,39 @@ def write_latent_index(frame: pd.DataFrame, uri: str | Path) -> str:
     return write_parquet(frame, uri)
 
 
+def index_files(index: str | Path) -> list[str]:
+    """The index Parquet files of a file, folder or ``s3://`` prefix, sorted (a stable order)."""
+    files = sorted(o.uri for o in list_objects(index) if o.uri.endswith(".parquet"))
+    if not files:
+        raise ConfigError(f"no latent index (*.parquet) at {index}")
+    return files
+
+
+def read_index_columns(uri: str, columns: Sequence[str] | None = None) -> pd.DataFrame:
+    """Those of ``columns`` an index file has (all when None); ``frame.attrs["names"]`` lists every
+    column the file has. One clear error for an unreadable file."""
+    try:
+        if is_s3(uri):
+            frame = read_parquet(uri)
+            names = list(frame.columns)
+            frame = frame if columns is None else frame[[c for c in columns if c in names]]
+        else:
+            names = pq.read_schema(uri).names
+            chosen = [c for c in columns if c in names] if columns is not None else None
+            frame = pd.read_parquet(uri, columns=chosen)
+    except ConfigError:
+        raise
+    except Exception as exc:  # pyarrow raises several types for a bad file
+        raise ConfigError(f"cannot read latent index {uri}: {str(exc).splitlines()[0]}") from None
+    frame.attrs["names"] = names
+    return frame
+
+
 def read_latent_index(path: str | Path) -> pd.DataFrame:
     """One index frame from a Parquet file or every ``*.parquet`` under a folder / ``s3://`` prefix."""
-    files = [o.uri for o in list_objects(path) if o.uri.endswith(".parquet")]
-    if not files:
-        raise ConfigError(f"no latent index (*.parquet) at {path}")
     frames = []
-    for uri in files:
-        try:
-            frames.append(read_parquet(uri))
-        except ConfigError:
-            raise
-        except Exception as exc:  # pyarrow raises several types for a bad file
-            raise ConfigError(f"cannot read latent index {uri}: {str(exc).splitlines()[0]}") from None
+    for uri in index_files(path):
+        frames.append(read_index_columns(uri))
         missing = [c for c in INDEX_COLUMNS if c not in frames[-1].columns]
         if missing:
             raise ConfigError(f"latent index {uri} lacks columns: {', '.join(missing)}")

@@ -198,6 +198,19 @@ SOURCE_TAG = "source_fingerprint"
 PIPELINE_RUN_TAG = "pipeline_run"
 
 
+def newest_tagged(client, name: str, tag: str, value: str):
+    """The newest version of ``name`` whose tag ``tag`` is ``value`` (None: none, or no such model)."""
+    versions = client.search_model_versions(f"name = '{name}'")
+    tagged = [v for v in versions if (v.tags or {}).get(tag) == value]
+    return max(tagged, key=lambda v: int(v.version)) if tagged else None
+
+
+def version_aliases(client, name: str, version: str) -> list[str]:
+    """The aliases of ``name`` that point at ``version``, sorted."""
+    aliases = client.get_registered_model(name).aliases or {}
+    return sorted(a for a, v in aliases.items() if str(v) == str(version))
+
+
 HISTORY_TAG = "promotion.history"
 HISTORY_HEADING = "## Promotion history"
 
@@ -221,9 +234,7 @@ def record_promotion(client, name: str, version: str, note: str, event: str = ""
         history.pop(0)
         text = json.dumps(history)
     client.set_model_version_tag(name, version, HISTORY_TAG, text)
-    aliases = sorted(
-        a for a, v in (client.get_registered_model(name).aliases or {}).items() if str(v) == str(version)
-    )
+    aliases = version_aliases(client, name, version)
     card = (mv.description or "").split(f"\n{HISTORY_HEADING}\n")[0].rstrip()
     section = [HISTORY_HEADING, "", f"Aliases now: {', '.join(aliases) or 'none'}", ""]
     section += [f"- {entry['at']}: {entry['note']}" for entry in history]
@@ -233,22 +244,15 @@ def record_promotion(client, name: str, version: str, note: str, event: str = ""
 def registered_by_run(name: str, pipeline_run: str, tracking_uri: str) -> Registration | None:
     """The registration pipeline run ``pipeline_run`` made of ``name`` (its ``pipeline_run`` tag),
     or None: a retried register step returns it instead of registering the weights twice."""
-    from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
     if not pipeline_run:
         return None
     client = MlflowClient(tracking_uri=tracking_uri)
-    try:
-        versions = client.search_model_versions(f"name = '{name}'")
-    except MlflowException:
+    v = newest_tagged(client, name, PIPELINE_RUN_TAG, pipeline_run)
+    if v is None:
         return None
-    mine = [v for v in versions if (v.tags or {}).get(PIPELINE_RUN_TAG) == pipeline_run]
-    if not mine:
-        return None
-    v = max(mine, key=lambda m: int(m.version))
-    aliases = sorted(a for a in (client.get_registered_model(name).aliases or {})
-                     if str(client.get_registered_model(name).aliases[a]) == str(v.version))  # fmt: skip
+    aliases = version_aliases(client, name, str(v.version))
     return Registration(name, str(v.version), aliases, CHAMPION in aliases, run_id=v.run_id or "")
 
 
@@ -257,12 +261,8 @@ def version_for_source(name: str, fingerprint: str, tracking_uri: str) -> str | 
     ``source_fingerprint`` tag), or None: then the source has data no registered version saw."""
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=tracking_uri)
-    if client.search_registered_models(f"name = '{name}'") == []:
-        return None
-    versions = client.search_model_versions(f"name = '{name}'")
-    same = [v for v in versions if (v.tags or {}).get(SOURCE_TAG) == fingerprint]
-    return str(max(same, key=lambda v: int(v.version)).version) if same else None
+    version = newest_tagged(MlflowClient(tracking_uri=tracking_uri), name, SOURCE_TAG, fingerprint)
+    return str(version.version) if version is not None else None
 
 
 def register_model(

@@ -54,6 +54,11 @@ class Caption:
     text: str
 
 
+def parse_captions(text: str) -> tuple[Caption, ...]:
+    """A manifest's (or latent index's) ``captions`` cell: a JSON list of granularity/language/text."""
+    return tuple(Caption(**c) for c in json.loads(text))
+
+
 @dataclass(frozen=True)
 class TrainRecord:
     """One training image: a file (``image_path``) or a shard member (``ref``), its captions and,
@@ -137,7 +142,7 @@ def _manifest_record(
     row: dict[str, Any], path: Path, root: Path, has_refs: bool, has_paths: bool, has_size: bool
 ) -> TrainRecord:
     rid = str(row["id"])
-    caps = tuple(Caption(**c) for c in json.loads(row["captions"]))
+    caps = parse_captions(row["captions"])
     if not caps:
         raise ConfigError(f"training manifest {path}: image {rid} has no captions")
     ref = image = None

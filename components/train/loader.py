@@ -31,14 +31,19 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from components.latents.cache import INDEX_COLUMNS, SAMPLE_COLUMNS, TIER_COLUMNS, LatentStore
-from components.train.data import Caption, TrainRecord
+from components.latents.cache import (
+    INDEX_COLUMNS,
+    SAMPLE_COLUMNS,
+    TIER_COLUMNS,
+    LatentStore,
+    index_files,
+    read_index_columns,
+)
+from components.train.data import TrainRecord, parse_captions
 from model.errors import ConfigError
-from storage.io import is_s3, list_objects, read_parquet
 
 log = logging.getLogger(__name__)
 
@@ -88,34 +93,6 @@ class UnitData:
     epoch: int
     cursor: int
     batches: list[LatentBatch]
-
-
-def index_files(index: str | Path) -> list[str]:
-    """The index Parquet files of a file, folder or ``s3://`` prefix, sorted (a stable order)."""
-    files = sorted(o.uri for o in list_objects(index) if o.uri.endswith(".parquet"))
-    if not files:
-        raise ConfigError(f"no latent index (*.parquet) at {index}")
-    return files
-
-
-def read_index_columns(uri: str, columns: Sequence[str] | None = None) -> pd.DataFrame:
-    """Those of ``columns`` an index file has (all when None); ``frame.attrs["names"]`` lists every
-    column the file has. One clear error for an unreadable file."""
-    try:
-        if is_s3(uri):
-            frame = read_parquet(uri)
-            names = list(frame.columns)
-            frame = frame if columns is None else frame[[c for c in columns if c in names]]
-        else:
-            names = pq.read_schema(uri).names
-            chosen = [c for c in columns if c in names] if columns is not None else None
-            frame = pd.read_parquet(uri, columns=chosen)
-    except ConfigError:
-        raise
-    except Exception as exc:  # pyarrow raises several types for a bad file
-        raise ConfigError(f"cannot read latent index {uri}: {str(exc).splitlines()[0]}") from None
-    frame.attrs["names"] = names
-    return frame
 
 
 def stage_rows(uri: str, flt: StageFilter, columns: Sequence[str] | None = None) -> pd.DataFrame:
@@ -172,7 +149,7 @@ def unit_batches(
 
 
 def sample_record(row: dict) -> TrainRecord:
-    captions = tuple(Caption(**c) for c in json.loads(row["captions"]))
+    captions = parse_captions(row["captions"])
     return TrainRecord(str(row["id"]), None, str(row.get("domain") or "real"), captions,
                        height=int(row["height"]), width=int(row["width"]))  # fmt: skip
 

@@ -24,9 +24,15 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from components.latents.cache import SAMPLE_COLUMNS, build_latents, write_latent_index
+from components.latents.cache import (
+    SAMPLE_COLUMNS,
+    build_latents,
+    index_files,
+    read_index_columns,
+    write_latent_index,
+)
 from components.train.data import TrainRecord, caption_texts, iter_manifest
-from components.train.loader import StageFilter, index_files, read_index_columns, sample_record, stage_rows
+from components.train.loader import StageFilter, sample_record, stage_rows
 from model.errors import ConfigError
 from model.prompts import SystemPrompt
 from model.text import encode_prompts

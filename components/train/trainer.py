@@ -19,6 +19,7 @@ import torch
 from diffusers import Lumina2Transformer2DModel
 from PIL import Image
 
+from components.latents.cache import index_files
 from components.tracking import MlflowTracker, default_tracking_uri, file_sha256, git_sha
 from components.train import checkpoints
 from components.train.config import TrainConfig
@@ -29,7 +30,6 @@ from components.train.loader import (
     Position,
     StageFilter,
     StageStream,
-    index_files,
     load_position,
     save_positions,
 )
