@@ -71,6 +71,8 @@ ENV PATH=/opt/venv/bin:$PATH \
 
 WORKDIR /app
 COPY pyproject.toml constraints.txt README.md ./
+COPY common ./common
+COPY storage ./storage
 COPY model ./model
 COPY components ./components
 COPY pipelines ./pipelines

@@ -21,8 +21,8 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from common.errors import LuminaError
 from model.checkpoint import build_pipeline
-from model.errors import LuminaError
 from model.profiles import get_profile
 from model.prompts import TEMPLATES, SystemPrompt
 from model.sampler import LuminaSampler, SamplerConfig, Solver

@@ -18,9 +18,9 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from common.errors import LuminaError
 from components.train.trainer import ensure_distributed_env
 from model.checkpoint import build_pipeline
-from model.errors import LuminaError
 from model.flow import flow_matching_loss
 from model.profiles import get_profile
 from model.text import encode_prompts

@@ -5,7 +5,7 @@ from typing import Annotated
 
 import typer
 
-from model.cli_errors import run_cli
+from common.cli import run_cli
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Sample data tooling.")
 

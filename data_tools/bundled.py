@@ -20,6 +20,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from common.errors import ConfigError
 from data_tools.debian import SourceUnavailable
 from data_tools.imagefiles import (
     PHOTO_MAX_SIDE,
@@ -34,7 +35,6 @@ from data_tools.imagefiles import (
     write_atomic,
     write_if_changed,
 )
-from model.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 

@@ -33,6 +33,7 @@ from pathlib import Path
 from PIL import Image
 from tqdm.auto import tqdm
 
+from common.errors import ConfigError, LuminaError
 from data_tools.imagefiles import (
     PHOTO_MAX_SIDE,
     PHOTO_QUALITY,
@@ -45,7 +46,6 @@ from data_tools.imagefiles import (
     write_atomic,
     write_if_changed,
 )
-from model.errors import ConfigError, LuminaError
 
 logger = logging.getLogger(__name__)
 

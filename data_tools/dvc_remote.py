@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from model.errors import LuminaError
+from common.errors import LuminaError
 
 
 class DvcError(LuminaError):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from PIL import Image, ImageCms, ImageOps
 
-from model.errors import LuminaError
+from common.errors import LuminaError
 
 PHOTO_MAX_SIDE = 768
 PHOTO_QUALITY = 90

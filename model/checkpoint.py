@@ -18,7 +18,7 @@ from diffusers import (
     Lumina2Transformer2DModel,
 )
 
-from model.errors import WeightsNotFoundError, first_line
+from common.errors import WeightsNotFoundError, first_line
 from model.profiles import ModelProfile, get_profile
 from model.text import build_text_encoder, train_tokenizer
 

@@ -21,7 +21,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from model.errors import ConfigError
+from common.errors import ConfigError
 
 TimestepKind = Literal["lognorm", "uniform"]
 # A velocity model: (x_t, t, cap_feats, cap_mask) -> v

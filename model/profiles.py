@@ -12,7 +12,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from model.errors import ConfigError
+from common.errors import ConfigError
 
 # FLUX VAE latent normalisation (the official trainer and diffusers use these values).
 FLUX_VAE_SCALING = 0.3611

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-from model.errors import ConfigError
+from common.errors import ConfigError
 
 PROMPT_START = "<Prompt Start> "
 

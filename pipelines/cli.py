@@ -8,8 +8,8 @@ from typing import Annotated, Any
 
 import typer
 
-from model.cli_errors import run_cli
-from model.errors import ConfigError
+from common.cli import run_cli
+from common.errors import ConfigError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="The lumina Kubeflow pipeline.")
 COMPILED = Path(__file__).with_name("lumina_pipeline.yaml")
@@ -38,8 +38,8 @@ def _arguments(
         args.update(zip(("lowres_steps", "highres_steps", "hq_steps"), map(int, parts), strict=True))
     args["eval_config_json"] = json.dumps({"suite_size": eval_suite_size})
     if gate is not None:
+        from common.config_files import read_yaml_mapping
         from components.register.register import PromotionGate
-        from model.config_files import read_yaml_mapping
 
         checked = PromotionGate.model_validate(read_yaml_mapping(gate, "gate file"))  # fail before running
         args["gate_json"] = checked.model_dump_json()

@@ -8,7 +8,7 @@ from pathlib import Path
 def compile_pipeline(out: Path, cluster_yaml: Path | None = None) -> Path:
     from kfp import compiler
 
-    from model.config_files import read_yaml_mapping
+    from common.config_files import read_yaml_mapping
     from pipelines.lumina_pipeline import ClusterSettings, build_pipeline
 
     overrides = read_yaml_mapping(cluster_yaml, "cluster settings") if cluster_yaml else {}

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 from unittest import mock
 
-from model.errors import ConfigError, LuminaError
+from common.errors import ConfigError, LuminaError
 
 log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[1]

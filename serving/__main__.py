@@ -49,7 +49,7 @@ def serve(
     """Serve until SIGTERM / SIGINT; queued requests are cancelled on shutdown."""
     import uvicorn
 
-    from model.cli_errors import fail
+    from common.cli import fail
     from serving.app import create_app
     from serving.settings import ServerSettings, load_defaults
 
@@ -79,7 +79,7 @@ def serve(
             server.should_exit = True
 
     application = create_app(settings, defaults=defaults, on_load_error=on_load_error)
-    config = uvicorn.Config(  # log_config=None: uvicorn's loggers use ours (text or JSON, model.logs)
+    config = uvicorn.Config(  # log_config=None: uvicorn's loggers use ours (text or JSON, common.logs)
         application,
         host=host,
         port=port,
@@ -98,7 +98,7 @@ def serve(
 
 
 def main() -> None:
-    from model.cli_errors import run_cli
+    from common.cli import run_cli
 
     run_cli(app)
 

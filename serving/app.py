@@ -30,7 +30,7 @@ from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError, field_validator
 from starlette.concurrency import run_in_threadpool
 
-from model.errors import ConfigError, LuminaError
+from common.errors import ConfigError, LuminaError
 from model.sampler import LuminaSampler, SamplerConfig, Solver
 from model.sampler.sampler import PIXEL_MULTIPLE, check_size
 from serving.fetch import resolve_source

@@ -70,7 +70,7 @@ def fetch(
 
 
 def main() -> None:
-    from model.cli_errors import run_cli
+    from common.cli import run_cli
 
     run_cli(app)
 

@@ -30,8 +30,8 @@ from pathlib import Path
 from pydantic import ConfigDict, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from model.config_files import read_yaml_mapping
-from model.errors import ConfigError, validation_message
+from common.config_files import read_yaml_mapping
+from common.errors import ConfigError, validation_message
 from model.sampler import SamplerConfig
 from model.sampler.sampler import PIXEL_MULTIPLE
 from serving.fetch import DEFAULT_MODEL_DIR

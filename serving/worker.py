@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from model.errors import LuminaError
+from common.errors import LuminaError
 from model.sampler import LuminaSampler, SamplerConfig
 
 log = logging.getLogger(__name__)

@@ -1,6 +1,6 @@
 """One storage layer for every step: ``s3://`` URIs and local paths behind the same functions.
 
-The lowest layer of the project (it imports nothing of ours but :mod:`model.errors`): URI parsing,
+The lowest layer of the project (it imports nothing of ours but :mod:`common.errors`): URI parsing,
 the boto3 client built from the environment, listing, reads (whole or a byte range), atomic writes
 and uploads. Components, training, registration and serving all go through it.
 """

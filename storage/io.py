@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from model.errors import ConfigError, first_line
+from common.errors import ConfigError, first_line
 
 if TYPE_CHECKING:
     import pandas as pd

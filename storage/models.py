@@ -18,7 +18,7 @@ import logging
 import re
 from pathlib import Path
 
-from model.errors import WeightsNotFoundError, first_line
+from common.errors import WeightsNotFoundError, first_line
 from storage.io import StorageError, download_file, list_objects, parse_s3, s3_client
 from storage.registry import fetch_mlflow
 from storage.staging import (

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from model.errors import WeightsNotFoundError, first_line
+from common.errors import WeightsNotFoundError, first_line
 from storage.staging import abandon_staging, finish_staging, start_staging
 
 log = logging.getLogger(__name__)

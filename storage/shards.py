@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from model.errors import error_summary
+from common.errors import error_summary
 from storage.io import StorageError, join, read_range, upload_file
 from storage.stream import ordered_map
 

@@ -3,7 +3,7 @@
 A download lands in ``dest/.partial`` and is moved into ``dest`` only when it is complete, together
 with a marker file naming the source, so a second fetch of the same source (an init container, then
 the server) reuses the folder. ``dest`` must be empty or hold only an earlier download: nothing else
-in it is ever deleted. Failures are :class:`~model.errors.WeightsNotFoundError` with one-line messages.
+in it is ever deleted. Failures are :class:`~common.errors.WeightsNotFoundError` with one-line messages.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
-from model.errors import WeightsNotFoundError
+from common.errors import WeightsNotFoundError
 
 MARKER = ".lumina-source.json"
 MODEL_INDEX = "model_index.json"

@@ -60,13 +60,13 @@ class CliResult:
 
 @pytest.fixture
 def cli(monkeypatch, capsys):
-    """Run a typer app through the project's CLI runner (:func:`model.cli_errors.run_cli`) in this
+    """Run a typer app through the project's CLI runner (:func:`common.cli.run_cli`) in this
     process — exit code, one-line errors and all — without a subprocess's ~5 s of imports. One
     subprocess smoke test per entry point stays in test_cli.py."""
     import logging
     import sys
 
-    from model.cli_errors import run_cli
+    from common.cli import run_cli
 
     def run(module: str, *args: str) -> CliResult:
         import importlib

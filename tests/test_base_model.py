@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from common.errors import ConfigError, WeightsNotFoundError
 from components.latents.group import stage_vae
 from components.train.data import fingerprint
 from components.train.launch import base_model_source
 from model.checkpoint import build_pipeline, load_pipeline, pipeline_vae, save_pipeline
-from model.errors import ConfigError, WeightsNotFoundError
 from pipelines.cli import check_base_model
 from storage import upload_file
 

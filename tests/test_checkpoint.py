@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
+from common.errors import WeightsNotFoundError
 from model.checkpoint import load_pipeline
-from model.errors import WeightsNotFoundError
 from model.sampler import LuminaSampler, SamplerConfig
 
 CFG = SamplerConfig(steps=4)

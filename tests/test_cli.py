@@ -145,7 +145,7 @@ def test_json_logs_for_log_collectors(tmp_path):
 def test_component_logging_only_when_the_task_asks_for_it(monkeypatch):
     import logging
 
-    from model.logs import configure_logging_if_requested
+    from common.logs import configure_logging_if_requested
 
     root = logging.getLogger()
     before = list(root.handlers)

@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from common.errors import ConfigError
 from components.ingest.group import ingest_group
 from components.ingest.ingest import IngestOptions
 from components.ingest.merge import merge_groups
@@ -18,7 +19,6 @@ from components.recaption.recaption import merge_captions, recaption_group
 from components.tier.tier import score_group, tier_groups
 from components.tier.tiering import TierConfig
 from data_tools.synthetic import build_synthetic
-from model.errors import ConfigError
 
 SCORERS = ["resolution", "sharpness", "exposure", "contrast", "colorfulness", "caption_richness"]
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from common.errors import ConfigError
 from components.recaption.backends import alt_text_captions
 from data_tools import debian
 from data_tools.debian import (
@@ -31,7 +32,6 @@ from data_tools.debian import (
     fetch_debian_package,
     parse_dep5,
 )
-from model.errors import ConfigError
 
 CACHE = Path(__file__).resolve().parents[1] / ".cache" / "debian"
 NEEDED = (TUXPAINT_PACKAGE, *PHOTO_PACKAGES)

@@ -8,10 +8,10 @@ import subprocess
 import pandas as pd
 import pytest
 
+from common.errors import ConfigError
 from components.ingest.ingest import ingest
 from data_tools.dvc_remote import DvcError, configure_remote, mirror_remote, pull, push, restore_remote, track
 from data_tools.synthetic import build_synthetic
-from model.errors import ConfigError
 from services.s3 import DUMMY_CREDENTIALS, REGION, ensure_bucket, s3_client, s3_server
 
 

@@ -73,8 +73,8 @@ def test_evaluation_of_the_tiny_model(tiny_folder, tmp_path):
 
 
 def test_clip_score_runs_when_weights_are_given(tiny_folder, tmp_path):
-    from model.clip import ClipScorer, build_tiny_clip
-    from model.errors import WeightsNotFoundError
+    from common.errors import WeightsNotFoundError
+    from components.clip import ClipScorer, build_tiny_clip
 
     clip = build_tiny_clip(tmp_path / "clip")
     cfg = EvalConfig(

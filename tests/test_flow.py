@@ -4,8 +4,8 @@ import random
 import pytest
 import torch
 
+from common.errors import ConfigError
 from model.checkpoint import build_transformer
-from model.errors import ConfigError
 from model.flow import (
     TimestepSampler,
     drop_captions,

@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from common.errors import ConfigError
 from components.ingest import ingest as ingest_module
 from components.ingest.gate import GateFailed, run_gate
 from components.ingest.ingest import (
@@ -23,7 +24,6 @@ from components.ingest.ingest import (
     hamming,
     ingest,
 )
-from model.errors import ConfigError
 from storage.shards import read_member
 
 

@@ -14,6 +14,7 @@ from PIL import Image, ImageDraw
 from safetensors import safe_open
 
 import components.latents.cache as latent_cache
+from common.errors import ConfigError
 from components.latents import (
     INDEX_COLUMNS,
     SAMPLE_COLUMNS,
@@ -27,7 +28,6 @@ from components.latents import (
 from components.train.data import bucket_sizes, fingerprint, load_image, nearest_bucket
 from components.train.loader import StageFilter, StageStream
 from components.train.sources import usable_index
-from model.errors import ConfigError
 from model.vae import encode_pixels
 from storage.shards import ShardWriter, image_bytes
 

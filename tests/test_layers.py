@@ -1,5 +1,7 @@
-"""Import layering: ``storage`` is the bottom, ``model`` and ``components`` never reach up into the
-server (``serving``) or the pipeline definitions (``pipelines``), and steps do not use ``services``.
+"""Import layering: ``common`` (errors, logs, the CLI runner, config files) is the bottom, then
+``storage``; ``model`` never reaches up into ``components``; ``model`` and ``components`` never reach
+up into the server (``serving``) or the pipeline definitions (``pipelines``), and steps do not use
+``services``. No module-level import circle exists among the project's modules.
 
 Every ``.py`` under the checked packages is parsed with :mod:`ast`; imports inside functions count too.
 """
@@ -7,6 +9,7 @@ Every ``.py`` under the checked packages is parsed with :mod:`ast`; imports insi
 from __future__ import annotations
 
 import ast
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,8 +18,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 # (package, forbidden top-level packages, modules allowed despite that)
 RULES: dict[str, tuple[set[str], set[str]]] = {
-    "storage": ({"model", "components", "pipelines", "serving", "services"}, {"model.errors"}),
-    "model": ({"serving", "pipelines"}, set()),
+    "common": ({"storage", "model", "components", "pipelines", "serving", "services", "data_tools"}, set()),
+    "storage": ({"model", "components", "pipelines", "serving", "services", "data_tools"}, set()),
+    "model": ({"components", "serving", "pipelines", "services"}, set()),
     "components": ({"serving", "pipelines", "services"}, set()),
 }
 
@@ -26,8 +30,8 @@ ALLOWED: set[tuple[str, str]] = set()
 
 def imported_modules(path: Path) -> set[str]:
     """The absolute names a file imports: ``import a.b`` -> ``a.b``, ``from a.b import c`` ->
-    ``a.b.c`` (so ``from model import errors`` and ``from model.errors import X`` both fall under
-    ``model.errors``). Relative imports stay inside the package and are skipped."""
+    ``a.b.c`` (so ``from common import errors`` and ``from common.errors import X`` both fall under
+    ``common.errors``). Relative imports stay inside the package and are skipped."""
     found: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
         if isinstance(node, ast.Import):
@@ -76,8 +80,89 @@ def test_allowlist_is_not_stale():
 def test_the_checker_sees_imports(tmp_path):
     sample = tmp_path / "sample.py"
     sample.write_text(
-        "import os\nimport model\nfrom model import errors\nfrom .x import y\n\n"
+        "import os\nimport model\nfrom common import errors\nfrom .x import y\n\n"
         "def f():\n    from serving.fetch import fetch_s3\n"
     )
-    assert imported_modules(sample) == {"os", "model", "model.errors", "serving.fetch.fetch_s3"}
-    assert not any(_under(m, "model.errors") for m in ["model", "model.errorsx"])
+    assert imported_modules(sample) == {"os", "model", "common.errors", "serving.fetch.fetch_s3"}
+    assert not any(_under(m, "common.errors") for m in ["common", "common.errorsx"])
+
+
+PACKAGES = (
+    "common", "storage", "model", "components", "pipelines", "serving", "services", "data_tools", "bench",
+)  # fmt: skip
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(REPO).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def top_level_imports(path: Path, known: set[str]) -> set[str]:
+    """The project modules a file imports when it is loaded: module-level statements only (imports
+    inside functions run later and cannot form a load-time circle; ``if TYPE_CHECKING`` blocks never
+    run). ``from a.b import c`` names the module ``a.b.c`` when that is one, else ``a.b``."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    found: set[str] = set()
+    for node in tree.body:
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in known else node.module
+                     for a in node.names]  # fmt: skip
+        else:
+            continue
+        found.update(n for n in names if n in known)
+    return found
+
+
+def import_cycles() -> list[list[str]]:
+    """Strongly connected groups (size > 1, or a self-import) of the project's load-time import graph."""
+    files = {module_name(p): p for pkg in PACKAGES for p in (REPO / pkg).rglob("*.py")}
+    known = set(files)
+    graph = {m: top_level_imports(p, known) for m, p in files.items()}
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    cycles: list[list[str]] = []
+
+    def visit(node: str) -> None:  # Tarjan's algorithm
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for nxt in graph[node]:
+            if nxt not in index:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in on_stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            group = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                group.append(member)
+                if member == node:
+                    break
+            if len(group) > 1 or node in graph[node]:
+                cycles.append(sorted(group))
+
+    for module in sorted(graph):
+        if module not in index:
+            visit(module)
+    return cycles
+
+
+def test_no_import_cycles():
+    cycles = import_cycles()
+    assert not cycles, "import circles: " + "; ".join(" <-> ".join(c) for c in cycles)
+
+
+def test_the_cycle_check_finds_a_circle(tmp_path, monkeypatch):
+    pkg = tmp_path / "common"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("from common.b import x\n")
+    (pkg / "b.py").write_text("import os\n\nfrom common import a\n\ndef f():\n    import common.a\n")
+    monkeypatch.setattr(sys.modules[__name__], "REPO", tmp_path)
+    assert import_cycles() == [["common.a", "common.b"]]

@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from common.errors import ConfigError
 from components.train.loader import (
     Position,
     StageFilter,
@@ -20,7 +21,6 @@ from components.train.loader import (
     unit_batches,
 )
 from components.train.sources import usable_index
-from model.errors import ConfigError
 
 FP = "vaefp"
 SIZES = [(64, 64), (64, 128), (128, 64)]  # (height, width) buckets at 64px-ish

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
+from common.errors import ConfigError
 from model.checkpoint import build_transformer
-from model.errors import ConfigError
 from model.params import count_transformer_params
 from model.profiles import PROFILES, get_profile
 

@@ -6,8 +6,8 @@ import sys
 import pytest
 import yaml
 
+from common.errors import ConfigError
 from components.train.pytorchjob import pytorchjob_manifest
-from model.errors import ConfigError
 
 ARGS = ["--manifest", "/cache/tiers", "--output-dir", "/cache/out/hq", "--stage", "hq"]
 

@@ -100,7 +100,7 @@ def test_gate_rejects_missing_granularity_disorder_and_wrong_language(ingested):
 
 
 def test_bad_inputs_are_clear_errors(tmp_path):
-    from model.errors import ConfigError
+    from common.errors import ConfigError
 
     with pytest.raises(ConfigError, match="ingest manifest not found"):
         run_recaption(tmp_path / "nothing", tmp_path / "out")

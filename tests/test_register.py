@@ -3,8 +3,8 @@
 import pytest
 from mlflow import MlflowClient
 
+from common.errors import ConfigError
 from components.register.register import MetricRule, PromotionGate, download_version, register_model
-from model.errors import ConfigError
 
 
 def test_gate_thresholds_and_regressions():

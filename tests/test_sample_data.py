@@ -5,13 +5,13 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from common.errors import ConfigError
 from components.recaption.backends import alt_text_captions
 from components.train.data import read_manifest
 from data_tools import bundled
 from data_tools.bundled import IMAGES, build_bundled
 from data_tools.debian import SourceUnavailable
 from data_tools.synthetic import BACKGROUND, COLORS, build_synthetic
-from model.errors import ConfigError
 
 
 def _digest(folder) -> dict[str, str]:

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from model.errors import ConfigError
+from common.errors import ConfigError
 from model.sampler import LuminaSampler, SamplerConfig, Solver
 from model.sampler.denoiser import Lumina2Denoiser
 from model.sampler.guidance import cfg_active, renorm_guided

@@ -26,7 +26,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 import model.sampler.sampler as sampler_module
-from model.errors import WeightsNotFoundError
+from common.errors import WeightsNotFoundError
 from model.sampler import SamplerConfig
 from services.process import free_port, http_answers, running
 from serving.app import create_app

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 import storage
-from model.errors import ConfigError
+from common.errors import ConfigError
 from storage import StorageError
 
 # ------------------------------------------------------------------------------ local paths

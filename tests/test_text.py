@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from model.errors import ConfigError
+from common.errors import ConfigError
 from model.prompts import SystemPrompt, apply_system_prompt, parse_system_prompt
 from model.text import MAX_TEXT_TOKENS, encode_prompts, train_tokenizer
 

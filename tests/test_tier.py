@@ -102,9 +102,9 @@ def test_lower_is_better_scores_are_inverted():
 
 
 def test_a_scorer_without_weights_is_reported_not_faked(tmp_path, monkeypatch):
+    from common.errors import WeightsNotFoundError
     from components.tier import scorers as registry
     from components.tier.scorers import Scorer
-    from model.errors import WeightsNotFoundError
 
     def missing():
         raise WeightsNotFoundError("weights for fake not found")
@@ -121,9 +121,9 @@ def test_a_scorer_without_weights_is_reported_not_faked(tmp_path, monkeypatch):
 
 
 def test_a_scorer_crashing_on_some_images_reports_them_and_tiers_the_rest(tmp_path, monkeypatch):
+    from common.errors import LuminaError
     from components.tier import scorers as registry
     from components.tier.scorers import Scorer
-    from model.errors import LuminaError
 
     build_synthetic(tmp_path / "raw", n=24, size=128)
     ingest(tmp_path / "raw", tmp_path / "ingest")

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
+from common.errors import WeightsNotFoundError
 from components.tier import model_scorers as ms
 from components.tier.scorers import SCORERS, available
-from model.errors import WeightsNotFoundError
 
 PACKAGES = {  # scorer: (importable modules it needs, pip distributions to install, higher_is_better)
     "brisque": (("cv2",), "opencv-python-headless", False),
@@ -110,8 +110,8 @@ def test_registered_when_installed(name):
 
 def _need_brisque_files() -> None:
     """The BRISQUE model files come from Debian's opencv-data; skip where it cannot be fetched."""
+    from common.errors import WeightsNotFoundError
     from components.tier.model_scorers import brisque_model_dir
-    from model.errors import WeightsNotFoundError
 
     try:
         brisque_model_dir()
@@ -282,9 +282,9 @@ def test_detect_language(text, lang):
 def test_aesthetic_slot_runs_only_with_given_weights(tmp_path, monkeypatch):
     import torch
 
+    from common.errors import WeightsNotFoundError
+    from components.clip import AestheticMLP, build_tiny_clip
     from components.tier import model_scorers
-    from model.clip import AestheticMLP, build_tiny_clip
-    from model.errors import WeightsNotFoundError
 
     monkeypatch.delenv("LUMINA_CLIP_MODEL", raising=False)
     monkeypatch.delenv("LUMINA_AESTHETIC_MLP", raising=False)

@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
+from common.errors import ConfigError
 from components.latents import LatentStore
 from components.latents.cache import index_files
 from components.train.config import load_config, stage_config
@@ -22,7 +23,6 @@ from components.train.loader import StageFilter, stage_rows
 from components.train.sources import encode_manifest
 from components.train.trainer import read_losses, train_stage
 from model.checkpoint import build_pipeline, load_pipeline
-from model.errors import ConfigError
 from model.flow import validation_loss
 from model.text import encode_prompts
 from model.vae import encode_images

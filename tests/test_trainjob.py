@@ -13,6 +13,7 @@ import pytest
 import yaml
 from kubeflow_trainer_api.models import TrainerV1alpha1TrainJob
 
+from common.errors import ConfigError
 from components.train.trainjob import (
     TrainJobFailedError,
     job_failure_message,
@@ -23,7 +24,6 @@ from components.train.trainjob import (
     trainjob_yaml,
     wait_for_trainjob,
 )
-from model.errors import ConfigError
 
 CRD = Path(__file__).parent / "crds" / "trainer.kubeflow.org_trainjobs.yaml"
 ARGS = stage_args(

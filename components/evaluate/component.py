@@ -15,7 +15,7 @@ def evaluate_op(
     mlflow_tracking_uri: str = "",
 ) -> str:
     """Evaluate the final stage; logs to MLflow when a tracking URI is given; returns metrics JSON."""
-    from model.logs import configure_logging_if_requested
+    from common.logs import configure_logging_if_requested
 
     configure_logging_if_requested()  # JSON records on a cluster (LUMINA_LOG_FORMAT set on the task)
     import json

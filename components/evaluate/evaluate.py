@@ -16,11 +16,11 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
+from components.clip import ClipScorer
 from components.evaluate.compositional import CATEGORIES, score_image
 from components.evaluate.layouts import save_item
 from components.evaluate.report import write_report
 from components.evaluate.suites import SUITES, PromptItem, load_suite, synthetic_suite
-from model.clip import ClipScorer
 from model.flow import validation_loss
 from model.prompts import SystemPrompt, apply_system_prompt
 from model.sampler import LuminaSampler, SamplerConfig

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from model.errors import ConfigError
+from common.errors import ConfigError
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 SUITES = ("synthetic", "geneval", "dpg", "t2i-compbench")

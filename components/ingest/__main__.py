@@ -7,7 +7,7 @@ from typing import Annotated
 import pandas as pd
 import typer
 
-from model.cli_errors import run_cli
+from common.cli import run_cli
 
 app = typer.Typer(add_completion=False, help="Ingest images into a checked, deduplicated manifest.")
 

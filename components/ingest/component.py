@@ -15,7 +15,7 @@ from components.image import BASE_IMAGE
 def ingest_group_op(group: str, manifest: Output[Dataset], min_side: int = 32, shard_size: int = 1000) -> str:
     """Ingest one plan group into tar shards under its prefix; the artifact holds its candidate
     manifest and rejects. Returns the group name."""
-    from model.logs import configure_logging_if_requested
+    from common.logs import configure_logging_if_requested
 
     configure_logging_if_requested()
     from components.ingest.group import ingest_group
@@ -43,7 +43,7 @@ def ingest_merge_op(
 ) -> str:
     """Fan-in: global duplicate decisions, the caption sidecar and the great_expectations gate on
     the whole manifest; returns the dataset hash."""
-    from model.logs import configure_logging_if_requested
+    from common.logs import configure_logging_if_requested
 
     configure_logging_if_requested()
     from pathlib import Path

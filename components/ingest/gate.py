@@ -13,7 +13,7 @@ from typing import Any
 
 import pandas as pd
 
-from model.errors import LuminaError
+from common.errors import LuminaError
 
 ALLOWED_FORMATS = ["PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF", "MPO"]
 

@@ -25,9 +25,9 @@ import pandas as pd
 import pyarrow as pa
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from common.errors import error_summary, first_line
 from components.ingest.sidecar import load_sidecar
 from components.plan.plan import IMAGE_SUFFIXES, plan_source
-from model.errors import error_summary, first_line
 from storage import StorageError, download_file, is_s3, read_bytes
 from storage.stream import ordered_map
 

@@ -17,7 +17,7 @@ from pathlib import Path, PurePosixPath
 
 import pandas as pd
 
-from model.errors import ConfigError, first_line
+from common.errors import ConfigError, first_line
 from storage import StorageError, download_file
 
 log = logging.getLogger(__name__)

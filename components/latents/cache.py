@@ -17,8 +17,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from common.errors import ConfigError
 from components.train.data import bucket_sizes, fingerprint, load_image, measure_image, nearest_bucket
-from model.errors import ConfigError
 from model.vae import encode_pixels
 from storage.io import is_s3, join, list_objects, read_parquet, read_range, upload_file, write_parquet
 from storage.shards import iter_images

@@ -18,7 +18,7 @@ def latents_group_op(
 ) -> str:
     """Encode one group's tiered images at each stage resolution into bf16 safetensors beside its
     shards; the artifact holds the group's latent indexes (``tiers_hash``: the tiers it follows)."""
-    from model.logs import configure_logging_if_requested
+    from common.logs import configure_logging_if_requested
 
     configure_logging_if_requested()
     from components.latents.group import latents_group

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL
 
+from common.errors import ConfigError
 from components.latents.cache import (
     INDEX_COLUMNS,
     SAMPLE_COLUMNS,
@@ -32,7 +33,6 @@ from components.tier.tier import GROUP_TIERS_FILE
 from components.train.config import STAGE_DEFAULTS, Stage
 from components.train.data import fingerprint
 from model.checkpoint import load_vae, pipeline_vae
-from model.errors import ConfigError
 from storage import exists, join, read_parquet
 from storage.models import fetch_vae
 from storage.shards import REF_COLUMNS

@@ -22,7 +22,7 @@ from pathlib import Path, PurePosixPath
 
 import pandas as pd
 
-from model.errors import ConfigError
+from common.errors import ConfigError
 from storage import ObjectInfo, is_s3, join, list_objects, write_bytes, write_parquet
 
 log = logging.getLogger(__name__)

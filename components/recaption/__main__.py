@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from model.cli_errors import run_cli
+from common.cli import run_cli
 
 app = typer.Typer(add_completion=False, help="UniCap recaption: multi-granularity en/zh captions.")
 

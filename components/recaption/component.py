@@ -16,7 +16,7 @@ def recaption_group_op(
     group: str, dataset_hash: str, captions: Output[Dataset], backend: str = "auto", vlm_model: str = ""
 ) -> str:
     """Caption one group's kept images (``dataset_hash``: the ingest fan-in this depends on)."""
-    from model.logs import configure_logging_if_requested
+    from common.logs import configure_logging_if_requested
 
     configure_logging_if_requested()
     from components.plan.plan import Group
@@ -33,7 +33,7 @@ def captions_merge_op(groups: List[str], parts: Input[List[Dataset]], captions: 
                       backend: str = "auto") -> str:  # fmt: skip
     """Fan-in: one captions table and training manifest, the caption gate on the whole; returns the
     captions' content hash."""
-    from model.logs import configure_logging_if_requested
+    from common.logs import configure_logging_if_requested
 
     configure_logging_if_requested()
     from pathlib import Path

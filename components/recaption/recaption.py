@@ -30,10 +30,10 @@ import pandas as pd
 from PIL import Image
 from tqdm.auto import tqdm
 
+from common.errors import ConfigError
 from components.plan.plan import Group, group_outputs
 from components.recaption.backends import alt_text_captions, metadata_captions, metadata_entry
 from components.recaption.schema import caption_rows, captions_frame, training_captions
-from model.errors import ConfigError
 from storage import join, read_parquet
 from storage.shards import image_bytes
 

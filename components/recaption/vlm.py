@@ -26,8 +26,8 @@ from typing import Any
 import torch
 from PIL import Image
 
+from common.errors import error_summary
 from components.recaption.schema import GRANULARITIES, LANGUAGES
-from model.errors import error_summary
 
 __all__ = ["GRANULARITIES", "LANGUAGES", "PROMPT_VERSION", "CaptionerError", "VlmCaptioner", "parse_captions"]
 

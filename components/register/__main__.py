@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from model.cli_errors import run_cli
+from common.cli import run_cli
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="MLflow registry operations.")
 
@@ -52,9 +52,9 @@ def promote(
     tracking_uri: TrackingUri = "",
 ) -> None:
     """Move an alias to a version; refused (exit 2, nothing changed) when the gate says no."""
+    from common.config_files import read_yaml_mapping
     from components.register.register import PromotionGate
     from components.register.registry import promote as promote_version
-    from model.config_files import read_yaml_mapping
 
     checked = PromotionGate.model_validate(read_yaml_mapping(gate, "gate file")) if gate else None
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")

@@ -29,7 +29,7 @@ def register_op(
 ) -> str:
     """Register the model version (tagged with data hashes, stage runs, metrics, git sha);
     ``champion`` only if the promotion gate passes. Returns the registration as JSON."""
-    from model.logs import configure_logging_if_requested
+    from common.logs import configure_logging_if_requested
 
     configure_logging_if_requested()  # JSON records on a cluster (LUMINA_LOG_FORMAT set on the task)
     import json
@@ -65,7 +65,7 @@ def new_data_op(
 ) -> NamedTuple("NewData", [("decision", str), ("fingerprint", str), ("reason", str)]):
     """``decision``: ``train``, or (``only_new_data``, e.g. a recurring run) ``unchanged`` when a
     version of ``model_name`` was already registered from a source with this plan's fingerprint."""
-    from model.logs import configure_logging_if_requested
+    from common.logs import configure_logging_if_requested
 
     configure_logging_if_requested()
     import os

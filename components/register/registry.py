@@ -7,6 +7,7 @@ import getpass
 import logging
 from dataclasses import dataclass, field
 
+from common.errors import ConfigError, LuminaError
 from components.register.register import (
     CHAMPION,
     GateResult,
@@ -15,7 +16,6 @@ from components.register.register import (
     record_promotion,
     tag_metrics,
 )
-from model.errors import ConfigError, LuminaError
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from model.cli_errors import run_cli
+from common.cli import run_cli
 
 app = typer.Typer(add_completion=False, help="Quality scoring and hierarchical data tiers.")
 
@@ -20,9 +20,9 @@ def run(
     scorer: Annotated[list[str] | None, typer.Option(help="scorers to run (default: all available)")] = None,
 ) -> None:
     """Write lowres/highres/hq manifests, scores and a report."""
+    from common.config_files import read_yaml_mapping
     from components.tier.tier import run_tier
     from components.tier.tiering import TierConfig
-    from model.config_files import read_yaml_mapping
 
     cfg = TierConfig.model_validate(read_yaml_mapping(config, "tier config")) if config else TierConfig()
     result = run_tier(captions, images, out_dir, cfg, scorer)

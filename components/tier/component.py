@@ -14,7 +14,7 @@ from components.image import BASE_IMAGE
 @dsl.component(base_image=BASE_IMAGE)
 def score_group_op(captions: Input[Dataset], scores: Output[Dataset]) -> str:
     """Score one group's captioned images (raw scores; ranks and quotas are the fan-in's)."""
-    from model.logs import configure_logging_if_requested
+    from common.logs import configure_logging_if_requested
 
     configure_logging_if_requested()
     from components.tier.tier import score_group
@@ -33,7 +33,7 @@ def tier_op(
 ) -> str:
     """Fan-in: nested tiers (lowres ⊇ highres ⊇ hq) with the 100:10:1 quotas over the whole set;
     returns the tiers' content hash."""
-    from model.logs import configure_logging_if_requested
+    from common.logs import configure_logging_if_requested
 
     configure_logging_if_requested()
     from components.plan.plan import Group

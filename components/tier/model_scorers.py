@@ -53,8 +53,8 @@ import numpy as np
 from PIL import Image
 from scipy import linalg, ndimage, special
 
+from common.errors import WeightsNotFoundError
 from components.tier.scorers import Scorer, register
-from model.errors import WeightsNotFoundError
 
 log = logging.getLogger(__name__)
 
@@ -538,7 +538,7 @@ AESTHETIC_ENV = ("LUMINA_CLIP_MODEL", "LUMINA_AESTHETIC_MLP")
 def aesthetic_predictor():
     """The LAION improved-aesthetic MLP on the CLIP given by ``LUMINA_CLIP_MODEL`` (e.g. a local
     copy of openai/clip-vit-large-patch14) with the head at ``LUMINA_AESTHETIC_MLP``."""
-    from model.clip import AestheticPredictor, ClipScorer
+    from components.clip import AestheticPredictor, ClipScorer
 
     clip_source, mlp = (os.environ.get(k, "") for k in AESTHETIC_ENV)
     if not clip_source or not mlp:

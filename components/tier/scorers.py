@@ -103,7 +103,7 @@ def available(names: list[str] | None = None) -> list[Scorer]:
         return list(SCORERS.values())
     unknown = [n for n in names if n not in SCORERS]
     if unknown:
-        from model.errors import ConfigError
+        from common.errors import ConfigError
 
         raise ConfigError(f"unknown scorer(s) {', '.join(unknown)}; available: {', '.join(SCORERS)}")
     return [SCORERS[n] for n in names]

@@ -23,10 +23,10 @@ import pandas as pd
 from PIL import Image
 from tqdm.auto import tqdm
 
+from common.errors import ConfigError, LuminaError, error_summary, first_line
 from components.plan.plan import Group
 from components.tier.scorers import Scorer, available
 from components.tier.tiering import TIERS, TierConfig, assign_tiers, combined_score
-from model.errors import ConfigError, LuminaError, error_summary, first_line
 from storage import join, write_parquet
 from storage.shards import REF_COLUMNS, image_bytes
 

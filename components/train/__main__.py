@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from model.cli_errors import run_cli
+from common.cli import run_cli
 
 app = typer.Typer(add_completion=False, help="DeepSpeed stage training of Unified Next-DiT.")
 

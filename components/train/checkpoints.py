@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from time import monotonic
 
-from model.errors import LuminaError
+from common.errors import LuminaError
 
 log = logging.getLogger(__name__)
 

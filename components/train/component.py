@@ -47,7 +47,7 @@ def train_stage_op(
     weights (hub id, folder, ``s3://`` or ``models:/``) instead of a random model.
     ``work_root`` (the cache PVC on a cluster): the stage works in ``<work_root>/<run_id>/<stage>``,
     so a retried or preempted task resumes from its last complete checkpoint."""
-    from model.logs import configure_logging_if_requested
+    from common.logs import configure_logging_if_requested
 
     configure_logging_if_requested()  # JSON records on a cluster (LUMINA_LOG_FORMAT set on the task)
     import json

@@ -8,8 +8,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from model.config_files import read_yaml_mapping
-from model.errors import ConfigError, validation_message
+from common.config_files import read_yaml_mapping
+from common.errors import ConfigError, validation_message
 from model.prompts import SystemPrompt
 
 

@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image, ImageOps
 
-from model.errors import ConfigError
+from common.errors import ConfigError
 from model.prompts import SystemPrompt, apply_system_prompt
 from storage.io import is_s3
 from storage.shards import REF_COLUMNS, MemberRef, image_bytes

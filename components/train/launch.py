@@ -77,7 +77,7 @@ def shared_init(init_path: str | Path, metadata: Mapping[str, object], work: Pat
 
 
 PERMANENT_FAILURE = "permanent-failure.txt"
-USER_ERROR_EXIT = 2  # what the CLIs exit with for a mistake only the user can fix (model.cli_errors)
+USER_ERROR_EXIT = 2  # what the CLIs exit with for a mistake only the user can fix (common.cli)
 
 
 class StageConfigError(RuntimeError):

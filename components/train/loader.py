@@ -34,6 +34,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from common.errors import ConfigError
 from components.latents.cache import (
     INDEX_COLUMNS,
     SAMPLE_COLUMNS,
@@ -43,7 +44,6 @@ from components.latents.cache import (
     read_index_columns,
 )
 from components.train.data import TrainRecord, parse_captions
-from model.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -19,9 +19,9 @@ from typing import Annotated, Any
 import typer
 import yaml
 
+from common.cli import run_cli
+from common.errors import ConfigError
 from components.image import BASE_IMAGE
-from model.cli_errors import run_cli
-from model.errors import ConfigError
 
 
 def pytorchjob_manifest(

@@ -24,6 +24,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from common.errors import ConfigError
 from components.latents.cache import (
     SAMPLE_COLUMNS,
     build_latents,
@@ -33,7 +34,6 @@ from components.latents.cache import (
 )
 from components.train.data import TrainRecord, caption_texts, iter_manifest
 from components.train.loader import StageFilter, sample_record, stage_rows
-from model.errors import ConfigError
 from model.prompts import SystemPrompt
 from model.text import encode_prompts
 

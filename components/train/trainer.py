@@ -19,6 +19,7 @@ import torch
 from diffusers import Lumina2Transformer2DModel
 from PIL import Image
 
+from common.errors import ConfigError, error_summary
 from components.latents.cache import index_files
 from components.tracking import MlflowTracker, default_tracking_uri, file_sha256, git_sha
 from components.train import checkpoints
@@ -35,7 +36,6 @@ from components.train.loader import (
 )
 from components.train.sources import encode_manifest, text_feature_cache, usable_index
 from model.checkpoint import build_pipeline, load_pipeline, save_pipeline
-from model.errors import ConfigError, error_summary
 from model.flow import TimestepSampler, flow_matching_loss
 from model.text import encode_prompts
 

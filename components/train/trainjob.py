@@ -34,10 +34,10 @@ import typer
 import yaml
 from kubeflow_trainer_api import models as m
 
+from common.cli import run_cli
+from common.errors import ConfigError
 from components.image import BASE_IMAGE
 from components.train.config import STAGE_DEFAULTS, Stage
-from model.cli_errors import run_cli
-from model.errors import ConfigError
 
 GROUP = "trainer.kubeflow.org"
 VERSION = "v1alpha1"

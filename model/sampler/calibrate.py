@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from model.errors import ConfigError
+from common.errors import ConfigError
 from model.sampler.denoiser import TeaCache
 from model.sampler.sampler import TEACACHE_FILE, LuminaSampler, SamplerConfig
 from model.sampler.solvers import calls_per_step

@@ -16,7 +16,7 @@ from diffusers.image_processor import VaeImageProcessor
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
-from model.errors import ConfigError
+from common.errors import ConfigError
 from model.profiles import PROFILES, VAE_DOWNSAMPLE
 from model.prompts import SystemPrompt, apply_system_prompt
 from model.sampler.denoiser import Lumina2Denoiser, TeaCache

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from model.errors import WeightsNotFoundError, first_line
+from common.errors import WeightsNotFoundError, first_line
 
 
 class ClipScorer:

@@ -14,7 +14,7 @@ import os
 import sys
 from collections.abc import Callable
 
-from model.errors import ConfigError
+from common.errors import ConfigError
 
 LOG_FORMAT_ENV = "LUMINA_LOG_FORMAT"
 LOG_LEVEL_ENV = "LUMINA_LOG_LEVEL"

@@ -12,8 +12,8 @@ from pydantic import ValidationError
 from typer._click.exceptions import ClickException as TyperClickException  # typer vendors click
 from typer._click.exceptions import NoArgsIsHelpError
 
-from model.errors import LuminaError, validation_message
-from model.logs import configure_logging, log_format
+from common.errors import LuminaError, validation_message
+from common.logs import configure_logging, log_format
 
 # typer >= 0.2x ships its own copy of click: catch its exceptions and the real click's alike
 _CLICK_ERRORS = (click.ClickException, TyperClickException)
@@ -30,7 +30,7 @@ def fail(message: str, code: int = 2) -> NoReturn:
 
 
 def run_cli(app: typer.Typer) -> None:
-    """Run a typer app with structured logs (:mod:`model.logs`) and one-line errors for what a user
+    """Run a typer app with structured logs (:mod:`common.logs`) and one-line errors for what a user
     can fix."""
     try:
         configure_logging()

@@ -7,7 +7,7 @@ from typing import Any
 
 import yaml
 
-from model.errors import ConfigError
+from common.errors import ConfigError
 
 
 def read_yaml_mapping(path: str | Path, what: str = "config file") -> dict[str, Any]:

@@ -1,0 +1,1 @@
+"""Project-wide helpers below every other package: one-line errors, logging, the CLI runner, config files."""
