@@ -26,14 +26,8 @@ from PIL import Image
 from rich.console import Console
 from rich.table import Table
 
-from components.recaption.vlm import (
-    LANGUAGES,
-    PROMPT_VERSION,
-    TINY_QWEN2VL_SPECS,
-    CaptionerError,
-    VlmCaptioner,
-    build_tiny_qwen2vl,
-)
+from components.recaption.tiny_vlm import TINY_QWEN2VL_SPECS, build_tiny_qwen2vl
+from components.recaption.vlm import LANGUAGES, PROMPT_VERSION, CaptionerError, VlmCaptioner
 
 # (width, height): mixed sizes and aspect ratios, all above the pixel cap, so every image is resized.
 IMAGE_SIZES = [(320, 240), (256, 256), (200, 400), (640, 360)]

@@ -173,8 +173,7 @@ def _options(args: dict):
 def _scorer_names(spec: str) -> list[str]:
     """``builtin``: the scorers without a model (no BRISQUE/NIQE/NSFW/OCR/...); else a comma list."""
     if spec == "builtin":
-        from components.tier.model_scorers import model_scorers
-        from components.tier.scorers import available
+        from components.tier.registry import available, model_scorers
 
         models = {s.name for s in model_scorers()}
         return [s.name for s in available() if s.name not in models]

@@ -29,8 +29,10 @@ def sample_data(
     plus real images from Debian packages when apt can reach a mirror (each real source is optional
     and says why it is absent)."""
     from data_tools.bundled import build_bundled
-    from data_tools.debian import SourceUnavailable, build_photos, build_tuxpaint
+    from data_tools.debian import SourceUnavailable
+    from data_tools.debian_photos import build_photos
     from data_tools.synthetic import build_synthetic
+    from data_tools.tuxpaint import build_tuxpaint
 
     typer.echo(str(build_synthetic(out / "synthetic", n=synthetic_n, size=size, seed=seed)))
     if bundled:

@@ -1,15 +1,9 @@
-"""Real images from Debian packages, fetched with ``apt-get download`` (no root install needed).
+"""Debian packages fetched with ``apt-get download`` and extracted with ``dpkg-deb -x`` (no root install
+needed), and the licenses in their machine-readable (DEP-5) ``copyright`` files.
 
-Two sources for the offline sample dataset:
-
-* Tux Paint stamps (``tuxpaint-stamps-default``, GPL-2): clip-art with a human-written description
-  beside each stamp (first line English, then ``locale.utf8=translation`` lines), which the
-  ``alt-text`` recaption backend reads.
-* Photographs shipped in wallpaper and documentation packages, with each file's license and
-  copyright holder taken from the package's machine-readable ``copyright`` file; no captions.
-
-Packages are cached (downloaded and extracted once); outputs are deterministic for a seed and
-rebuilding skips files that are already up to date.
+Packages are cached (downloaded and extracted once, under a per-package lock); any failure (no apt-get,
+unknown package, mirror unreachable) is a one-line :class:`SourceUnavailable`. The sample-data builders
+that use them are :mod:`data_tools.tuxpaint` and :mod:`data_tools.debian_photos`.
 """
 
 from __future__ import annotations
@@ -19,7 +13,6 @@ import hashlib
 import json
 import logging
 import os
-import random
 import re
 import shutil
 import subprocess
@@ -30,35 +23,13 @@ from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
 
-from PIL import Image
-from tqdm.auto import tqdm
-
-from common.errors import ConfigError, LuminaError
-from data_tools.imagefiles import (
-    PHOTO_MAX_SIDE,
-    PHOTO_QUALITY,
-    encode,
-    is_current,
-    jsonl,
-    load_rgb,
-    read_records,
-    remove_stale,
-    write_atomic,
-    write_if_changed,
-)
+from common.errors import LuminaError
+from data_tools.imagefiles import write_atomic
 
 logger = logging.getLogger(__name__)
 
-TUXPAINT_PACKAGE = "tuxpaint-stamps-default"
-STAMPS_DIR = "usr/share/tuxpaint/stamps"
-STAMP_MAX_SIDE = 512
-# Bumped when rendering changes, so files built by an older version are redone, not skipped.
-RENDER_VERSION = 1
 DOWNLOAD_TIMEOUT_S = 1800
 _PACKAGE_NAME = re.compile(r"^[a-z0-9][a-z0-9+.-]+$")  # Debian policy 5.6.1
-_ZH_LINE = re.compile(r"^(?P<locale>zh_(?:CN|TW))(?:\.[\w-]+)?=(?P<text>.*)$")
-_LOCALE_LINE = re.compile(r"^[A-Za-z]{2,3}(?:_[A-Za-z]{2,4})?(?:@\w+)?(?:\.[\w-]+)?=")
-_CJK = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]")
 
 
 class SourceUnavailable(LuminaError):
@@ -241,13 +212,8 @@ def dep5_lookup(paragraphs: Sequence[_Dep5Files], path: str) -> tuple[str, str]:
     return (match.license, match.copyright) if match else ("unknown", "unknown")
 
 
-# --------------------------------------------------------------------------- images
-
-
-# --------------------------------------------------------------------------- outputs
-
-
-def _license_text(packages: Sequence[DebianPackage]) -> bytes:
+def license_text(packages: Sequence[DebianPackage]) -> bytes:
+    """A ``LICENSE`` file for files taken from ``packages``: each package's copyright file, unchanged."""
     parts = []
     for pkg in packages:
         parts.append(
@@ -259,293 +225,7 @@ def _license_text(packages: Sequence[DebianPackage]) -> bytes:
     return ("\n" + "=" * 78 + "\n\n").join(parts).encode()
 
 
-def _header(copyright_text: str, field: str) -> str:
+def copyright_field(copyright_text: str, field: str) -> str:
+    """A header field (``Upstream-Name``, ``Source``...) of a DEP-5 copyright file, or ``"unknown"``."""
     match = re.search(rf"^{field}:[ \t]*(.+)$", copyright_text, flags=re.MULTILINE)
     return match.group(1).strip() if match else "unknown"
-
-
-def _holders(record: dict) -> str:
-    """The copyright holders for a table cell: long lists are cut (``LICENSE`` has them all)."""
-    holders = record["copyright"].split("; ")
-    return "; ".join(holders) if len(holders) <= 2 else f"{holders[0]} and others"
-
-
-def _sample(items: list, limit: int, seed: int, what: str) -> list:
-    if limit < 1:
-        raise ConfigError(f"limit must be at least 1, got {limit}")
-    if limit > len(items):
-        logger.warning("%s: only %d available, taking all (limit %d)", what, len(items), limit)
-    return random.Random(seed).sample(items, min(limit, len(items)))
-
-
-# --------------------------------------------------------------------------- Tux Paint
-
-
-@dataclass(frozen=True)
-class _Stamp:
-    rel: str  # path of the PNG below the stamps folder
-    english: str
-    zh_locale: str
-    zh: str
-
-
-def _stamp_description(txt: Path) -> tuple[str, str, str] | None:
-    """(English, zh locale, Chinese) of a stamp's description, or None without both."""
-    try:
-        lines = txt.read_text(encoding="utf-8").lstrip("\ufeff").splitlines()
-    except (OSError, UnicodeDecodeError):
-        return None
-    english = lines[0].strip() if lines else ""
-    if not english or _LOCALE_LINE.match(english):
-        return None
-    found: dict[str, str] = {}
-    for line in lines[1:]:
-        match = _ZH_LINE.match(line.strip())
-        if match and _CJK.search(match["text"]):
-            found.setdefault(match["locale"], match["text"].strip())
-    for locale in ("zh_CN", "zh_TW"):
-        if locale in found:
-            return english, locale, found[locale]
-    return None
-
-
-def _fits(path: Path, min_side: int, max_aspect: float) -> bool:
-    """Whether the stamp, once downscaled, passes ingest's size and aspect filters."""
-    try:
-        with Image.open(path) as image:
-            width, height = image.size
-    except (OSError, Image.DecompressionBombError):
-        return False
-    scale = min(1.0, STAMP_MAX_SIDE / max(width, height, 1))
-    short = min(width, height)
-    return round(short * scale) >= min_side and short > 0 and max(width, height) / short <= max_aspect
-
-
-def tuxpaint_candidates(stamps_dir: Path, min_side: int = 32, max_aspect: float = 4.0) -> list[_Stamp]:
-    """Stamps (sorted by path) whose description has an English first line and a Chinese line and
-    that ingest would keep (short side at least ``min_side`` px, aspect at most ``max_aspect``)."""
-    out = []
-    for png in sorted(stamps_dir.rglob("*.png"), key=lambda p: p.relative_to(stamps_dir).as_posix()):
-        described = _stamp_description(png.with_suffix(".txt"))
-        if described and _fits(png, min_side, max_aspect):
-            out.append(_Stamp(png.relative_to(stamps_dir).as_posix(), *described))
-    return out
-
-
-def build_tuxpaint(
-    out_dir: str | Path,
-    cache_dir: str | Path,
-    limit: int = 64,
-    seed: int = 0,
-    min_side: int = 32,
-    max_aspect: float = 4.0,
-) -> Path:
-    """``limit`` Tux Paint stamps on white as ``tuxpaint_<nnnn>.png`` (RGB, at most 512 px), each
-    with its description copied unchanged to ``tuxpaint_<nnnn>.txt``, plus ``tuxpaint.jsonl``,
-    ``SOURCES.md`` and ``LICENSE``. Stamps that ingest would drop (short side under ``min_side``,
-    aspect over ``max_aspect``; its defaults) are not picked. Returns ``out_dir``."""
-    root = fetch_debian_package(TUXPAINT_PACKAGE, cache_dir)
-    pkg = package_info(root)
-    stamps_dir = root / STAMPS_DIR
-    candidates = tuxpaint_candidates(stamps_dir, min_side, max_aspect) if stamps_dir.is_dir() else []
-    if not candidates:
-        raise SourceUnavailable(f"{TUXPAINT_PACKAGE} {pkg.version} has no stamps with Chinese descriptions")
-    chosen = _sample(candidates, limit, seed, "tux paint stamps")
-    paragraphs = parse_dep5(pkg.copyright_file().read_text(encoding="utf-8", errors="replace"))
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    previous = read_records(out / "tuxpaint.jsonl")
-    records, keep = [], set()
-    for i, stamp in enumerate(tqdm(chosen, desc="tux paint stamps", leave=False)):
-        png_path, txt_path = out / f"tuxpaint_{i:04d}.png", out / f"tuxpaint_{i:04d}.txt"
-        license_name, holder = dep5_lookup(paragraphs, f"stamps/{stamp.rel}")
-        record = {
-            "file": png_path.name, "caption_file": txt_path.name, "source": "tuxpaint",
-            "package": pkg.name, "version": pkg.version, "original_path": f"{STAMPS_DIR}/{stamp.rel}",
-            "license": license_name, "copyright": holder, "render_version": RENDER_VERSION,
-            "english": stamp.english, "zh_locale": stamp.zh_locale, "zh": stamp.zh,
-        }  # fmt: skip
-        prev = previous.get(png_path.name)
-        if is_current(prev, record, (png_path, txt_path)):
-            record["width"], record["height"] = prev["width"], prev["height"]
-        else:
-            src = stamps_dir / stamp.rel
-            image = load_rgb(src, STAMP_MAX_SIDE, photo=False)
-            write_atomic(png_path, encode(image, "PNG"))
-            write_atomic(txt_path, src.with_suffix(".txt").read_bytes())
-            record["width"], record["height"] = image.size
-        records.append(record)
-        keep |= {png_path.name, txt_path.name}
-    remove_stale(out, r"tuxpaint_\d{4,}\.(png|txt)", keep)
-    write_if_changed(out / "tuxpaint.jsonl", jsonl(records))
-    copyright_text = pkg.copyright_file().read_text(encoding="utf-8", errors="replace")
-    rows = "".join(f"| {r['file']} | {r['caption_file']} | `{r['original_path']}` |\n" for r in records)
-    sources = (
-        "# Tux Paint stamps\n\n"
-        f"{len(records)} stamps from the Debian package `{pkg.name}` version `{pkg.version}` "
-        f"(.deb sha256 `{pkg.sha256}`), picked with seed {seed} among the {len(candidates)} stamps "
-        f"whose description has a Chinese line (and with a short side of at least {min_side} px and an "
-        f"aspect ratio of at most {max_aspect:g}), composited onto white and downscaled to at most "
-        f"{STAMP_MAX_SIDE} px.\n\n"
-        f"- Upstream: {_header(copyright_text, 'Upstream-Name')}, {_header(copyright_text, 'Source')}\n"
-        f"- Copyright: {records[0]['copyright']}\n"
-        f"- License: {records[0]['license']} (see `LICENSE`: the package's copyright file, unchanged)\n"
-        "- Each `tuxpaint_<nnnn>.txt` is the stamp's own description file, unchanged: first line "
-        "English, then `locale.utf8=translation` lines.\n"
-        f"- Get the package again: `apt-get download {pkg.name}={pkg.version}`\n\n"
-        "| image | description | path in the package |\n|---|---|---|\n" + rows
-    )
-    write_if_changed(out / "SOURCES.md", sources.encode())
-    write_if_changed(out / "LICENSE", _license_text([pkg]))
-    return out
-
-
-# --------------------------------------------------------------------------- photographs
-
-
-@dataclass(frozen=True)
-class PhotoSource:
-    """Real photographs in a Debian package, picked by hand (no renders, drawings or patterns)."""
-
-    package: str
-    folder: str  # inside the package
-    photos: tuple[str, ...]  # globs relative to ``folder``
-    # (prefix below ``folder``, upstream prefix): maps a file to the path its copyright file uses.
-    upstream: tuple[tuple[str, str], ...] = (("", ""),)
-
-    def upstream_path(self, rel: str) -> str:
-        for prefix, upstream in self.upstream:
-            if rel.startswith(prefix):
-                return upstream + rel[len(prefix) :]
-        return rel
-
-
-# Hand-checked: photographs only (the packages' abstract renders, patterns, drawings, paintings,
-# calibration boards and photos of identifiable people are left out).
-_LOMIRI_PHOTOS = """
-    Bridge_by_Sander_Klootwijk Dragonfly_by_Bolly Picture_0B_by_freespace Picture_1A_by_freespace
-    Wine_by_Jakkub_Mede aitzgorri_by_Aitzol_Berasategi free_by_Peter_Nerlich friends_by_Aitzol_Berasategi
-    greentock_by_Peter_Nerlich life_by_Aitzol_Berasategi picosdeeuropa_by_Aitzol_Berasategi
-    seeding_by_Clements_Engelhardt sunset_by_Aitzol_Berasategi
-""".split()
-_OPENCV_PHOTOS = """
-    data/aero1.jpg data/aloeL.jpg data/apple.jpg data/board.jpg data/building.jpg data/butterfly.jpg
-    data/fruits.jpg data/graf1.png data/home.jpg data/leuvenA.jpg data/orange.jpg data/rubberwhale1.png
-    data/squirrel_cls.jpg data/stuff.jpg alphamat/input_images/plant.jpg hfs/data/000.jpg
-    text/scenetext0[1-6].jpg
-""".split()
-PHOTO_SOURCES: tuple[PhotoSource, ...] = (
-    PhotoSource("mate-backgrounds", "usr/share/backgrounds/mate", ("nature/*.jpg",)),
-    PhotoSource(
-        "lomiri-wallpapers-16.04",
-        "usr/share/backgrounds",
-        tuple(f"{n}.jpg" for n in _LOMIRI_PHOTOS),
-        upstream=(("", "16.04/"),),
-    ),
-    PhotoSource(
-        "opencv-doc",
-        "usr/share/doc/opencv-doc/examples",
-        tuple(_OPENCV_PHOTOS),
-        upstream=(("data/", "samples/data/"), ("", "contrib/modules/")),
-    ),
-)
-PHOTO_PACKAGES = tuple(s.package for s in PHOTO_SOURCES)
-
-
-@dataclass(frozen=True)
-class _Photo:
-    package: DebianPackage
-    source: PhotoSource
-    rel: str  # below source.folder
-    license: str
-    copyright: str
-
-    @property
-    def original_path(self) -> str:
-        return f"{self.source.folder}/{self.rel}"
-
-
-def photo_candidates(source: PhotoSource, pkg: DebianPackage) -> list[_Photo]:
-    """The package's listed photographs (sorted), each with its license from the copyright file."""
-    folder = pkg.root / source.folder
-    copyright_file = pkg.copyright_file()
-    paragraphs = parse_dep5(copyright_file.read_text("utf-8", "replace")) if copyright_file.is_file() else []
-    found = {p for pattern in source.photos for p in folder.glob(pattern) if p.is_file()}
-    rels = sorted(p.relative_to(folder).as_posix() for p in found)
-    out = []
-    for rel in rels:
-        license_name, holder = dep5_lookup(paragraphs, source.upstream_path(rel))
-        out.append(_Photo(pkg, source, rel, license_name, holder))
-    return out
-
-
-def build_photos(out_dir: str | Path, cache_dir: str | Path, limit: int = 32, seed: int = 0,
-                 packages: Sequence[str] | None = None) -> Path:  # fmt: skip
-    """``limit`` photographs from the photo packages that can be fetched (the others are skipped
-    with a warning) as ``photo_<nnnn>.jpg`` (RGB, at most 768 px, JPEG quality 90), plus
-    ``photos.jsonl`` (file, package, original path, license, copyright), ``SOURCES.md`` and
-    ``LICENSE``; no captions. Returns ``out_dir``."""
-    wanted = list(PHOTO_PACKAGES if packages is None else packages)
-    unknown = sorted(set(wanted) - set(PHOTO_PACKAGES))
-    if unknown:
-        known = ", ".join(PHOTO_PACKAGES)
-        raise ConfigError(f"unknown photo package(s) {', '.join(unknown)} (known: {known})")
-    candidates: list[_Photo] = []
-    failures = []
-    for source in (s for s in PHOTO_SOURCES if s.package in wanted):
-        try:
-            pkg = package_info(fetch_debian_package(source.package, cache_dir))
-        except SourceUnavailable as exc:
-            logger.warning("skipping photo package %s: %s", source.package, exc)
-            failures.append(str(exc))
-            continue
-        found = photo_candidates(source, pkg)
-        if not found:
-            logger.warning("skipping photo package %s %s: none of its listed photos is there",
-                           pkg.name, pkg.version)  # fmt: skip
-        candidates += found
-    if not candidates:
-        reasons = "; ".join(failures) or "none of the listed photos was found"
-        raise SourceUnavailable(f"no photo package could be used ({reasons})")
-    chosen = _sample(candidates, limit, seed, "photos")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    previous = read_records(out / "photos.jsonl")
-    records, keep = [], set()
-    for i, photo in enumerate(tqdm(chosen, desc="photos", leave=False)):
-        path = out / f"photo_{i:04d}.jpg"
-        record = {
-            "file": path.name, "source": "debian", "package": photo.package.name,
-            "version": photo.package.version, "original_path": photo.original_path,
-            "license": photo.license, "copyright": photo.copyright, "render_version": RENDER_VERSION,
-        }  # fmt: skip
-        prev = previous.get(path.name)
-        if is_current(prev, record, (path,)):
-            record["width"], record["height"] = prev["width"], prev["height"]
-        else:
-            image = load_rgb(photo.package.root / photo.original_path, PHOTO_MAX_SIDE, photo=True)
-            write_atomic(path, encode(image, "JPEG"))
-            record["width"], record["height"] = image.size
-        records.append(record)
-        keep.add(path.name)
-    remove_stale(out, r"photo_\d{4,}\.jpg", keep)
-    write_if_changed(out / "photos.jsonl", jsonl(records))
-    used = sorted({p.package.name: p.package for p in chosen}.values(), key=lambda p: p.name)
-    rows = "".join(
-        f"| {r['file']} | {r['package']} | `{r['original_path']}` | {r['license']} | {_holders(r)} |\n"
-        for r in records
-    )
-    sources = (
-        "# Photographs\n\n"
-        f"{len(records)} photographs picked with seed {seed} among {len(candidates)} hand-listed ones in "
-        f"Debian packages, downscaled to at most {PHOTO_MAX_SIDE} px (JPEG quality {PHOTO_QUALITY}). "
-        "No captions: caption them with a VLM.\n\n"
-        + "".join(f"- `{p.name}` {p.version} (.deb sha256 `{p.sha256}`): "
-                  f"`apt-get download {p.name}={p.version}`\n" for p in used)
-        + "\nLicenses and copyright holders per file, from each package's copyright file "
-        "(all of them, unchanged, in `LICENSE`):\n\n"
-        "| image | package | path in the package | license | copyright |\n|---|---|---|---|---|\n" + rows
-    )  # fmt: skip
-    write_if_changed(out / "SOURCES.md", sources.encode())
-    write_if_changed(out / "LICENSE", _license_text(used))
-    return out

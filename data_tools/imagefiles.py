@@ -1,19 +1,24 @@
 """Writing sample-data image folders: RGB loading and downscaling, metadata-free deterministic
-encoding, atomic writes that leave unchanged files alone, and the JSON-lines record files."""
+encoding, atomic writes that leave unchanged files alone, the JSON-lines record files, and the
+seeded pick of which source images a folder holds."""
 
 from __future__ import annotations
 
 import io
 import json
+import logging
 import math
 import os
+import random
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from PIL import Image, ImageCms, ImageOps
 
-from common.errors import LuminaError
+from common.errors import ConfigError, LuminaError
+
+logger = logging.getLogger(__name__)
 
 PHOTO_MAX_SIDE = 768
 PHOTO_QUALITY = 90
@@ -126,3 +131,12 @@ def remove_stale(out: Path, pattern: str, keep: set[str]) -> None:
 
 def jsonl(records: list[dict]) -> bytes:
     return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode()
+
+
+def pick_sample(items: list, limit: int, seed: int, what: str) -> list:
+    """``limit`` of ``items`` picked at random with ``seed`` (all of them, with a warning, when fewer)."""
+    if limit < 1:
+        raise ConfigError(f"limit must be at least 1, got {limit}")
+    if limit > len(items):
+        logger.warning("%s: only %d available, taking all (limit %d)", what, len(items), limit)
+    return random.Random(seed).sample(items, min(limit, len(items)))

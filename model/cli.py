@@ -59,7 +59,7 @@ def sample(
     solver: str = "euler",
     shift: float | None = None,
     teacache: float = 0.0,
-    system_prompt: str = "A",
+    system_prompt: str = "B",
     seed: int = 0,
     device: str = "cpu",
 ) -> None:

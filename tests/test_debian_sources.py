@@ -21,17 +21,10 @@ from PIL import Image
 
 from common.errors import ConfigError
 from components.recaption.backends import alt_text_captions
-from data_tools import debian
-from data_tools.debian import (
-    PHOTO_PACKAGES,
-    TUXPAINT_PACKAGE,
-    SourceUnavailable,
-    build_photos,
-    build_tuxpaint,
-    dep5_lookup,
-    fetch_debian_package,
-    parse_dep5,
-)
+from data_tools import debian, debian_photos, tuxpaint
+from data_tools.debian import SourceUnavailable, dep5_lookup, fetch_debian_package, parse_dep5
+from data_tools.debian_photos import PHOTO_PACKAGES, build_photos
+from data_tools.tuxpaint import TUXPAINT_PACKAGE, build_tuxpaint
 
 CACHE = Path(__file__).resolve().parents[1] / ".cache" / "debian"
 NEEDED = (TUXPAINT_PACKAGE, *PHOTO_PACKAGES)
@@ -121,7 +114,7 @@ def test_photos_skip_unreachable_packages_and_fail_when_none_works(tmp_path, mon
     def unavailable(name, cache_dir):
         raise SourceUnavailable(f"cannot fetch Debian package {name!r}: mirror unreachable: test")
 
-    monkeypatch.setattr(debian, "fetch_debian_package", unavailable)
+    monkeypatch.setattr(debian_photos, "fetch_debian_package", unavailable)
     with caplog.at_level(logging.WARNING), pytest.raises(SourceUnavailable, match="no photo package"):
         build_photos(tmp_path, tmp_path / "cache", limit=2)
     assert sum("skipping photo package" in r.message for r in caplog.records) == len(PHOTO_PACKAGES)
@@ -153,7 +146,7 @@ def test_fetch_is_cached(debian_cache):
     root = fetch_debian_package(TUXPAINT_PACKAGE, debian_cache)
     info = debian.package_info(root)
     assert info.name == TUXPAINT_PACKAGE and info.version and len(info.sha256) == 64
-    assert (root / debian.STAMPS_DIR).is_dir() and info.copyright_file().is_file()
+    assert (root / tuxpaint.STAMPS_DIR).is_dir() and info.copyright_file().is_file()
     stamp = (root.parent / "package.json").stat().st_mtime_ns
     assert fetch_debian_package(TUXPAINT_PACKAGE, debian_cache) == root  # no second download
     assert (root.parent / "package.json").stat().st_mtime_ns == stamp
@@ -222,9 +215,9 @@ def test_photos(debian_cache, tmp_path):
 
 def test_photo_licenses_come_from_the_copyright_files(debian_cache):
     by_package = {}
-    for source in debian.PHOTO_SOURCES:
+    for source in debian_photos.PHOTO_SOURCES:
         pkg = debian.package_info(fetch_debian_package(source.package, debian_cache))
-        found = debian.photo_candidates(source, pkg)
+        found = debian_photos.photo_candidates(source, pkg)
         assert found, source.package
         by_package[source.package] = {p.rel.rsplit("/", 1)[-1]: p.license for p in found}
     assert by_package["lomiri-wallpapers-16.04"]["seeding_by_Clements_Engelhardt.jpg"] == "CC0-1.0"

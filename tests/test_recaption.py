@@ -110,7 +110,7 @@ def test_bad_inputs_are_clear_errors(tmp_path):
 
 def test_vlm_backend_with_a_tiny_qwen2vl_reports_instead_of_inventing(ingested, tmp_path):
     from components.recaption.recaption import vlm_function
-    from components.recaption.vlm import build_tiny_qwen2vl
+    from components.recaption.tiny_vlm import build_tiny_qwen2vl
 
     model = build_tiny_qwen2vl(tmp_path / "qwen2vl")
     vlm = vlm_function(model, max_new_tokens=8, batch_size=4)

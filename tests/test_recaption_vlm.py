@@ -11,6 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
+from components.recaption.parse import parse_captions
+from components.recaption.tiny_vlm import build_tiny_qwen2vl
 from components.recaption.vlm import (
     GRANULARITIES,
     LANGUAGES,
@@ -19,8 +21,6 @@ from components.recaption.vlm import (
     CaptionerError,
     ImageCaptions,
     VlmCaptioner,
-    build_tiny_qwen2vl,
-    parse_captions,
 )
 
 MAX_PIXELS = 16 * 28 * 28  # at most 16 merged visual tokens per image

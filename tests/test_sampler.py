@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from common.errors import ConfigError
+from model.prompts import SystemPrompt, apply_system_prompt
 from model.sampler import LuminaSampler, SamplerConfig, Solver
 from model.sampler.denoiser import Lumina2Denoiser
 from model.sampler.guidance import cfg_active, renorm_guided
@@ -179,6 +180,25 @@ def test_matches_diffusers_pipeline_without_renorm(tiny_pipe, tiny_sampler):
     ).images
     assert np.abs(ours - peer).max() < 1e-4
     assert ours.std() > 0.01  # the comparison is not between two blank images
+
+
+def test_a_non_empty_negative_prompt_gets_the_system_template(tiny_sampler, monkeypatch):
+    """As in the official sample.py: ``neg_cap = system_prompt + neg_cap`` unless it is empty."""
+    import model.sampler.sampler as sampler_module
+
+    seen: list[list[str]] = []
+    real_encode = sampler_module.encode_prompts
+
+    def recording(texts, *args, **kwargs):
+        seen.append(list(texts))
+        return real_encode(texts, *args, **kwargs)
+
+    monkeypatch.setattr(sampler_module, "encode_prompts", recording)
+    cfg = SamplerConfig(steps=1)
+    tiny_sampler.generate(["a cat", "a dog"], height=64, width=64, config=cfg, output_type="latent",
+                          negative_prompt=["blurry", ""])  # fmt: skip
+    template = apply_system_prompt("blurry", SystemPrompt.B)
+    assert seen[-1] == [apply_system_prompt("a cat"), apply_system_prompt("a dog"), template, ""]
 
 
 def test_explicit_noise_matches_the_seed_and_is_checked(tiny_sampler):

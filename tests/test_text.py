@@ -57,3 +57,19 @@ def test_system_prompt_templates():
     assert apply_system_prompt("a cat", "none") == "a cat"
     with pytest.raises(ConfigError, match="unknown system prompt template 'Z'"):
         parse_system_prompt("Z")
+
+
+def test_template_defaults_follow_the_official_code():
+    """The official sample.py / demo.py / diffusers default to the "real" system type (our B); its
+    finetune.py trains plain captions with "base" (our A); AdamW eps 1e-15 and EMA decay 0.95."""
+    from components.tier.tiering import TierConfig
+    from components.train.config import TrainConfig, stage_config
+    from model.prompts import DOMAIN_TEMPLATES, domain_template
+    from model.sampler import SamplerConfig
+
+    assert SamplerConfig().system_prompt is SystemPrompt.B
+    assert apply_system_prompt("a cat") == apply_system_prompt("a cat", "B")
+    cfg = stage_config("lowres", manifest="m.parquet", output_dir="out")
+    assert cfg.system_prompts == {"real": SystemPrompt.B, "synthetic": SystemPrompt.A} == DOMAIN_TEMPLATES
+    assert domain_template("unknown") is SystemPrompt.B and TierConfig().system_prompts == DOMAIN_TEMPLATES
+    assert TrainConfig.model_fields["eps"].default == 1e-15 and cfg.ema_decay == 0.95

@@ -10,7 +10,8 @@ from PIL import Image, ImageFilter
 
 from components.ingest.ingest import ingest
 from components.recaption.recaption import run_recaption
-from components.tier.scorers import available, colorfulness, exposure, sharpness
+from components.tier.registry import available
+from components.tier.scorers.builtin import colorfulness, exposure, sharpness
 from components.tier.tier import run_tier
 from components.tier.tiering import TierConfig, assign_tiers
 from data_tools.synthetic import build_synthetic
@@ -79,7 +80,7 @@ def test_run_tier_end_to_end(tmp_path):
     result = run_tier(tmp_path / "cap", tmp_path / "ingest", tmp_path / "tiers", progress=False)
     frames = {k: pd.read_parquet(tmp_path / "tiers" / f"{k}.parquet") for k in ("lowres", "highres", "hq")}
     assert set(frames["hq"]["id"]) <= set(frames["highres"]["id"]) <= set(frames["lowres"]["id"])
-    assert len(frames["hq"]) >= 8 and set(frames["hq"]["system_prompt"]) == {"B"}  # synthetic → Template B
+    assert len(frames["hq"]) >= 8 and set(frames["hq"]["system_prompt"]) == {"A"}  # synthetic → Template A
     report = json.loads(result.report.read_text())
     assert report["counts"] == result.counts and (tmp_path / "tiers" / "report" / "hist_score.png").is_file()
     from components.train.data import read_manifest
@@ -103,8 +104,8 @@ def test_lower_is_better_scores_are_inverted():
 
 def test_a_scorer_without_weights_is_reported_not_faked(tmp_path, monkeypatch):
     from common.errors import WeightsNotFoundError
-    from components.tier import scorers as registry
-    from components.tier.scorers import Scorer
+    from components.tier import registry
+    from components.tier.registry import Scorer
 
     def missing():
         raise WeightsNotFoundError("weights for fake not found")
@@ -122,8 +123,8 @@ def test_a_scorer_without_weights_is_reported_not_faked(tmp_path, monkeypatch):
 
 def test_a_scorer_crashing_on_some_images_reports_them_and_tiers_the_rest(tmp_path, monkeypatch):
     from common.errors import LuminaError
-    from components.tier import scorers as registry
-    from components.tier.scorers import Scorer
+    from components.tier import registry
+    from components.tier.registry import Scorer
 
     build_synthetic(tmp_path / "raw", n=24, size=128)
     ingest(tmp_path / "raw", tmp_path / "ingest")

@@ -1,23 +1,28 @@
 """Model-based tier scorers: registered when installed, and each orders obvious cases the right way.
 
 A test is skipped only when the package carrying its model is not installed (the reason names it).
+The BRISQUE model files ship in the repository (``components/tier/scorers/brisque_model/``): its
+tests need no network and are never skipped for want of them.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
 import json
 import os
-import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 from common.errors import WeightsNotFoundError
-from components.tier import model_scorers as ms
-from components.tier.scorers import SCORERS, available
+from components.tier import registry
+from components.tier.registry import SCORERS, available
+from components.tier.scorers import aesthetic, brisque, caption_language, niqe, text_density
 
 PACKAGES = {  # scorer: (importable modules it needs, pip distributions to install, higher_is_better)
     "brisque": (("cv2",), "opencv-python-headless", False),
@@ -101,29 +106,13 @@ def test_registered_when_installed(name):
     if not installed:
         assert name not in SCORERS  # absent, never a made-up number
         pytest.skip(f"{name}: {', '.join(modules)} not installed (pip install {dists})")
-    if name == "brisque" and name not in SCORERS:  # cv2 is here, the model files are not and can't be
-        assert shutil.which("apt-get") is None
-        pytest.skip("brisque: opencv-data not installed and no apt-get to fetch it")
     scorer = available([name])[0]
     assert scorer.version and scorer.higher_is_better is higher and scorer.description
-
-
-def _need_brisque_files() -> None:
-    """The BRISQUE model files come from Debian's opencv-data; skip where it cannot be fetched."""
-    from common.errors import WeightsNotFoundError
-    from components.tier.model_scorers import brisque_model_dir
-
-    try:
-        brisque_model_dir()
-    except WeightsNotFoundError as exc:
-        pytest.skip(f"brisque model files unavailable: {str(exc).splitlines()[0]}")
 
 
 @pytest.mark.parametrize("name", ["brisque", "niqe"])
 def test_quality_ranks_sharp_image_above_blurred_or_noisy(name):
     importlib.import_module(PACKAGES[name][0][0])  # pinned in pyproject: missing is an error, not a skip
-    if name == "brisque":
-        _need_brisque_files()
     scorer = SCORERS[name]
     sharp = natural()
     values = {
@@ -145,13 +134,12 @@ def test_brisque_matches_opencv_contrib():
     """Reference values from ``cv2.quality.QualityBRISQUE_compute`` (opencv-contrib-python-headless
     4.14.0.94, same model files) on these very images. The port is bit-equal there; images without
     flat areas are used so SIMD rounding differences between CPUs cannot move the value."""
-    _need_brisque_files()
     texture = natural(n_shapes=0)
     reference = {"texture": REF_TEXTURE, "blurred+noisy": REF_BLURRED_NOISY, "small": REF_SMALL}
     got = {
-        "texture": ms.brisque(texture, {}),
-        "blurred+noisy": ms.brisque(degraded(texture, blur=3, noise=25), {}),
-        "small": ms.brisque(texture.crop((37, 11, 37 + 201, 11 + 143)), {}),
+        "texture": brisque.brisque(texture, {}),
+        "blurred+noisy": brisque.brisque(degraded(texture, blur=3, noise=25), {}),
+        "small": brisque.brisque(texture.crop((37, 11, 37 + 201, 11 + 143)), {}),
     }
     assert got == pytest.approx(reference, abs=0.05)
 
@@ -177,14 +165,13 @@ def test_niqe_matches_scikit_video(monkeypatch):
         shapes(),
     ):
         luma = np.asarray(image.convert("L"), dtype=np.float32)
-        assert ms.niqe_score(luma) == pytest.approx(float(skvideo.measure.niqe(luma)[0]), abs=0.05)
+        assert niqe.niqe_score(luma) == pytest.approx(float(skvideo.measure.niqe(luma)[0]), abs=0.05)
 
 
 @needs("brisque")
 def test_brisque_flat_image_is_not_scored():
     """Nothing to fit on a flat image (OpenCV returns NaN): ValueError, which the tier step reports
     as 'not scored' for that image."""
-    _need_brisque_files()
     with pytest.raises(ValueError, match="undefined"):
         SCORERS["brisque"](Image.new("RGB", (256, 256), (90, 90, 90)), {})
     with pytest.raises(ValueError, match="at least"):
@@ -201,25 +188,65 @@ def test_niqe_flat_image_scores_worst():
 def test_niqe_small_images_are_upscaled_and_score_worse():
     sharp = natural()
     small = sharp.resize((96, 96), Image.BICUBIC)
-    assert np.isfinite(ms.niqe(small, {})) and ms.niqe(small, {}) > ms.niqe(sharp, {})
+    assert np.isfinite(niqe.niqe(small, {})) and niqe.niqe(small, {}) > niqe.niqe(sharp, {})
 
 
-def test_brisque_model_files_missing_is_a_clear_error(monkeypatch, tmp_path):
-    if all((ms.Path("/") / ms._QUALITY_SUBDIR / f).is_file() for f in ms.BRISQUE_FILES):
-        pytest.skip("opencv-data is installed system-wide, so nothing is missing")
-    import data_tools.debian
-
-    monkeypatch.setenv("LUMINA_CACHE_DIR", str(tmp_path))
+def test_brisque_model_files_are_bundled_and_overridable(monkeypatch, tmp_path):
+    """The model files ship with the package (as opencv_contrib has them, see the NOTICE there);
+    ``LUMINA_BRISQUE_DIR`` points elsewhere, and a folder lacking them is a clear error."""
     monkeypatch.delenv("LUMINA_BRISQUE_DIR", raising=False)
-    monkeypatch.setattr(data_tools.debian.shutil, "which", lambda name: None)  # no apt-get here
-    with pytest.raises(WeightsNotFoundError, match=r"opencv-data.*LUMINA_BRISQUE_DIR"):
-        ms.brisque_model_dir()
+    assert brisque.brisque_model_dir() == brisque.BUNDLED_DIR
+    notice = (brisque.BUNDLED_DIR / "NOTICE").read_text()
+    for name in brisque.BRISQUE_FILES:
+        digest = hashlib.sha256((brisque.BUNDLED_DIR / name).read_bytes()).hexdigest()
+        assert f"{digest}  {name}" in notice
+    assert "Apache License" in (brisque.BUNDLED_DIR / "LICENSE").read_text()
     folder = tmp_path / "given"
     folder.mkdir()
-    for name in ms.BRISQUE_FILES:
-        (folder / name).write_text("x")
     monkeypatch.setenv("LUMINA_BRISQUE_DIR", str(folder))
-    assert ms.brisque_model_dir() == folder
+    with pytest.raises(WeightsNotFoundError, match=r"brisque_model_live.yml.*LUMINA_BRISQUE_DIR"):
+        brisque.brisque_model_dir()
+    assert brisque.scorers() == []  # not offered where its files are not
+    for name in brisque.BRISQUE_FILES:
+        (folder / name).write_text("x")
+    assert brisque.brisque_model_dir() == folder
+
+
+def test_scorers_register_on_first_lookup_not_on_import():
+    """Importing the registry (or the tier step) loads no plugin; the first lookup does, and
+    :func:`registry.reload` makes the next one look at packages and environment again."""
+    code = (
+        "import sys\n"
+        "import components.tier.tier\n"
+        "from components.tier import registry\n"
+        "loaded = lambda: sorted(m for m in sys.modules if m.startswith('components.tier.scorers.'))\n"
+        "assert loaded() == [], loaded()\n"
+        "names = [s.name for s in registry.available()]\n"
+        "assert set(registry.PLUGINS) <= set(loaded()), loaded()\n"
+        "print(','.join(names))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert out.returncode == 0, out.stderr
+    names = out.stdout.strip().split(",")
+    assert names[:6] == ["resolution", "sharpness", "exposure", "contrast", "colorfulness",
+                         "caption_richness"]  # fmt: skip
+    assert names == [s.name for s in available()]
+
+
+def test_registry_reload_looks_at_the_environment_again(monkeypatch, tmp_path):
+    monkeypatch.delenv("LUMINA_CLIP_MODEL", raising=False)
+    monkeypatch.delenv("LUMINA_AESTHETIC_MLP", raising=False)
+    registry.reload()
+    assert "aesthetic" not in SCORERS and "sharpness" in SCORERS
+    monkeypatch.setenv("LUMINA_CLIP_MODEL", str(tmp_path / "clip"))
+    monkeypatch.setenv("LUMINA_AESTHETIC_MLP", str(tmp_path / "mlp.pth"))
+    assert "aesthetic" not in SCORERS  # registered once, on the first lookup
+    try:
+        registry.reload()
+        assert registry.get("aesthetic").prepare is aesthetic.aesthetic_predictor
+        assert "aesthetic" in [s.name for s in registry.model_scorers()]
+    finally:
+        registry.reload()  # the other tests see the registry this process had
 
 
 @needs("nsfw")
@@ -240,7 +267,7 @@ def test_text_density_is_higher_with_large_text():
     dense, none, no_text = (SCORERS["text_density"](im, {}) for im in (text, blank, shapes()))
     assert none == 0.0 and no_text == 0.0  # large solid shapes fool the detector, not the recogniser
     assert 0.15 < dense <= 1.0, dense
-    boxes, texts, size = ms.text_boxes(text)
+    boxes, texts, size = text_density.text_boxes(text)
     assert texts == ["SALE 50%", "BUY NOW", "LIMITED"] and boxes.shape == (3, 4, 2) and size == (512, 512)
 
 
@@ -276,7 +303,7 @@ def test_caption_language_matches_labels():
      ("Ein Hund spielt im Park", "de"), ("一辆红色的汽车停在安静的街道上", "zh"), ("...", None)],
 )  # fmt: skip
 def test_detect_language(text, lang):
-    assert ms.detect_language(text) == lang
+    assert caption_language.detect_language(text) == lang
 
 
 def test_aesthetic_slot_runs_only_with_given_weights(tmp_path, monkeypatch):
@@ -284,23 +311,22 @@ def test_aesthetic_slot_runs_only_with_given_weights(tmp_path, monkeypatch):
 
     from common.errors import WeightsNotFoundError
     from components.clip import AestheticMLP, build_tiny_clip
-    from components.tier import model_scorers
 
     monkeypatch.delenv("LUMINA_CLIP_MODEL", raising=False)
     monkeypatch.delenv("LUMINA_AESTHETIC_MLP", raising=False)
-    assert "aesthetic" not in [s.name for s in model_scorers.model_scorers()]
+    assert "aesthetic" not in [s.name for s in aesthetic.scorers()]
     clip = build_tiny_clip(tmp_path / "clip")
     torch.manual_seed(0)
     torch.save(AestheticMLP(16).state_dict(), tmp_path / "mlp.pth")
     monkeypatch.setenv("LUMINA_CLIP_MODEL", str(clip))
     monkeypatch.setenv("LUMINA_AESTHETIC_MLP", str(tmp_path / "mlp.pth"))
-    model_scorers.aesthetic_predictor.cache_clear()
-    (scorer,) = [s for s in model_scorers.model_scorers() if s.name == "aesthetic"]
+    aesthetic.aesthetic_predictor.cache_clear()
+    (scorer,) = [s for s in aesthetic.scorers() if s.name == "aesthetic"]
     scorer.prepare()
     a, b = scorer(natural(), {}), scorer(natural(), {})
     assert np.isfinite(a) and a == b
     monkeypatch.setenv("LUMINA_AESTHETIC_MLP", str(tmp_path / "missing.pth"))
-    model_scorers.aesthetic_predictor.cache_clear()
+    aesthetic.aesthetic_predictor.cache_clear()
     with pytest.raises(WeightsNotFoundError, match="not found"):
         scorer.prepare()
-    model_scorers.aesthetic_predictor.cache_clear()
+    aesthetic.aesthetic_predictor.cache_clear()

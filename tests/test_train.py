@@ -20,8 +20,9 @@ from components.latents.cache import index_files
 from components.train.config import load_config, stage_config
 from components.train.data import bucket_sizes, decode_image, fingerprint, read_manifest
 from components.train.loader import StageFilter, stage_rows
+from components.train.resume import read_losses
 from components.train.sources import encode_manifest
-from components.train.trainer import read_losses, train_stage
+from components.train.trainer import train_stage
 from model.checkpoint import build_pipeline, load_pipeline
 from model.flow import validation_loss
 from model.text import encode_prompts
@@ -463,7 +464,7 @@ def test_gradient_checkpointing_gives_the_same_losses(tmp_path, manifest):
 def test_a_stage_run_continues_or_links_its_earlier_run(tmp_path, manifest, monkeypatch, caplog):
     from mlflow.tracking import MlflowClient
 
-    from components.train.trainer import stage_tracker
+    from components.train.tracking import stage_tracker
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     cfg = stage_config("lowres", manifest=manifest, output_dir=tmp_path / "run")

@@ -25,7 +25,8 @@ from components.train.checkpoints import (
     tag_step,
 )
 from components.train.config import stage_config
-from components.train.trainer import read_losses, train_stage
+from components.train.resume import read_losses
+from components.train.trainer import train_stage
 from tests.test_train import make_manifest
 
 

@@ -6,16 +6,13 @@ granularities (keys in English, values in the target language), so every generat
 and a failure in one language does not lose the other. The prompt texts are :data:`PROMPTS`, versioned by
 :data:`PROMPT_VERSION` (change the version whenever the wording changes).
 
-Honesty: the parser only returns what it can read from the model output. A granularity that cannot be
-parsed is absent (never invented), and :attr:`ImageCaptions.error` says what is missing. A random-weight
-model (:func:`build_tiny_qwen2vl`, for tests and the offline profile) produces gibberish, so it
-normally yields empty captions and an error message; that is expected.
+The generated texts are read by :func:`components.recaption.parse.parse_captions` (only what can be read
+is returned; :attr:`ImageCaptions.error` says what is missing). A tiny random-weight Qwen2-VL for tests,
+benchmarks and the offline profile is built by :mod:`components.recaption.tiny_vlm`.
 """
 
 from __future__ import annotations
 
-import json
-import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -27,9 +24,18 @@ import torch
 from PIL import Image
 
 from common.errors import error_summary
+from components.recaption.parse import missing_message, parse_captions
 from components.recaption.schema import GRANULARITIES, LANGUAGES
 
-__all__ = ["GRANULARITIES", "LANGUAGES", "PROMPT_VERSION", "CaptionerError", "VlmCaptioner", "parse_captions"]
+__all__ = [
+    "GRANULARITIES",
+    "LANGUAGES",
+    "PROMPTS",
+    "PROMPT_VERSION",
+    "CaptionerError",
+    "ImageCaptions",
+    "VlmCaptioner",
+]
 
 PROMPT_VERSION = "unicap-v1"
 
@@ -49,42 +55,6 @@ PATCH_FACTOR = 28
 DEFAULT_MIN_PIXELS = 4 * PATCH_FACTOR * PATCH_FACTOR  # 56 x 56
 DEFAULT_MAX_PIXELS = 640 * PATCH_FACTOR * PATCH_FACTOR  # <= 640 visual tokens (~ 708 x 708)
 DEFAULT_MAX_NEW_TOKENS = 512
-
-# The Qwen2-VL chat template (as shipped with Qwen/Qwen2-VL-*-Instruct).
-QWEN2_VL_CHAT_TEMPLATE = (
-    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
-    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
-    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
-    "<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
-    "{% else %}{% for content in message['content'] %}"
-    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
-    "{% set image_count.value = image_count.value + 1 %}"
-    "{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}"
-    "<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif content['type'] == 'video' or 'video' in content %}"
-    "{% set video_count.value = video_count.value + 1 %}"
-    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}"
-    "<|vision_start|><|video_pad|><|vision_end|>"
-    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
-    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-QWEN2_VL_SPECIAL_TOKENS = (
-    "<|endoftext|>",
-    "<|im_start|>",
-    "<|im_end|>",
-    "<|object_ref_start|>",
-    "<|object_ref_end|>",
-    "<|box_start|>",
-    "<|box_end|>",
-    "<|quad_start|>",
-    "<|quad_end|>",
-    "<|vision_start|>",
-    "<|vision_end|>",
-    "<|vision_pad|>",
-    "<|image_pad|>",
-    "<|video_pad|>",
-)
 
 
 class CaptionerError(RuntimeError):
@@ -108,163 +78,6 @@ class ImageCaptions:
 
 
 # ----------------------------------------------------------------------------------------------
-# Parsing
-
-
-_FENCE = re.compile(r"```[ \t]*(?:json|JSON|json5)?[ \t]*\n?(.*?)(?:```|\Z)", re.DOTALL)
-# A complete JSON string: "..." with escapes.
-_JSON_STRING = r'"(?:[^"\\]|\\.)*"'
-_PAIR_STRING = re.compile(rf"({_JSON_STRING})\s*:\s*({_JSON_STRING})", re.DOTALL)
-_PAIR_LIST = re.compile(
-    rf"({_JSON_STRING})\s*:\s*(\[\s*(?:{_JSON_STRING}(?:\s*,\s*{_JSON_STRING})*\s*)?\])", re.DOTALL
-)
-_LABEL = re.compile(
-    r"^\s*(?:[-*•>#]+\s*|\d+[.)]\s*)?(?:\*\*|__)?\s*"
-    r"(?P<label>detailed|detail|medium|short|tags?)(?:[ _-]*(?:caption|description))?"
-    r"\s*(?:\*\*|__)?\s*[:：]\s*(?:\*\*|__)?\s*(?P<rest>.*)$",
-    re.IGNORECASE,
-)
-_TAG_SPLIT = re.compile(r"\s*[,，、;；\n]\s*")
-_KEY_ALIASES = {"detail": "detailed", "tags": "tag"}
-
-
-def _granularity(key: Any) -> str | None:
-    """Map a key like ``"Detailed"``, ``"short_caption"`` or ``"tags"`` to a known granularity."""
-    if not isinstance(key, str):
-        return None
-    k = re.sub(r"[\s_-]+", " ", key.strip().lower())
-    k = re.sub(r" (caption|description)$", "", k)
-    k = _KEY_ALIASES.get(k, k)
-    return k if k in GRANULARITIES else None
-
-
-def _clean_text(text: str) -> str:
-    text = text.strip()
-    for left, right in ('""', "''", "“”", "「」"):
-        if len(text) >= 2 and text[0] == left and text[-1] == right:
-            return text[1:-1].strip()
-    return text
-
-
-def _clean_tags(value: Any) -> str:
-    if isinstance(value, str):
-        items = _TAG_SPLIT.split(value.strip().strip("[]"))
-    else:
-        items = [v for v in value if isinstance(v, str | int | float) and not isinstance(v, bool)]
-    cleaned = [_clean_text(str(v)).strip("#").strip() for v in items]
-    return ", ".join(t for t in cleaned if t)
-
-
-def _normalise(obj: dict[Any, Any]) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for key, value in obj.items():
-        g = _granularity(key)
-        if g is None or g in out:
-            continue
-        if g == "tag" and isinstance(value, str | list | tuple):
-            text = _clean_tags(value)
-        elif isinstance(value, str):
-            text = _clean_text(value)
-        elif isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
-            text = " ".join(_clean_text(v) for v in value if v.strip())
-        else:
-            continue  # numbers, nested objects, null: nothing we can honestly call a caption
-        if text:
-            out[g] = text
-    return out
-
-
-def _json_objects(text: str) -> list[dict]:
-    """Every top-level ``{...}`` span of ``text`` that parses as a JSON object, in order."""
-    decoder = json.JSONDecoder()
-    found: list[dict] = []
-    i = text.find("{")
-    while i != -1:
-        try:
-            obj, end = decoder.raw_decode(text, i)
-        except json.JSONDecodeError:
-            i = text.find("{", i + 1)
-            continue
-        if isinstance(obj, dict):
-            found.append(obj)
-        i = text.find("{", end)
-    return found
-
-
-def _lenient_pairs(text: str) -> dict[str, str]:
-    """Complete ``"key": "value"`` / ``"key": [...]`` pairs of a truncated or malformed JSON object."""
-    out: dict[str, str] = {}
-    matches = [*_PAIR_LIST.finditer(text), *_PAIR_STRING.finditer(text)]
-    for m in sorted(matches, key=lambda m: m.start()):
-        try:
-            key, value = json.loads(m.group(1)), json.loads(m.group(2))
-        except json.JSONDecodeError:
-            continue
-        for g, v in _normalise({key: value}).items():
-            out.setdefault(g, v)
-    return out
-
-
-def _labelled_lines(text: str) -> dict[str, str]:
-    """``Detailed: ...`` / ``**Short:** ...`` / ``- Tags: a, b`` lines.
-
-    A value is the rest of its label line; only a label with nothing after the colon takes the
-    following lines, up to a blank line (so trailing chatter is not glued onto the last caption).
-    """
-    fields: dict[str, list[str]] = {}
-    current: str | None = None  # the label whose value continues on the next lines
-    for line in text.splitlines():
-        m = _LABEL.match(line)
-        if m:
-            g = _granularity(m["label"])
-            current = None
-            if g is not None and g not in fields:  # keep the first occurrence
-                fields[g] = [m["rest"].strip()]
-                current = g if not fields[g][0] else None
-        elif current is not None:
-            if not line.strip() or line.strip().startswith("```"):
-                current = None if any(fields[current]) or line.strip() else current
-            else:
-                fields[current].append(line.strip())
-    return _normalise({g: " ".join(p for p in parts if p) for g, parts in fields.items()})
-
-
-def parse_captions(text: str | None) -> dict[str, str]:
-    """Read the granularity captions out of one model output.
-
-    Tried in order: a JSON object (inside a fenced block or anywhere in the text, chatter around it is
-    ignored), the complete ``"key": value`` pairs of a truncated/malformed object, then labelled lines
-    (``Detailed: ...``, ``Tag: a, b``). Keys are matched case-insensitively (``tags`` and
-    ``*_caption`` are accepted); only :data:`GRANULARITIES` are returned, values are stripped, empty
-    ones dropped, tags joined with ``", "``.
-    """
-    if not text or not text.strip():
-        return {}
-    candidates = [m.group(1) for m in _FENCE.finditer(text)] + [text]
-    for candidate in candidates:
-        for obj in _json_objects(candidate):
-            parsed = _normalise(obj)
-            if parsed:
-                return parsed
-    if "{" in text or '":' in text:
-        parsed = _lenient_pairs(text)
-        if parsed:
-            return parsed
-    return _labelled_lines(text)
-
-
-def _missing_message(captions: dict[str, dict[str, str]], languages: Sequence[str]) -> str | None:
-    problems = []
-    for lang in languages:
-        got = captions.get(lang, {})
-        if not got:
-            problems.append(f"{lang}: no caption could be parsed from the model output")
-        elif missing := [g for g in GRANULARITIES if g not in got]:
-            problems.append(f"{lang}: missing {', '.join(missing)}")
-    return "; ".join(problems) or None
-
-
-# ----------------------------------------------------------------------------------------------
 # The captioner
 
 
@@ -275,7 +88,7 @@ def _default_dtype(device: torch.device) -> torch.dtype:
 
 
 @contextmanager
-def _quiet_transformers() -> Iterator[None]:
+def quiet_transformers() -> Iterator[None]:
     """No info logs or progress bars from transformers while loading/saving (restored after)."""
     from transformers.utils import logging as hf_logging
 
@@ -392,7 +205,7 @@ class VlmCaptioner:
                 raise CaptionerError(f"cannot load VLM captioner {source!r}: no such model folder")
             source = str(path)
         try:
-            with _quiet_transformers():
+            with quiet_transformers():
                 processor = _load_processor(source)
                 net = AutoModelForImageTextToText.from_pretrained(source, dtype=self.dtype)
         except Exception as exc:  # OSError (missing/offline), ValueError (unknown architecture), ...
@@ -487,7 +300,7 @@ class VlmCaptioner:
             results[i] = ImageCaptions(
                 captions=captions,
                 raw=raw_text,
-                error=_missing_message(captions, self.languages),
+                error=missing_message(captions, self.languages),
                 raw_by_language=dict(by_lang),
             )
         return [r for r in results if r is not None]
@@ -497,148 +310,3 @@ class VlmCaptioner:
             f"VlmCaptioner(model_id={self.model_id!r}, prompt_version={PROMPT_VERSION!r}, "
             f"languages={self.languages}, batch_size={self.batch_size}, max_pixels={self.max_pixels})"
         )
-
-
-# ----------------------------------------------------------------------------------------------
-# A tiny random Qwen2-VL, built offline
-
-
-@dataclass(frozen=True)
-class TinyQwen2VLSpec:
-    text_hidden: int
-    text_layers: int
-    text_heads: int
-    text_kv_heads: int
-    text_intermediate: int
-    vision_depth: int
-    vision_dim: int
-    vision_heads: int
-    vocab_size: int = 1024
-    max_pixels: int = 16 * PATCH_FACTOR * PATCH_FACTOR  # the saved processor's default
-
-    @property
-    def mrope_section(self) -> list[int]:
-        half = self.text_hidden // self.text_heads // 2  # rotary frequencies per head
-        t = half // 4
-        h = (half - t) // 2
-        return [t, h, half - t - h]
-
-
-TINY_QWEN2VL_SPECS = {
-    "tiny": TinyQwen2VLSpec(64, 2, 4, 2, 128, vision_depth=2, vision_dim=32, vision_heads=2),
-    "small": TinyQwen2VLSpec(256, 4, 8, 2, 768, vision_depth=4, vision_dim=128, vision_heads=4),
-}
-
-
-def _tokenizer_corpus() -> list[str]:
-    lines = list(PROMPTS.values())
-    try:
-        from model.text import tokenizer_corpus
-
-        lines += tokenizer_corpus(n_sentences=1500)
-    except ImportError:  # pragma: no cover - the package is always installed with model/
-        pass
-    lines += ['{"detailed": "", "medium": "", "short": "", "tag": ["", ""]}', "```json\n{}\n```"]
-    return lines
-
-
-def build_qwen2_tokenizer(vocab_size: int = 1024) -> Any:
-    """A byte-level BPE trained offline on a small bilingual corpus, as a ``Qwen2Tokenizer`` with the
-    Qwen2-VL special tokens and chat template (``<|endoftext|>`` pads, ``<|im_end|>`` ends a turn)."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import AddedToken, Qwen2Tokenizer
-    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
-
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-    )
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-        min_frequency=2,
-    )
-    bpe.train_from_iterator(_tokenizer_corpus(), trainer=trainer)
-    state = json.loads(bpe.to_str())["model"]
-    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in state["merges"]]
-    tok = Qwen2Tokenizer(
-        vocab=state["vocab"],
-        merges=merges,
-        unk_token=None,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-    )
-    tok.add_special_tokens(
-        {"additional_special_tokens": [AddedToken(t, special=True) for t in QWEN2_VL_SPECIAL_TOKENS]}
-    )
-    tok.chat_template = QWEN2_VL_CHAT_TEMPLATE
-    tok.padding_side = "left"
-    tok.model_max_length = 32768
-    return tok
-
-
-def build_tiny_qwen2vl(path: str | Path, seed: int = 0, *, size: str = "tiny") -> Path:
-    """Save a random-weight Qwen2-VL (``size`` in :data:`TINY_QWEN2VL_SPECS`) with its processor in
-    ``path``, loadable like a real checkpoint (``VlmCaptioner(path)``). Deterministic for a seed."""
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
-    if size not in TINY_QWEN2VL_SPECS:
-        choices = ", ".join(TINY_QWEN2VL_SPECS)
-        raise CaptionerError(f"unknown tiny Qwen2-VL size {size!r} (choose from {choices})")
-    spec = TINY_QWEN2VL_SPECS[size]
-    path = Path(path)
-    tokenizer = build_qwen2_tokenizer(spec.vocab_size)
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN2_VL_SPECIAL_TOKENS}
-    image_processor = Qwen2VLImageProcessorPil(min_pixels=DEFAULT_MIN_PIXELS, max_pixels=spec.max_pixels)
-    config = Qwen2VLConfig(
-        text_config={
-            "vocab_size": len(tokenizer),
-            "hidden_size": spec.text_hidden,
-            "intermediate_size": spec.text_intermediate,
-            "num_hidden_layers": spec.text_layers,
-            "num_attention_heads": spec.text_heads,
-            "num_key_value_heads": spec.text_kv_heads,
-            "max_position_embeddings": 4096,
-            "rope_parameters": {
-                "rope_type": "default",
-                "rope_theta": 1e6,
-                "mrope_section": spec.mrope_section,
-            },
-            "bos_token_id": ids["<|endoftext|>"],
-            "eos_token_id": ids["<|im_end|>"],
-            "pad_token_id": ids["<|endoftext|>"],
-        },
-        vision_config={
-            "depth": spec.vision_depth,
-            "embed_dim": spec.vision_dim,
-            "hidden_size": spec.text_hidden,
-            "num_heads": spec.vision_heads,
-            "mlp_ratio": 2,
-            "patch_size": 14,
-            "spatial_merge_size": 2,
-            "temporal_patch_size": 2,
-        },
-        image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = Qwen2VLForConditionalGeneration(config).eval()
-    model.generation_config.eos_token_id = [ids["<|im_end|>"], ids["<|endoftext|>"]]
-    model.generation_config.pad_token_id = ids["<|endoftext|>"]
-    model.generation_config.do_sample = False
-    path.mkdir(parents=True, exist_ok=True)
-    with _quiet_transformers():
-        model.save_pretrained(path)
-        # The layout of a hub checkpoint: tokenizer files (with the chat template) + preprocessor_config.json.
-        tokenizer.save_pretrained(path)
-        image_processor.save_pretrained(path)
-    return path

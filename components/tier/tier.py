@@ -25,8 +25,9 @@ from tqdm.auto import tqdm
 
 from common.errors import ConfigError, LuminaError, error_summary, first_line
 from components.plan.plan import Group
-from components.tier.scorers import Scorer, available
+from components.tier.registry import Scorer, available
 from components.tier.tiering import TIERS, TierConfig, assign_tiers, combined_score
+from model.prompts import domain_template
 from storage import join, write_parquet
 from storage.shards import REF_COLUMNS, image_bytes
 
@@ -162,7 +163,7 @@ def tier_groups(
             scored[column] = None
     lower = frozenset(s.name for s in scorers if not s.higher_is_better)
     scored["score"] = combined_score(scored[[s.name for s in scorers]], config.weights, lower)
-    scored["system_prompt"] = [str(config.system_prompts.get(d, "A")) for d in scored["domain"]]
+    scored["system_prompt"] = [str(domain_template(d, config.system_prompts)) for d in scored["domain"]]
     tiers = assign_tiers(scored, config)
     out.mkdir(parents=True, exist_ok=True)
     scored.to_parquet(out / SCORES_FILE, index=False)

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from model.prompts import SystemPrompt
+from model.prompts import DOMAIN_TEMPLATES, SystemPrompt
 
 TIERS = ("lowres", "highres", "hq")
 
@@ -42,7 +42,7 @@ class TierConfig(BaseModel):
         "aesthetic": 2.0,
     }
     nsfw_threshold: float = Field(0.5, ge=0.0, le=1.0, description="images scoring above are excluded")
-    system_prompts: dict[str, SystemPrompt] = {"real": SystemPrompt.A, "synthetic": SystemPrompt.B}
+    system_prompts: dict[str, SystemPrompt] = Field(default_factory=lambda: dict(DOMAIN_TEMPLATES))
 
     @model_validator(mode="after")
     def _ordered(self) -> TierConfig:

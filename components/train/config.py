@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from common.config_files import read_yaml_mapping
 from common.errors import ConfigError, validation_message
-from model.prompts import SystemPrompt
+from model.prompts import DOMAIN_TEMPLATES, SystemPrompt
 
 
 class Stage(StrEnum):
@@ -41,7 +41,6 @@ TINY_STAGES: dict[Stage, dict[str, Any]] = {
         "global_batch": 16,
         "lr": 1e-3,
         "aux_weight": 0.0,
-        "ema_decay": 0.95,
     },
     Stage.HIGHRES: {
         "resolution": 128,
@@ -49,7 +48,6 @@ TINY_STAGES: dict[Stage, dict[str, Any]] = {
         "global_batch": 8,
         "lr": 5e-4,
         "aux_weight": 1.0,
-        "ema_decay": 0.95,
     },
     Stage.HQ: {
         "resolution": 128,
@@ -57,7 +55,6 @@ TINY_STAGES: dict[Stage, dict[str, Any]] = {
         "global_batch": 8,
         "lr": 2e-4,
         "aux_weight": 1.0,
-        "ema_decay": 0.95,
     },
 }
 
@@ -113,13 +110,16 @@ class TrainConfig(BaseModel):
     micro_batch: int = Field(4, ge=1)
     lr: float = Field(1e-3, gt=0)
     betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = 1e-8
+    # AdamW eps and the per-step EMA decay follow the official trainer where the paper is silent:
+    # Alpha-VLLM/Lumina-Image-2.0 finetune.py L463 `AdamW(..., eps=1e-15, betas=(0.9, 0.95))` and
+    # L146 `update_ema(ema_model, model, decay=0.95)`, called every step (L725) with the default.
+    eps: float = 1e-15
     weight_decay: float = 0.0
     grad_clip: float = 2.0
-    ema_decay: float = Field(0.99, ge=0.0, lt=1.0)
+    ema_decay: float = Field(0.95, ge=0.0, lt=1.0)
     caption_dropout: float = Field(0.1, ge=0.0, le=1.0)
     aux_weight: float = Field(0.0, ge=0.0)
-    system_prompts: dict[str, SystemPrompt] = {"real": SystemPrompt.A, "synthetic": SystemPrompt.B}
+    system_prompts: dict[str, SystemPrompt] = Field(default_factory=lambda: dict(DOMAIN_TEMPLATES))
     granularity_weights: dict[str, float] = {"detailed": 1.0, "medium": 1.0, "short": 1.0, "tag": 0.5}
     language_weights: dict[str, float] = {"en": 1.0, "zh": 0.5}
     timestep_sampling: Literal["lognorm", "uniform"] = "lognorm"

@@ -33,7 +33,7 @@ import torch
 from PIL import Image, ImageOps
 
 from common.errors import ConfigError
-from model.prompts import SystemPrompt, apply_system_prompt
+from model.prompts import SystemPrompt, apply_system_prompt, domain_template
 from storage.io import is_s3
 from storage.shards import REF_COLUMNS, MemberRef, image_bytes
 
@@ -249,7 +249,7 @@ def fingerprint(module: torch.nn.Module) -> str:
 
 def caption_texts(record: TrainRecord, system_prompts: dict[str, SystemPrompt]) -> list[str]:
     """All text variants a record can be trained with (system prompt per domain applied)."""
-    template = system_prompts.get(record.domain, SystemPrompt.A)
+    template = domain_template(record.domain, system_prompts)
     return [apply_system_prompt(c.text, template) for c in record.captions]
 
 

@@ -48,7 +48,7 @@ class SamplerConfig(BaseModel):
     solver: Solver = Solver.EULER
     shift: float | None = Field(None, gt=0.0, description="static time shift; None = the scheduler's")
     teacache: float = Field(0.0, ge=0.0, description="TeaCache threshold; 0 = off")
-    system_prompt: SystemPrompt = SystemPrompt.A
+    system_prompt: SystemPrompt = SystemPrompt.B  # the official default (system_type real)
 
 
 @dataclass
@@ -190,8 +190,8 @@ class LuminaSampler:
         use_cfg = config.guidance_scale != 1.0
 
         texts = [apply_system_prompt(p, config.system_prompt) for p in prompts]
-        if use_cfg:  # negatives carry no system prompt, as in the official sampler
-            texts += negatives
+        if use_cfg:  # a non-empty negative gets the template too, as in the official sample.py
+            texts += [apply_system_prompt(n, config.system_prompt) if n else "" for n in negatives]
         emb = encode_prompts(texts, self.tokenizer, self.text_encoder, device=device)
         full_ctx = self.denoiser.prepare(emb.embeds, emb.mask, lat_h, lat_w)
         cond_ctx = self.denoiser.subset(full_ctx, batch) if use_cfg else full_ctx

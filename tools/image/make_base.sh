@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
-# Build an offline base image for the Dockerfile where no image registry can be pulled from:
-#   debootstrap (Debian bookworm, minbase + python3.11, venv/pip, ca-certificates, g++, git)
-#   -> rootfs tarball -> `docker import` (or podman import / buildah).
+# Build the offline base images for the Dockerfile where no image registry can be pulled from:
+#   debootstrap (Debian bookworm, minbase + python3.11, venv/pip, ca-certificates)
+#   -> rootfs tarball -> `docker import` (or podman import / buildah) as BASE_IMAGE, the runtime
+#      base: no compiler, no git;
+#   the same rootfs + g++ (apt in the chroot) -> BUILD_BASE_IMAGE, the Dockerfile's build stage
+#      (DeepSpeed's prebuilt op), so that build needs no Debian mirror.
 #
-# Usage:  sudo tools/image/make_base.sh            # builds lumina-base:bookworm unless it exists
-#         FORCE=1 tools/image/make_base.sh         # rebuild even if it exists
-# Then:   make image BASE=lumina-base:bookworm
+# Usage:  sudo tools/image/make_base.sh            # builds both unless they exist
+#         FORCE=1 tools/image/make_base.sh         # rebuild even if they exist
+# Then:   make image BASE=lumina-base:bookworm BUILD_BASE=lumina-base:bookworm-build
 #
 # Environment (all optional):
-#   BASE_IMAGE        image name to create           (default lumina-base:bookworm)
+#   BASE_IMAGE        runtime base to create          (default lumina-base:bookworm)
+#   BUILD_BASE_IMAGE  build base to create (+ g++)    (default BASE_IMAGE with -build appended)
 #   CONTAINER_ENGINE  docker | podman | buildah       (default docker)
 #   SUITE             Debian suite; must ship python3.11 (default bookworm; trixie has 3.13)
 #   MIRROR            Debian mirror                   (default http://deb.debian.org/debian)
@@ -22,6 +26,7 @@
 set -euo pipefail
 
 BASE_IMAGE=${BASE_IMAGE:-lumina-base:bookworm}
+BUILD_BASE_IMAGE=${BUILD_BASE_IMAGE:-${BASE_IMAGE}-build}
 CONTAINER_ENGINE=${CONTAINER_ENGINE:-docker}
 SUITE=${SUITE:-bookworm}
 MIRROR=${MIRROR:-http://deb.debian.org/debian}
@@ -29,7 +34,9 @@ SECURITY_MIRROR=${SECURITY_MIRROR:-http://deb.debian.org/debian-security}
 UPGRADE=${UPGRADE:-1}
 FORCE=${FORCE:-0}
 # python3-venv brings ensurepip (pip inside the Dockerfile's venv, no externally-managed error).
-PACKAGES=python3.11,python3-venv,ca-certificates,g++,git
+# The runtime base has no compiler and no git (the image records the commit from a build arg).
+PACKAGES=python3.11,python3-venv,ca-certificates
+BUILD_PACKAGES="g++"
 
 log() { echo "make_base: $*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -40,15 +47,15 @@ case "$CONTAINER_ENGINE" in
   *) engine=("$CONTAINER_ENGINE") ;;
 esac
 
-image_exists() {
+image_exists() {  # image_exists NAME
   case "$CONTAINER_ENGINE" in
-    buildah) "${engine[@]}" inspect --type image "$BASE_IMAGE" >/dev/null 2>&1 ;;
-    *) "${engine[@]}" image inspect "$BASE_IMAGE" >/dev/null 2>&1 ;;
+    buildah) "${engine[@]}" inspect --type image "$1" >/dev/null 2>&1 ;;
+    *) "${engine[@]}" image inspect "$1" >/dev/null 2>&1 ;;
   esac
 }
 
-if [[ "$FORCE" != 1 ]] && image_exists; then
-  log "$BASE_IMAGE already exists (FORCE=1 rebuilds it)"
+if [[ "$FORCE" != 1 ]] && image_exists "$BASE_IMAGE" && image_exists "$BUILD_BASE_IMAGE"; then
+  log "$BASE_IMAGE and $BUILD_BASE_IMAGE already exist (FORCE=1 rebuilds them)"
   exit 0
 fi
 
@@ -58,13 +65,14 @@ command -v "${engine[0]}" >/dev/null || unmet "$CONTAINER_ENGINE not found"
 
 work=${WORK_DIR:-$(mktemp -d /tmp/lumina-base.XXXXXX)}
 rootfs=$work/rootfs
-mounted=0
+buildfs=$work/rootfs-build
+mounted=""
 cleanup() {
-  if [[ $mounted == 1 ]]; then umount "$rootfs/proc" 2>/dev/null || umount -l "$rootfs/proc" || true; fi
+  if [[ -n $mounted ]]; then umount "$mounted/proc" 2>/dev/null || umount -l "$mounted/proc" || true; fi
   [[ -n "${WORK_DIR:-}" ]] || rm -rf "$work"
 }
 trap cleanup EXIT
-rm -rf "$rootfs"
+rm -rf "$rootfs" "$buildfs"
 mkdir -p "$rootfs"
 
 start=$(date +%s)
@@ -80,12 +88,12 @@ EOF
 
 if [[ "$UPGRADE" == 1 ]]; then
   log "applying $SUITE-updates and $SUITE-security"
-  mount -t proc proc "$rootfs/proc" && mounted=1
+  mount -t proc proc "$rootfs/proc" && mounted=$rootfs
   cp /etc/resolv.conf "$rootfs/etc/resolv.conf"
   chroot "$rootfs" /usr/bin/env DEBIAN_FRONTEND=noninteractive \
     sh -c 'apt-get update -qq && apt-get -y -qq -o Dpkg::Options::=--force-confold upgrade' >"$work/upgrade.log" 2>&1 \
     || { tail -n 30 "$work/upgrade.log" >&2; die "apt-get upgrade in the rootfs failed (log above)"; }
-  umount "$rootfs/proc" && mounted=0
+  umount "$rootfs/proc" && mounted=""
 fi
 
 # Sanity: the interpreter the project needs, with a working venv + pip.
@@ -94,37 +102,60 @@ chroot "$rootfs" /usr/bin/python3 -c 'import sys; assert sys.version_info[:2] ==
 chroot "$rootfs" /bin/sh -c 'python3 -m venv /tmp/venv-check && /tmp/venv-check/bin/python -m pip --version >/dev/null && rm -rf /tmp/venv-check' \
   || die "python3 -m venv / pip does not work in the rootfs"
 
-# Slim it like the official images: no apt lists, package cache, docs or host resolver.
-rm -rf "$rootfs"/var/lib/apt/lists/* "$rootfs"/var/cache/apt/*.bin "$rootfs"/var/cache/apt/archives/*.deb \
-  "$rootfs"/usr/share/doc/* "$rootfs"/usr/share/man/* "$rootfs"/usr/share/info/* "$rootfs"/usr/share/locale/* \
-  "$rootfs"/var/log/*.log \
-  "$rootfs"/tmp/* "$rootfs"/root/.cache
-: >"$rootfs/etc/resolv.conf"
-echo "lumina-base" >"$rootfs/etc/hostname"
+# The build base: a copy with the compiler, installed from the same mirror.
+log "build base: + $BUILD_PACKAGES"
+cp -a "$rootfs" "$buildfs"
+mount -t proc proc "$buildfs/proc" && mounted=$buildfs
+cp /etc/resolv.conf "$buildfs/etc/resolv.conf"
+# shellcheck disable=SC2086
+chroot "$buildfs" /usr/bin/env DEBIAN_FRONTEND=noninteractive \
+  sh -c "apt-get update -qq && apt-get install -y -qq --no-install-recommends $BUILD_PACKAGES" >"$work/build.log" 2>&1 \
+  || { tail -n 30 "$work/build.log" >&2; die "apt-get install $BUILD_PACKAGES in the build rootfs failed (log above)"; }
+umount "$buildfs/proc" && mounted=""
+chroot "$buildfs" /bin/sh -c 'command -v g++' >/dev/null || die "no g++ in the build rootfs"
+chroot "$rootfs" /bin/sh -c '! command -v g++ && ! command -v gcc && ! command -v git' >/dev/null \
+  || die "the runtime rootfs has a compiler or git"
 
-tarball=$work/rootfs.tar
-tar --numeric-owner --xattrs -C "$rootfs" \
-  --exclude='./dev/*' --exclude='./proc/*' --exclude='./sys/*' -cf "$tarball" .
+# Slim them like the official images: no apt lists, package cache, docs or host resolver.
+slim() {
+  local fs=$1
+  rm -rf "$fs"/var/lib/apt/lists/* "$fs"/var/cache/apt/*.bin "$fs"/var/cache/apt/archives/*.deb \
+    "$fs"/usr/share/doc/* "$fs"/usr/share/man/* "$fs"/usr/share/info/* "$fs"/usr/share/locale/* \
+    "$fs"/var/log/*.log \
+    "$fs"/tmp/* "$fs"/root/.cache
+  : >"$fs/etc/resolv.conf"
+  echo "lumina-base" >"$fs/etc/hostname"
+}
 
-changes=(
-  'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin'
-  'ENV LANG=C.UTF-8'
-  'CMD ["/bin/bash"]'
-)
-log "importing $tarball ($(du -h "$tarball" | cut -f1)) as $BASE_IMAGE with $CONTAINER_ENGINE"
-case "$CONTAINER_ENGINE" in
-  buildah)
-    ctr=$("${engine[@]}" from scratch)
-    "${engine[@]}" add "$ctr" "$tarball" /
-    "${engine[@]}" config --env PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
-      --env LANG=C.UTF-8 --cmd /bin/bash "$ctr"
-    "${engine[@]}" commit --rm "$ctr" "$BASE_IMAGE" >/dev/null
-    ;;
-  *)
-    args=()
-    for c in "${changes[@]}"; do args+=(--change "$c"); done
-    "${engine[@]}" import "${args[@]}" "$tarball" "$BASE_IMAGE" >/dev/null
-    ;;
-esac
-image_exists || die "$BASE_IMAGE was not created"
-log "built $BASE_IMAGE in $(( $(date +%s) - start )) s"
+import_image() {  # import_image ROOTFS IMAGE
+  local fs=$1 name=$2 tarball
+  tarball=$work/$(basename "$fs").tar
+  tar --numeric-owner --xattrs -C "$fs" \
+    --exclude='./dev/*' --exclude='./proc/*' --exclude='./sys/*' -cf "$tarball" .
+  log "importing $tarball ($(du -h "$tarball" | cut -f1)) as $name with $CONTAINER_ENGINE"
+  case "$CONTAINER_ENGINE" in
+    buildah)
+      local ctr
+      ctr=$("${engine[@]}" from scratch)
+      "${engine[@]}" add "$ctr" "$tarball" /
+      "${engine[@]}" config --env PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+        --env LANG=C.UTF-8 --cmd /bin/bash "$ctr"
+      "${engine[@]}" commit --rm "$ctr" "$name" >/dev/null
+      ;;
+    *)
+      "${engine[@]}" import \
+        --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
+        --change 'ENV LANG=C.UTF-8' \
+        --change 'CMD ["/bin/bash"]' \
+        "$tarball" "$name" >/dev/null
+      ;;
+  esac
+  rm -f "$tarball"
+  image_exists "$name" || die "$name was not created"
+}
+
+slim "$rootfs"
+slim "$buildfs"
+import_image "$rootfs" "$BASE_IMAGE"
+import_image "$buildfs" "$BUILD_BASE_IMAGE"
+log "built $BASE_IMAGE and $BUILD_BASE_IMAGE in $(( $(date +%s) - start )) s"
