@@ -108,7 +108,8 @@ COPY pyproject.toml constraints.txt /tmp/project/
 RUN set -eu; cd /tmp/project; \
     grep -v '^torch==' constraints.txt > constraints-notorch.txt; \
     DS_ACCELERATOR=cpu DS_BUILD_OPS=0 DS_BUILD_SHM_COMM=1 \
-        python -m pip install --no-build-isolation --no-binary deepspeed -c constraints-notorch.txt deepspeed; \
+        python -m pip install --no-cache-dir --no-build-isolation --no-binary deepspeed \
+            -c constraints-notorch.txt deepspeed; \
     python -c 'from deepspeed.git_version_info import installed_ops as ops; assert ops["deepspeed_shm_comm"], ops'; \
     python -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]))' \
         > requirements.txt; \

@@ -94,6 +94,10 @@ serve: $(STAMP)
 IMAGE ?= lumina-pipeline:0.1.0
 CONTAINER_ENGINE ?= docker
 TORCH_WHEEL_DIR ?= /opt/wheels
+# Private index / offline wheelhouse (see the Dockerfile header), passed on when set:
+#   make image PIP_INDEX_URL=https://mirror/simple    make image WHEELHOUSE=.whl/wheelhouse
+IMAGE_PIP_ARGS := WHEELHOUSE PIP_INDEX_URL PIP_EXTRA_INDEX_URL PIP_TRUSTED_HOST
+# BASE / BUILD_BASE: runtime and build-stage bases (tools/image/make_base.sh makes both offline).
 # Extra CA certificates (e.g. a TLS-inspecting proxy) trusted by pip during the build only.
 BUILD_CA ?= $(wildcard /usr/local/share/ca-certificates/*.crt)
 image:
@@ -101,7 +105,10 @@ image:
 	$(if $(strip $(BUILD_CA)),mkdir -p .whl/ca && cp $(BUILD_CA) .whl/ca/,)
 	@wheel=$$(ls $(TORCH_WHEEL_DIR)/torch-2.13.0+cpu-*.whl 2>/dev/null | head -1); \
 	if [ -n "$$wheel" ]; then cp "$$wheel" .whl/; extra="--build-arg TORCH_WHEEL=$$(basename $$wheel)"; fi; \
-	set -x; $(CONTAINER_ENGINE) build $(if $(BASE),--build-arg BASE=$(BASE),) $$extra -t $(IMAGE) .
+	sha=$$(git rev-parse HEAD 2>/dev/null || echo unknown); \
+	set -x; $(CONTAINER_ENGINE) build $(if $(BASE),--build-arg BASE=$(BASE),) \
+		$(if $(BUILD_BASE),--build-arg BUILD_BASE=$(BUILD_BASE),) $$extra --build-arg GIT_SHA=$$sha \
+		$(foreach v,$(IMAGE_PIP_ARGS),$(if $($(v)),--build-arg '$(v)=$($(v))',)) -t $(IMAGE) .
 
 # Build the image (starting a local engine / an offline base where needed) and test it.
 test-image: $(STAMP)

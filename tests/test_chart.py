@@ -199,7 +199,9 @@ def render_ci(helm: Path, env: dict[str, str]) -> dict[str, Rendered]:
         for values_file in CI_VALUES:
             proc = template(helm, env, values_file)
             assert proc.returncode == 0, f"helm template -f {values_file.name} failed:\n{proc.stderr}"
-            _RENDERED[values_file.name] = Rendered(proc.stdout, effective_values(values_file), values_file.name)
+            _RENDERED[values_file.name] = Rendered(
+                proc.stdout, effective_values(values_file), values_file.name
+            )
     return _RENDERED
 
 

@@ -5,10 +5,11 @@ import torch
 from common.errors import ConfigError
 from model.prompts import SystemPrompt, apply_system_prompt
 from model.sampler import LuminaSampler, SamplerConfig, Solver
-from model.sampler.denoiser import Lumina2Denoiser
+from model.sampler.denoiser import Lumina2Denoiser, TeaCache
 from model.sampler.guidance import cfg_active, renorm_guided
 from model.sampler.schedule import flow_sigmas
 from model.sampler.solvers import SOLVERS
+from model.text import encode_prompts
 
 PROMPTS = ["a red cat on the left of a blue car", "three yellow apples"]
 
@@ -123,6 +124,47 @@ def test_teacache_skips_steps_within_stated_error(tiny_sampler):
     assert cached.teacache_skipped >= 5
     rel = ((cached.images - ref.images).norm() / ref.images.norm()).item()
     assert rel < 0.05  # stated bound: under 5% relative L2 error in latent space at 20 steps
+
+
+def test_teacache_polynomial_is_used_as_fitted():
+    """The reference applies np.poly1d(coefficients) as is: a negative prediction lowers the sum."""
+    cache = TeaCache(0.5, (1.0, -0.5), num_steps=10)
+    assert cache.rescale(0.1) == pytest.approx(-0.4)
+
+
+def test_teacache_branches_keep_their_own_accumulators():
+    cache = TeaCache(0.3, (1.0, 0.0), num_steps=10)
+    cond, uncond = torch.ones(2, 4, 8), torch.ones(2, 4, 8)
+    for name, tensor in (("cond", cond), ("uncond", uncond)):
+        assert cache.should_compute(name, tensor)  # step 0 always runs
+        cache.branches[name].residual = torch.zeros_like(tensor)
+    cache.next_step()
+    decisions = []
+    for _ in range(4):
+        cond = cond * 1.5  # the conditional input changes by 50% per step, the other by 1%
+        uncond = uncond * 1.01
+        decisions.append((cache.should_compute("cond", cond), cache.should_compute("uncond", uncond)))
+        cache.next_step()
+    assert decisions == [(True, False)] * 4  # one joint accumulator would run (or skip) both
+    assert cache.branches["uncond"].skipped == 4 and cache.branches["cond"].skipped == 0 == 4 - cache.skipped
+
+
+def test_teacache_one_branch_from_cache_the_other_computed_alone(tiny_sampler, monkeypatch):
+    """A step where only the conditional rows run (alone, on their own shorter joint sequence) and
+    the unconditional rows reuse an exact residual gives the full batched call's velocity."""
+    sampler = tiny_sampler
+    texts = [apply_system_prompt(p) for p in PROMPTS] + ["", "blurry"]  # captions of unequal length
+    emb = encode_prompts(texts, sampler.tokenizer, sampler.text_encoder)
+    ctx = sampler.denoiser.prepare(emb.embeds, emb.mask, 8, 8)
+    x = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(0))
+    batch = torch.cat([x, x])
+    reference = sampler.denoiser(batch, 0.4, ctx)
+    cache = TeaCache(1.0, (1.0, 0.0), num_steps=10)
+    first = sampler.denoiser(batch, 0.4, ctx, cache, branches=2)  # step 0: every row runs
+    torch.testing.assert_close(first, reference)
+    monkeypatch.setattr(TeaCache, "should_compute", lambda self, name, _: name == "cond")
+    mixed = sampler.denoiser(batch, 0.4, ctx, cache, branches=2)
+    torch.testing.assert_close(mixed, reference, atol=1e-5, rtol=1e-4)
 
 
 def test_seeded_determinism_batch_and_non_square(tiny_sampler):

@@ -38,48 +38,69 @@ class DenoiserContext:
 
 
 @dataclass
+class BranchCache:
+    """TeaCache state of one CFG branch (the conditional or the unconditional rows)."""
+
+    accumulated: float = 0.0
+    prev_modulated: torch.Tensor | None = None
+    residual: torch.Tensor | None = None
+    skipped: int = 0
+
+
+BRANCHES = ("cond", "uncond")
+
+
+@dataclass
 class TeaCache:
     """TeaCache state: skip the main blocks while the accumulated rescaled change stays small.
 
     The indicator is the relative L1 change of the first main block's timestep-modulated input
     (``layers[0].norm1``), rescaled by a polynomial fitted per model (``coefficients``, highest
-    power first) to predict the change of the blocks' output. The first and last steps always run.
+    power first) to predict the change of the blocks' output. As in the reference TeaCache4Lumina2,
+    the polynomial is used as fitted (no clamping at 0) and the conditional and unconditional
+    branches keep separate accumulators, inputs and residuals, so each decides for itself even
+    though both run in one batched call; the first and last steps always run.
     """
 
     threshold: float
     coefficients: tuple[float, ...]
     num_steps: int
     step: int = 0
-    accumulated: float = 0.0
-    prev_modulated: torch.Tensor | None = None
-    residual: torch.Tensor | None = None
-    skipped: int = 0
+    branches: dict[str, BranchCache] = field(default_factory=lambda: {b: BranchCache() for b in BRANCHES})
     record: bool = False  # calibration: always compute and log (input change, output change)
     history: list[tuple[float, float]] = field(default_factory=list)
     last_rel: float | None = None
     prev_output: torch.Tensor | None = None
 
-    def rescale(self, rel_l1: float) -> float:
-        """Predicted output change for an input change (never negative)."""
-        return max(0.0, float(np.polyval(self.coefficients, rel_l1)))
+    @property
+    def skipped(self) -> int:
+        """Branch-steps served from the cache."""
+        return sum(b.skipped for b in self.branches.values())
 
-    def should_compute(self, modulated: torch.Tensor) -> bool:
-        """Decide for this step and update the accumulator (call once per forward)."""
-        first_or_last = self.step == 0 or self.step >= self.num_steps - 1 or self.prev_modulated is None
+    def rescale(self, rel_l1: float) -> float:
+        """Predicted output change for an input change: the fitted polynomial as it is."""
+        return float(np.polyval(self.coefficients, rel_l1))
+
+    def should_compute(self, branch: str, modulated: torch.Tensor) -> bool:
+        """Decide for ``branch`` at this step and update its accumulator (once per branch and call)."""
+        state = self.branches[branch]
+        first_or_last = self.step == 0 or self.step >= self.num_steps - 1 or state.prev_modulated is None
         compute = True
-        if not first_or_last and self.residual is not None:
-            prev = self._fit(self.prev_modulated, modulated)
+        if not first_or_last and state.residual is not None:
+            prev = self._fit(state.prev_modulated, modulated)
             rel = _rel_l1(modulated, prev)
             self.last_rel = rel
-            self.accumulated += self.rescale(rel)
-            compute = self.record or self.accumulated >= self.threshold
+            state.accumulated += self.rescale(rel)
+            compute = self.record or state.accumulated >= self.threshold
         if compute:
-            self.accumulated = 0.0
+            state.accumulated = 0.0
         else:
-            self.skipped += 1
-        self.prev_modulated = modulated
-        self.step += 1
+            state.skipped += 1
+        state.prev_modulated = modulated
         return compute
+
+    def next_step(self) -> None:
+        self.step += 1
 
     def observe_output(self, output: torch.Tensor) -> None:
         """Calibration: pair the last input change with the blocks' output change."""
@@ -93,10 +114,6 @@ class TeaCache:
         """Rows and positions of a cached tensor that match ``like`` (after CFG truncation the
         batch keeps only its leading, conditional rows, whose tokens sit at the front)."""
         return cached[: like.shape[0], : like.shape[1]]
-
-    def cached_residual(self, like: torch.Tensor) -> torch.Tensor:
-        assert self.residual is not None
-        return self._fit(self.residual, like)
 
 
 def _rel_l1(new: torch.Tensor, old: torch.Tensor) -> float:
@@ -154,19 +171,24 @@ class Lumina2Denoiser:
 
     def subset(self, ctx: DenoiserContext, rows: int) -> DenoiserContext:
         """The context of the first ``rows`` rows (the conditional half after CFG-Trunc)."""
-        seq_lens = [c + ctx.img_freqs.shape[1] for c in ctx.cap_lens[:rows]]
+        return self.rows(ctx, 0, rows)
+
+    @staticmethod
+    def rows(ctx: DenoiserContext, start: int, stop: int) -> DenoiserContext:
+        """The context of rows ``start:stop``, its joint sequence cut to their longest one."""
+        seq_lens = [c + ctx.img_freqs.shape[1] for c in ctx.cap_lens[start:stop]]
         max_len = max(seq_lens)
-        mask = ctx.joint_mask[:rows, :max_len] if ctx.joint_mask is not None else None
+        mask = ctx.joint_mask[start:stop, :max_len] if ctx.joint_mask is not None else None
         return DenoiserContext(
-            cap_states=ctx.cap_states[:rows],
-            cap_lens=ctx.cap_lens[:rows],
-            img_freqs=ctx.img_freqs[:rows],
-            joint_freqs=ctx.joint_freqs[:rows, :max_len],
+            cap_states=ctx.cap_states[start:stop],
+            cap_lens=ctx.cap_lens[start:stop],
+            img_freqs=ctx.img_freqs[start:stop],
+            joint_freqs=ctx.joint_freqs[start:stop, :max_len],
             joint_mask=None if len(set(seq_lens)) == 1 else mask,
-            img_pos=ctx.img_pos[:rows],
-            cap_select=ctx.cap_select[:rows, :max_len],
-            cap_index=ctx.cap_index[:rows, :max_len],
-            img_index=ctx.img_index[:rows, :max_len],
+            img_pos=ctx.img_pos[start:stop],
+            cap_select=ctx.cap_select[start:stop, :max_len],
+            cap_index=ctx.cap_index[start:stop, :max_len],
+            img_index=ctx.img_index[start:stop, :max_len],
             height=ctx.height,
             width=ctx.width,
         )
@@ -174,9 +196,16 @@ class Lumina2Denoiser:
     # ----------------------------------------------------------------------- per step
     @torch.no_grad()
     def __call__(
-        self, x: torch.Tensor, t: float, ctx: DenoiserContext, cache: TeaCache | None = None
+        self,
+        x: torch.Tensor,
+        t: float,
+        ctx: DenoiserContext,
+        cache: TeaCache | None = None,
+        branches: int = 1,
     ) -> torch.Tensor:
-        """Velocity ``v = x1 - x0`` for latents ``x`` (B, C, H, W) at model time ``t``."""
+        """Velocity ``v = x1 - x0`` for latents ``x`` (B, C, H, W) at model time ``t``; ``branches``
+        = 2 when the rows are the conditional half followed by the unconditional one (TeaCache
+        decides for each half)."""
         tr = self.transformer
         batch, _, height, width = x.shape
         self.forward_calls += 1
@@ -200,21 +229,48 @@ class Lumina2Denoiser:
             hidden = hidden * ctx.joint_mask[..., None].to(dtype)
 
         if cache is not None:
-            modulated = tr.layers[0].norm1(hidden, temb)[0]
-            if cache.should_compute(modulated):
-                start = hidden
-                for layer in tr.layers:
-                    hidden = layer(hidden, ctx.joint_mask, ctx.joint_freqs, temb)
-                cache.residual = hidden - start
-                if cache.record:
-                    cache.observe_output(hidden)
-            else:
-                hidden = hidden + cache.cached_residual(hidden)
+            hidden = self._cached_blocks(hidden, temb, ctx, cache, 1 if cache.record else branches)
         else:
-            for layer in tr.layers:
-                hidden = layer(hidden, ctx.joint_mask, ctx.joint_freqs, temb)
+            hidden = self._blocks(hidden, temb, ctx)
 
         out = tr.norm_out(hidden, temb)
         out = out.gather(1, ctx.img_pos[..., None].expand(-1, -1, out.shape[-1]))
         out = out.view(batch, height // p, width // p, p, p, self.out_channels)
         return out.permute(0, 5, 1, 3, 2, 4).reshape(batch, self.out_channels, height, width).to(x.dtype)
+
+    def _blocks(self, hidden: torch.Tensor, temb: torch.Tensor, ctx: DenoiserContext) -> torch.Tensor:
+        for layer in self.transformer.layers:
+            hidden = layer(hidden, ctx.joint_mask, ctx.joint_freqs, temb)
+        return hidden
+
+    def _cached_blocks(
+        self, hidden: torch.Tensor, temb: torch.Tensor, ctx: DenoiserContext, cache: TeaCache, branches: int
+    ) -> torch.Tensor:
+        """The main blocks under TeaCache: each branch's rows run or reuse their cached residual."""
+        rows = hidden.shape[0] // branches
+        modulated = self.transformer.layers[0].norm1(hidden, temb)[0]
+        spans = [(BRANCHES[i], i * rows, (i + 1) * rows) for i in range(branches)]
+        compute = {name: cache.should_compute(name, modulated[a:b]) for name, a, b in spans}
+        cache.next_step()
+        out = hidden.clone()
+        if all(compute.values()):  # the usual case: one batched call for every row
+            out = self._blocks(hidden, temb, ctx)
+            for name, a, b in spans:
+                cache.branches[name].residual = out[a:b] - hidden[a:b]
+            if cache.record:
+                cache.observe_output(out)
+            return out
+        for name, a, b in spans:
+            state = cache.branches[name]
+            if compute[name]:
+                sub = self.rows(ctx, a, b)
+                length = sub.cap_select.shape[1]
+                start = hidden[a:b, :length]
+                done = self._blocks(start, temb[a:b], sub)
+                state.residual = done - start
+                out[a:b, :length] = done
+            else:  # positions past the cached length are padding: masked in attention, never read
+                assert state.residual is not None
+                cached = TeaCache._fit(state.residual, hidden[a:b])
+                out[a:b, : cached.shape[1]] += cached
+        return out

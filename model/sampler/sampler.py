@@ -216,7 +216,7 @@ class LuminaSampler:
             nonlocal guided
             t_step = 1.0 - float(sigmas[step])  # truncation decided per step, by its start time
             if use_cfg and cfg_active(t_step, config.guidance_scale, config.cfg_trunc):
-                out = self.denoiser(torch.cat([x, x]), t, full_ctx, cache)
+                out = self.denoiser(torch.cat([x, x]), t, full_ctx, cache, branches=2)
                 guided += 1
                 return guide(out[:batch], out[batch:], config.guidance_scale, config.renorm)
             return self.denoiser(x, t, cond_ctx, cache)

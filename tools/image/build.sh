@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Build the project image with `make image` wherever that is possible:
 #   1. make sure the engine answers (tools/image/ensure_engine.sh starts dockerd when it can);
-#   2. pick the base: $BASE if given; else the Dockerfile's default python:3.11-slim-bookworm when it
-#      is present or can be pulled; else the offline base from tools/image/make_base.sh;
+#   2. pick the base: $BASE (and $BUILD_BASE) if given; else the Dockerfile's default
+#      python:3.11-slim-bookworm when it is present or can be pulled; else the offline bases from
+#      tools/image/make_base.sh (runtime lumina-base:bookworm, build stage lumina-base:bookworm-build);
 #   3. stage extra CA certificates for pip (a TLS-inspecting proxy) into .whl/ca/ (build stage only);
-#   4. make image BASE=...
+#   4. make image BASE=... BUILD_BASE=... (GIT_SHA, and WHEELHOUSE / PIP_INDEX_URL /
+#      PIP_EXTRA_INDEX_URL / PIP_TRUSTED_HOST when set in the environment, are passed by make).
 #
 # Usage: tools/image/build.sh            (run from anywhere; works in the repository root)
 # Environment: IMAGE (lumina-pipeline:0.1.0), CONTAINER_ENGINE (docker), BASE (auto),
@@ -21,6 +23,7 @@ cd "$root"
 export CONTAINER_ENGINE=${CONTAINER_ENGINE:-docker}
 export IMAGE=${IMAGE:-lumina-pipeline:0.1.0}
 OFFLINE_BASE=${OFFLINE_BASE:-lumina-base:bookworm}
+OFFLINE_BUILD_BASE=${OFFLINE_BUILD_BASE:-${OFFLINE_BASE}-build}
 DEFAULT_BASE=${DEFAULT_BASE:-python:3.11-slim-bookworm}
 PULL_TIMEOUT_S=${PULL_TIMEOUT_S:-120}
 log() { echo "build: $*" >&2; }
@@ -34,8 +37,9 @@ if [[ -z "${BASE:-}" ]]; then
     log "base: $DEFAULT_BASE"
   else
     log "cannot pull $DEFAULT_BASE; using the offline base $OFFLINE_BASE"
-    BASE_IMAGE=$OFFLINE_BASE "$here/make_base.sh" || exit $?
+    BASE_IMAGE=$OFFLINE_BASE BUILD_BASE_IMAGE=$OFFLINE_BUILD_BASE "$here/make_base.sh" || exit $?
     BASE=$OFFLINE_BASE
+    BUILD_BASE=$OFFLINE_BUILD_BASE
   fi
 fi
 
@@ -52,5 +56,5 @@ if [[ -n "${BUILD_CA// /}" ]]; then
 fi
 
 start=$(date +%s)
-make --no-print-directory image ${BASE:+BASE="$BASE"} IMAGE="$IMAGE" CONTAINER_ENGINE="$CONTAINER_ENGINE"
+make --no-print-directory image ${BASE:+BASE="$BASE"} ${BUILD_BASE:+BUILD_BASE="$BUILD_BASE"} IMAGE="$IMAGE" CONTAINER_ENGINE="$CONTAINER_ENGINE"
 log "built $IMAGE in $(( $(date +%s) - start )) s"
