@@ -102,6 +102,17 @@ def check_host(host: str, token: str | None, timeout_s: float = 10.0) -> None:
         raise ConfigError(f"cannot reach Kubeflow Pipelines at {host}: {reason}") from None
 
 
+def metric_lines(metrics: dict[str, float]) -> list[str]:
+    """The summary's evaluation lines: held-out loss and the compositional scores, when present."""
+    lines = []
+    if "val_loss" in metrics:
+        lines.append(f"held-out loss    : {metrics['val_loss']:.4f}")
+    scores = {k.removeprefix("synthetic_"): v for k, v in metrics.items() if k.startswith("synthetic_")}
+    if scores:
+        lines.append("compositional    : " + ", ".join(f"{k} {v:.2f}" for k, v in scores.items()))
+    return lines
+
+
 def check_services(source: str, mlflow_server: bool) -> None:
     """What a local run reaches besides its own folders, checked before it starts: an ``s3://``
     source has objects under it (credentials, endpoint and bucket work), and a tracking server
@@ -212,6 +223,11 @@ def run(
         + ("" if reg["promoted"] else f"  (not champion: {'; '.join(reg['reasons'])})")
     )
     typer.echo(f"eval report      : {result.report}")
+    for line in metric_lines(reg.get("metrics", {})):
+        typer.echo(line)
+    served = f"models:/{reg['name']}" + ("@champion" if reg["promoted"] else f"/{reg['version']}")
+    typer.echo(f"serve it         : make serve PIPELINE_OUT={out} SERVE_MODEL={served}")
+    typer.echo("                   (http://127.0.0.1:8080, API docs at /docs)")
     if result.data_version:
         typer.echo(f"data version     : {result.data_version} (DVC)")
     if result.tracking_uri.startswith("sqlite"):

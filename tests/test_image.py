@@ -30,9 +30,9 @@ import shlex
 import shutil
 import subprocess
 import time
+import tomllib
 import urllib.error
 import urllib.request
-import tomllib
 import uuid
 from pathlib import Path
 
@@ -149,7 +149,7 @@ def test_no_compiler_prebuilt_deepspeed_op_and_revision(image):
         "-c",
         "for c in g++ gcc cc c++ git; do if command -v $c; then echo found $c; exit 1; fi; done; "
         "python -c 'from deepspeed.comm.torch import build_shm_op; op = build_shm_op(); "
-        "assert op is not None and op.__file__.endswith(\".so\"), op; print(op.__file__)' "
+        'assert op is not None and op.__file__.endswith(".so"), op; print(op.__file__)\' '
         '&& ls -A "$TORCH_EXTENSIONS_DIR" 2>/dev/null | wc -l && echo "$LUMINA_GIT_SHA"',
         timeout=300,
     )
@@ -428,17 +428,23 @@ def test_runtime_stage_has_no_compiler_or_git():
         for word, args in stage["body"]:
             if word == "RUN" and re.search(r"apt-get install|apk add|dnf install|yum install", args):
                 installed = set(re.split(r"[\s;&|]+", args))
-                assert not installed & {*COMPILERS, "git"}, f"{stage['name']} installs {installed & {*COMPILERS, 'git'}}"
+                assert not installed & {*COMPILERS, "git"}, (
+                    f"{stage['name']} installs {installed & {*COMPILERS, 'git'}}"
+                )
     runtime_env = " ".join(a for w, a in stages[-1]["body"] if w == "ENV")
     assert "TORCH_EXTENSIONS_DIR=" in runtime_env
 
     build = next(s for s in stages if s["name"] == "build")
     assert build["base"] == "${BUILD_BASE}"
-    ds = [c for w, a in build["body"] if w == "RUN" for c in _pip_calls(a) if c.rstrip().endswith("deepspeed")]
+    ds = [
+        c for w, a in build["body"] if w == "RUN" for c in _pip_calls(a) if c.rstrip().endswith("deepspeed")
+    ]
     assert ds, "no pip install of deepspeed in the build stage"
     assert "--no-build-isolation" in ds[0] and "--no-binary deepspeed" in ds[0] and "--no-cache-dir" in ds[0]
     script = " ".join(a for w, a in build["body"] if w == "RUN")
-    assert "DS_BUILD_SHM_COMM=1" in script and 'installed_ops as ops; assert ops["deepspeed_shm_comm"]' in script
+    assert (
+        "DS_BUILD_SHM_COMM=1" in script and 'installed_ops as ops; assert ops["deepspeed_shm_comm"]' in script
+    )
     # the runtime stage proves it has no compiler when the image is built
     assert any("command -v" in a and "g++" in a for w, a in stages[-1]["body"] if w == "RUN")
     # the commit comes from a build arg (no .git in the build context, no git in the image)

@@ -318,6 +318,7 @@ def test_local_run_registers_and_failing_gate_keeps_champion(tmp_path):
     assert set(gates) == {"ingest", "recaption"} and all(r.data.tags["gate"] == "passed" for r in data_runs)
     assert gates["ingest"].data.tags["dataset_hash"] == version.tags["dataset_hash"]
     assert first.report is not None and "Evaluation of" in first.report.read_text()
+    assert reg["metrics"]["val_loss"] == float(version.tags["metric.val_loss"])
 
     gate = tmp_path / "gate.yaml"
     gate.write_text(yaml.safe_dump({"rules": {"val_loss": {"better": "lower", "max": 1e-6}}}))
@@ -337,6 +338,8 @@ def test_local_run_registers_and_failing_gate_keeps_champion(tmp_path):
         f"eval_config_json={eval_cfg}",
     )
     assert "not champion" in proc.stdout and "> max" in proc.stdout
+    assert "held-out loss    : " in proc.stdout and "compositional    : colors " in proc.stdout
+    assert "SERVE_MODEL=models:/lumina-e2e/" in proc.stdout  # not champion: served by version
     champion = client.get_model_version_by_alias("lumina-e2e", "champion")
     challenger = client.get_model_version_by_alias("lumina-e2e", "challenger")
     assert str(champion.version) == reg["version"] and str(challenger.version) != reg["version"]

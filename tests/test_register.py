@@ -279,6 +279,7 @@ def test_registry_keeps_files_beside_its_store_history_and_one_version_per_run(
 
     retried = register_model(tiny_folder, "hist", uri, {"val_loss": 0.4}, tags={"pipeline_run": "run-a"})
     assert retried.version == first.version and retried.promoted  # a retry finds its version
+    assert first.metrics == retried.metrics == {"val_loss": 0.4}  # the summary's numbers, both ways
     second = register_model(tiny_folder, "hist", uri, {"val_loss": 0.3}, tags={"pipeline_run": "run-b"})
     client = MlflowClient(tracking_uri=uri)
     assert len(client.search_model_versions("name = 'hist'")) == 2

@@ -159,6 +159,7 @@ class Registration:
     notes: list[str] = field(default_factory=list)  # what the gate could not compare (not blocking)
     deltas: list[MetricDelta] = field(default_factory=list)  # against the champion it was checked with
     champion: str = ""  # that champion's version ("" when there was none)
+    metrics: dict[str, float] = field(default_factory=dict)  # the challenger's evaluation metrics
 
 
 def _metric_tags(metrics: dict[str, float]) -> dict[str, str]:
@@ -253,7 +254,10 @@ def registered_by_run(name: str, pipeline_run: str, tracking_uri: str) -> Regist
     if v is None:
         return None
     aliases = version_aliases(client, name, str(v.version))
-    return Registration(name, str(v.version), aliases, CHAMPION in aliases, run_id=v.run_id or "")
+    metrics = dict(client.get_run(v.run_id).data.metrics) if v.run_id else {}
+    return Registration(
+        name, str(v.version), aliases, CHAMPION in aliases, run_id=v.run_id or "", metrics=metrics
+    )
 
 
 def version_for_source(name: str, fingerprint: str, tracking_uri: str) -> str | None:
@@ -341,6 +345,7 @@ def register_model(
         result.notes,
         result.deltas,
         champion_version,
+        {key: float(value) for key, value in metrics.items()},
     )
 
 

@@ -2,6 +2,19 @@
 
 Every scorer's values are turned into percentile ranks, combined with weights, and the tiers are
 the top fractions of the pretrain pool by that combined score, each with its own minimum side.
+
+Two fairness rules (issue #13):
+
+* **Caption scores are source-neutral.** A scorer in ``TierConfig.rank_within_source`` (by default
+  ``caption_richness``) is ranked only among the images of the same *ranking group*: the same
+  caption source (``caption_backend``, else ``domain``) and the same caption languages (``en``,
+  ``zh``, ``en+zh``). Its rank is the centred percentile ``(rank - 0.5) / n`` within the group, so
+  every group's ranks average exactly 0.5: a source (or language) whose captions are longer gains
+  nothing over one whose captions are shorter; only being richer *than its peers* counts.
+* **Text in an image never lowers its tier.** ``text_density`` (OCR) is a routing signal, not a
+  quality score: it has no weight (a positive one is rejected), and images whose text density is at
+  least ``TierConfig.text_rich_threshold`` are flagged ``text_rich`` in every tier manifest and
+  listed in a ``text`` manifest, so training can oversample text-rendering data.
 """
 
 from __future__ import annotations
@@ -12,9 +25,16 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from components.tier.scorers.builtin import caption_languages
 from model.prompts import DOMAIN_TEMPLATES, SystemPrompt
 
 TIERS = ("lowres", "highres", "hq")
+TEXT_TIER = "text"
+"""The routed (not nested) manifest of text-rich images in the pretrain pool."""
+ROUTING_SCORERS = frozenset({"text_density"})
+"""Scores that route images (``text_rich``) and never count towards the quality score."""
+SOURCE_COLUMNS = ("caption_backend", "domain")
+"""Where an image's caption source is read from, first present column first."""
 
 
 class TierConfig(BaseModel):
@@ -37,11 +57,21 @@ class TierConfig(BaseModel):
         # model-based scorers count when installed (lower-is-better ones are inverted)
         "niqe": 1.0,
         "brisque": 0.5,
-        "text_density": 0.5,
         "caption_language": 0.5,
         "aesthetic": 2.0,
     }
     nsfw_threshold: float = Field(0.5, ge=0.0, le=1.0, description="images scoring above are excluded")
+    rank_within_source: list[str] = Field(
+        default_factory=lambda: ["caption_richness"],
+        description="scores ranked only among images of the same caption source and languages",
+    )
+    text_rich_threshold: float = Field(
+        0.05,
+        gt=0.0,
+        le=1.0,
+        description="text_density (fraction of the image covered by readable text) at or above "
+        "which an image is text_rich: flagged and routed to the text manifest, never penalised",
+    )
     system_prompts: dict[str, SystemPrompt] = Field(default_factory=lambda: dict(DOMAIN_TEMPLATES))
 
     @model_validator(mode="after")
@@ -50,22 +80,79 @@ class TierConfig(BaseModel):
             raise ValueError("hq_ratio must not exceed highres_ratio (tiers are nested)")
         if set(self.min_side) != set(TIERS):
             raise ValueError(f"min_side needs exactly the tiers {', '.join(TIERS)}")
+        weighted = sorted(k for k in ROUTING_SCORERS if self.weights.get(k, 0.0) > 0)
+        if weighted:
+            raise ValueError(
+                f"{', '.join(weighted)} routes images (text_rich_threshold), it is not a quality "
+                "score: text in an image must not lower its tier, so give it no weight"
+            )
         return self
 
 
 def combined_score(
-    scores: pd.DataFrame, weights: dict[str, float], lower_is_better: frozenset[str] = frozenset()
+    scores: pd.DataFrame,
+    weights: dict[str, float],
+    lower_is_better: frozenset[str] = frozenset(),
+    within: dict[str, pd.Series] | None = None,
 ) -> pd.Series:
     """Weighted mean of percentile ranks (0–1, 1 = best) of the weighted scorers in ``scores``;
-    a scorer in ``lower_is_better`` (e.g. BRISQUE, NIQE) ranks its smallest values highest."""
-    used = {k: w for k, w in weights.items() if k in scores.columns and w > 0}
+    a scorer in ``lower_is_better`` (e.g. BRISQUE, NIQE) ranks its smallest values highest.
+
+    A scorer in ``within`` (column name -> a group key per row) is ranked only among the rows of
+    its group, by the centred percentile ``(rank - 0.5) / n``: every group's ranks then average
+    0.5, so no group is favoured as a whole. Routing scores (:data:`ROUTING_SCORERS`) never count."""
+    within = within or {}
+    used = {
+        k: w for k, w in weights.items() if k in scores.columns and w > 0 and k not in ROUTING_SCORERS
+    }
     if not used:
         return pd.Series(np.zeros(len(scores)), index=scores.index)
-    ranks = sum(
-        scores[k].rank(pct=True, method="average", ascending=k not in lower_is_better) * w
-        for k, w in used.items()
-    )
-    return ranks / sum(used.values())
+    total = pd.Series(np.zeros(len(scores)), index=scores.index)
+    for k, w in used.items():
+        ascending = k not in lower_is_better
+        if k in within:
+            grouped = scores[k].groupby(within[k].reindex(scores.index), dropna=False)
+            rank = grouped.rank(method="average", ascending=ascending)
+            rank = (rank - 0.5) / grouped.transform("size")
+        else:
+            rank = scores[k].rank(pct=True, method="average", ascending=ascending)
+        total += rank * w
+    return total / sum(used.values())
+
+
+def caption_source(frame: pd.DataFrame) -> pd.Series:
+    """Each row's caption source: ``caption_backend`` (how it was captioned: VLM, metadata, alt
+    text), else ``domain``, else one source for all."""
+    source = pd.Series([""] * len(frame), index=frame.index, dtype=object)
+    for column in reversed(SOURCE_COLUMNS):  # the first present column wins
+        if column in frame.columns:
+            source = frame[column].where(frame[column].notna(), source).astype(str)
+    return source
+
+
+def ranking_groups(frame: pd.DataFrame, config: TierConfig) -> dict[str, pd.Series]:
+    """``rank_within_source`` scorer -> its ranking group per row: caption source and the caption
+    languages (``"vlm|en+zh"``), from the ``captions`` JSON column when the frame has one."""
+    if "captions" in frame.columns:
+        languages = frame["captions"].map(caption_languages)
+    else:
+        languages = pd.Series([""] * len(frame), index=frame.index)
+    key = caption_source(frame) + "|" + languages.astype(str)
+    return {name: key for name in config.rank_within_source if name in frame.columns}
+
+
+def quality_score(frame: pd.DataFrame, config: TierConfig, lower_is_better: frozenset[str]) -> pd.Series:
+    """The combined score the tiers are cut by: :func:`combined_score` with the config's weights
+    and the source-neutral ranking groups (:func:`ranking_groups`)."""
+    return combined_score(frame, config.weights, lower_is_better, ranking_groups(frame, config))
+
+
+def text_rich(frame: pd.DataFrame, config: TierConfig) -> pd.Series:
+    """``text_density >= text_rich_threshold`` per row; all False when text density was not scored
+    (the report says so)."""
+    if "text_density" not in frame.columns:
+        return pd.Series(np.zeros(len(frame), dtype=bool), index=frame.index)
+    return frame["text_density"].fillna(0.0).ge(config.text_rich_threshold).astype(bool)
 
 
 def assign_tiers(frame: pd.DataFrame, config: TierConfig) -> dict[str, pd.DataFrame]:
@@ -85,3 +172,10 @@ def assign_tiers(frame: pd.DataFrame, config: TierConfig) -> dict[str, pd.DataFr
     eligible_hq = high[high[["width", "height"]].min(axis=1) >= config.min_side["hq"]]
     hq = eligible_hq.head(n_hq)
     return {"lowres": pool, "highres": high, "hq": hq}
+
+
+def text_tier(tiers: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """The text-rich images of the pretrain pool (they passed the NSFW and size gates), best score
+    first: a routing list for oversampling text rendering, not a quality tier."""
+    pool = tiers["lowres"]
+    return pool[pool["text_rich"]] if "text_rich" in pool.columns else pool.head(0)

@@ -1,11 +1,12 @@
 """Built-in image and caption quality scorers (numpy/scipy, no weights): resolution, sharpness
 (variance of the Laplacian), exposure (distance of mean luminance from mid-grey, clipped
 highlights/shadows), contrast (luminance std), colorfulness (Hasler & Süsstrunk), caption richness
-(words and languages over the captions)."""
+(length of the longest caption per language, CJK counted by characters)."""
 
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 from PIL import Image
@@ -50,13 +51,46 @@ def colorfulness(image: Image.Image, row: dict) -> float:
     return float(np.hypot(rg.std(), yb.std()) + 0.3 * np.hypot(rg.mean(), yb.mean()))
 
 
+_CJK_CHAR = re.compile(
+    r"[\u3040-\u30ff\u31f0-\u31ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af"
+    r"\U00020000-\U0002fa1f]"
+)
+"""Han, kana and hangul syllables: scripts written without spaces between words."""
+
+
+def caption_units(text: str) -> int:
+    """Length of a caption in words, where every CJK character (Han, kana, hangul) counts as one
+    and the rest is split on whitespace: ``"一只猫坐在窗台上"`` is 8, ``"a cat on a sill"`` is 5.
+    (Splitting Chinese on whitespace would count a whole sentence as one word.)"""
+    cjk = len(_CJK_CHAR.findall(text))
+    return cjk + len(_CJK_CHAR.sub(" ", text).split())
+
+
+def caption_list(value: object) -> list[dict]:
+    """The manifest's ``captions`` JSON (a list of ``{granularity, language, text}``), [] if none."""
+    if not value or not isinstance(value, str):
+        return []
+    return [c for c in json.loads(value) if isinstance(c, dict) and str(c.get("text") or "").strip()]
+
+
+def caption_languages(value: object) -> str:
+    """The sorted languages an image is captioned in, joined by ``+`` (``"en+zh"``; ``""`` if none)."""
+    return "+".join(sorted({str(c.get("language") or "") for c in caption_list(value)}))
+
+
 def caption_richness(image: Image.Image, row: dict) -> float:
-    """Words in the longest caption x number of languages captioned (0 without captions)."""
-    caps = json.loads(row.get("captions") or "[]")
-    if not caps:
-        return 0.0
-    longest = max(len(c["text"].split()) if c["language"] != "zh" else len(c["text"]) / 2 for c in caps)
-    return float(longest * len({c["language"] for c in caps}))
+    """Mean over the image's caption languages of its longest caption's :func:`caption_units`
+    (0 without captions).
+
+    The raw value is only comparable among images captioned by the same source in the same
+    languages (a VLM writes longer captions than alt text or metadata, and Chinese has more
+    characters than English has words): the tier step ranks it within those groups
+    (:func:`components.tier.tiering.ranking_groups`), never across them."""
+    longest: dict[str, int] = {}
+    for cap in caption_list(row.get("captions")):
+        lang = str(cap.get("language") or "")
+        longest[lang] = max(longest.get(lang, 0), caption_units(str(cap["text"])))
+    return float(np.mean(list(longest.values()))) if longest else 0.0
 
 
 def scorers() -> list[Scorer]:
@@ -67,5 +101,10 @@ def scorers() -> list[Scorer]:
         Scorer("exposure", "1", exposure, description="balanced mean luminance, few clipped pixels"),
         Scorer("contrast", "1", contrast, description="luminance standard deviation"),
         Scorer("colorfulness", "1", colorfulness, description="Hasler & Süsstrunk 2003"),
-        Scorer("caption_richness", "1", caption_richness, description="caption words x languages"),
+        Scorer(
+            "caption_richness",
+            "2",
+            caption_richness,
+            description="longest caption per language in words (CJK by characters), mean over languages",
+        ),
     ]
