@@ -8,10 +8,10 @@
 #
 # Bases. BASE is the runtime base, BUILD_BASE (default: BASE) the one the virtual environment is
 # built on; both must put python3 at the same path (same distribution and Python). The build stage
-# installs g++ with apt when BUILD_BASE lacks it; the runtime stage has no compiler at all.
+# installs g++ / python3-dev with apt when BUILD_BASE lacks them; the runtime stage has no compiler.
 # Where nothing can be pulled, tools/image/make_base.sh builds both offline with debootstrap:
 #   lumina-base:bookworm (Debian bookworm + python3.11, no compiler, no git) and
-#   lumina-base:bookworm-build (the same + g++); see `make image` / tools/image/build.sh.
+#   lumina-base:bookworm-build (the same + g++, python3-dev); see `make image` / tools/image/build.sh.
 # Any Python 3.11/3.12 base works: python at /usr/local/bin (python:*-slim) or /usr/bin (Debian),
 # because everything is installed into a virtual environment at /opt/venv, first on PATH.
 #
@@ -71,11 +71,16 @@ ENV PATH=/opt/venv/bin:$PATH \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     LANG=C.UTF-8 \
     PIP_CONFIG_FILE=/tmp/pip.conf
-# g++ for DeepSpeed's prebuilt op (this stage only). A base that has it (lumina-base:bookworm-build)
+# g++ and the Python headers for DeepSpeed's prebuilt op (this stage only; python:*-slim has the
+# headers, Debian's python3 needs python3-dev). A base that has both (lumina-base:bookworm-build)
 # skips apt, so the build needs no Debian mirror.
 RUN set -eu; \
-    if ! command -v g++ >/dev/null 2>&1; then \
-        apt-get update && apt-get install -y --no-install-recommends g++ \
+    missing=""; \
+    command -v g++ >/dev/null 2>&1 || missing="g++"; \
+    python3 -c 'import os, sysconfig; assert os.path.isfile(os.path.join(sysconfig.get_paths()["include"], "Python.h"))' \
+        2>/dev/null || missing="$missing python3-dev"; \
+    if [ -n "$missing" ]; then \
+        apt-get update && apt-get install -y --no-install-recommends $missing \
         && rm -rf /var/lib/apt/lists/*; \
     fi; \
     python3 -c 'import sys; v = sys.version_info[:2]; assert (3, 11) <= v < (3, 13), f"need Python 3.11 or 3.12, base has {sys.version}"'; \

@@ -122,6 +122,26 @@ def save_pipeline(pipe: Lumina2Pipeline, path: str | Path) -> Path:
     return path
 
 
+RAW_TRANSFORMER_DIR = "transformer_raw"
+"""A stage export's raw (non-EMA) transformer, beside the pipeline's EMA components: what the next
+stage starts from, as the official ``finetune.py --init_from`` loads the raw consolidated weights
+(the EMA ``transformer/`` stays the model that is evaluated, registered and served)."""
+
+
+def load_for_training(source: str | Path) -> Lumina2Pipeline:
+    """The pipeline a stage starts from: ``source`` with its raw transformer when the folder has
+    one (a previous stage's export), else as it is (released or registered weights)."""
+    pipe = load_pipeline(source)
+    raw = Path(str(source)).expanduser() / RAW_TRANSFORMER_DIR
+    if (raw / "config.json").is_file():
+        try:
+            pipe.register_modules(transformer=Lumina2Transformer2DModel.from_pretrained(raw))
+        except (OSError, ValueError) as exc:
+            message = f"cannot load the raw transformer in {raw}: {first_line(exc)}"
+            raise WeightsNotFoundError(message) from exc
+    return pipe
+
+
 def _looks_like_path(source: str) -> bool:
     return source.startswith(("/", ".", "~")) or Path(source).exists() or source.count("/") != 1
 

@@ -61,10 +61,9 @@ def test_the_first_stage_trains_from_the_base_weights(tmp_path, base):
     import sys
 
     sys.path.insert(0, str(Path(__file__).parent))
-    from test_train import make_manifest
-
     from components.train.config import stage_config
     from components.train.trainer import train_stage
+    from tests.shapes import make_manifest
 
     manifest = make_manifest(tmp_path / "data", n=8)
     cfg = stage_config("lowres", manifest=manifest, output_dir=tmp_path / "run", init_from=base, steps=2,

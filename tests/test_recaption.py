@@ -9,7 +9,7 @@ from components.ingest.ingest import ingest
 from components.recaption.backends import alt_text_captions, guess_language
 from components.recaption.gate import run_caption_gate
 from components.recaption.recaption import run_recaption
-from components.recaption.schema import GRANULARITIES, LANGUAGES
+from components.recaption.schema import CAPTION_KINDS, LANGUAGES, NO_TEXT, PERSPECTIVES
 from data_tools.synthetic import build_synthetic
 
 TUX_STYLE = "A happy dog.\naf.utf8='n Gelukkige hond.\nzh_CN.UTF-8=一只快乐的狗。\nzh_TW.UTF-8=一隻快樂的狗。"
@@ -44,10 +44,13 @@ def test_auto_backend_metadata_alt_text_and_failures(ingested):
     assert len(synthetic) >= 10  # the sample scenes survive dedup
     for image_id in synthetic["id"]:
         rows = table[table["image_id"] == image_id]
+        # the four lengths and the six UniCap perspectives, derived from the scene ground truth
         assert {(r.language, r.granularity) for r in rows.itertuples()} == {
-            (lang, g) for lang in LANGUAGES for g in GRANULARITIES
+            (lang, g) for lang in LANGUAGES for g in CAPTION_KINDS
         }
         assert set(rows["backend"]) == {"metadata"}
+        assert set(rows[rows["granularity"] == "ocr"]["text"]) == {NO_TEXT}
+        assert set(rows[rows["granularity"].isin(PERSPECTIVES)]["text"].str.len().gt(0)) == {True}
     real = manifest[manifest["domain"] == "real"]
     assert len(real) == 1 and set(table[table["image_id"].isin(real["id"])]["backend"]) == {"alt-text"}
     failures = pd.read_csv(result.failures)
@@ -121,7 +124,9 @@ def test_vlm_backend_with_a_tiny_qwen2vl_reports_instead_of_inventing(ingested, 
     reasons = pd.read_csv(result.failures)["reason"]
     assert all(r.startswith("vlm: ") for r in reasons)
     info = __import__("json").loads((ingested / "cap5" / "dataset.json").read_text())
-    assert info["vlm_model"] == str(model) and info["prompt_version"] == "unicap-v1"
+    assert info["vlm_model"] == str(model) and info["prompt_version"] == "unicap-v2"
+    assert info["vlm_perspectives"] == list(PERSPECTIVES)
+    assert info["vlm_max_pixels"] == 16 * 28 * 28  # the tiny processor's own budget (native resolution)
 
 
 def test_interrupted_run_resumes_from_saved_shards(ingested, monkeypatch):

@@ -14,8 +14,11 @@ from PIL import Image
 from components.recaption.parse import parse_captions
 from components.recaption.tiny_vlm import build_tiny_qwen2vl
 from components.recaption.vlm import (
+    CAPTION_KINDS,
     GRANULARITIES,
     LANGUAGES,
+    PERSPECTIVE_PROMPTS,
+    PERSPECTIVES,
     PROMPT_VERSION,
     PROMPTS,
     CaptionerError,
@@ -115,7 +118,17 @@ def test_unreachable_hub_id_and_non_model_folder_raise_captioner_error(tmp_path)
 
 
 @pytest.mark.parametrize(
-    "kwargs", [{"batch_size": 0}, {"max_new_tokens": 0}, {"languages": ("fr",)}, {"max_pixels": 100}]
+    "kwargs",
+    [
+        {"batch_size": 0},
+        {"max_new_tokens": 0},
+        {"languages": ("fr",)},
+        {"max_pixels": 100},
+        {"min_pixels": 100},
+        {"min_pixels": 5000, "max_pixels": 4000},
+        {"perspectives": ("colour",)},
+        {"perspectives": ("style", "style")},
+    ],
 )
 def test_bad_arguments_raise_before_loading(tmp_path, kwargs):
     with pytest.raises(CaptionerError):
@@ -124,8 +137,8 @@ def test_bad_arguments_raise_before_loading(tmp_path, kwargs):
 
 def test_captioner_records_model_id_and_prompt_version(tiny_vlm, captioner):
     assert captioner.model_id == str(tiny_vlm)
-    assert captioner.PROMPT_VERSION == captioner.prompt_version == PROMPT_VERSION == "unicap-v1"
-    assert "unicap-v1" in repr(captioner)
+    assert captioner.PROMPT_VERSION == captioner.prompt_version == PROMPT_VERSION == "unicap-v2"
+    assert "unicap-v2" in repr(captioner) and "perspectives=" in repr(captioner)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -142,6 +155,11 @@ def test_prompt_uses_the_chat_template_and_one_image_placeholder(captioner, lang
     for g in GRANULARITIES:
         assert f'"{g}"' in PROMPTS[language]
     assert ("Simplified Chinese" in PROMPTS[language]) == (language == "zh")
+    views = captioner.build_prompt(language, "perspectives")
+    assert views.count("<|image_pad|>") == 1 and PERSPECTIVE_PROMPTS[language] in views
+    for p in PERSPECTIVES:
+        assert f'"{p}"' in PERSPECTIVE_PROMPTS[language] and f'"{p}"' not in PROMPTS[language]
+    assert ("Simplified Chinese" in PERSPECTIVE_PROMPTS[language]) == (language == "zh")
 
 
 def test_preprocessing_caps_pixels_keeps_aspect_and_expands_image_tokens(captioner, images):
@@ -192,21 +210,29 @@ def test_caption_batch_one_result_per_image_in_order(captioner, images):
     raws = [r.raw for r in results]
     assert len(set(raws)) > 1  # outputs depend on the image, so the order check below means something
     for r in results:
-        assert set(r.raw_by_language) == set(LANGUAGES)
+        assert set(r.raw_by_language) == set(r.raw_perspectives_by_language) == set(LANGUAGES)
         assert r.raw == "\n".join(f"[{lang}]\n{r.raw_by_language[lang]}" for lang in LANGUAGES)
         assert "<|im_start|>" not in r.raw and "assistant\n" not in r.raw  # only the new tokens
         # honesty: a random model may yield nothing parsable; then it must say so, never invent
         for lang, caps in r.captions.items():
-            assert set(caps) <= set(GRANULARITIES) and all(caps.values())
+            assert set(caps) <= set(CAPTION_KINDS) and all(caps.values())
             for g, text in caps.items():
-                if g != "tag":
-                    assert (
-                        text in r.raw_by_language[lang] or json.dumps(text)[1:-1] in r.raw_by_language[lang]
+                if g not in ("tag", "objects", "ocr"):  # lists are re-joined, "no text" is canonical
+                    raw = (
+                        r.raw_by_language[lang]
+                        if g in GRANULARITIES
+                        else r.raw_perspectives_by_language[lang]
                     )
-        complete = all(len(r.captions.get(lang, {})) == len(GRANULARITIES) for lang in LANGUAGES)
+                    assert text in raw or json.dumps(text)[1:-1] in raw
+        complete = all(set(GRANULARITIES) <= set(r.captions.get(lang, {})) for lang in LANGUAGES)
         assert (r.error is None) == complete
+        views = all(set(PERSPECTIVES) <= set(r.captions.get(lang, {})) for lang in LANGUAGES)
+        assert (r.perspective_error is None) == views
         if not r.captions:
-            assert "no caption could be parsed" in r.error
+            assert (
+                "no caption could be parsed" in r.error
+                and "no caption could be parsed" in r.perspective_error
+            )
     reordered = captioner.caption([images[3], images[0]])
     assert [r.raw for r in reordered] == [raws[3], raws[0]]
 
@@ -228,8 +254,9 @@ def test_batching_splits_prompts_into_batch_size_chunks_with_identical_results(t
         monkeypatch.setattr(cap.model, "generate", counting)
         by_batch[batch_size] = [(r.raw, r.captions, r.error) for r in cap.caption(images)]
         assert cap.generate_calls == len(cap.batch_rows)
-    prompts = len(images) * len(LANGUAGES)  # 10: one prompt per image per language
-    assert calls == [1] * prompts + [3, 3, 3, 1]
+    # 20: one lengths prompt and one perspective prompt per image per language
+    prompts = len(images) * len(LANGUAGES) * 2
+    assert calls == [1] * prompts + [3] * 6 + [2]
     assert by_batch[1] == by_batch[3]  # greedy decoding, left padding: batching changes nothing
 
 
@@ -389,7 +416,7 @@ def test_recaption_bench_runs_and_reports_every_batch_size(tmp_path):
     assert result["prompt_version"] == PROMPT_VERSION and result["max_new_tokens"] == 4
     rows = result["configs"]["tiny"]["rows"]
     assert [r["batch_size"] for r in rows] == [1, 2]
-    assert [r["generate_calls"] for r in rows] == [4, 2]  # 2 images x 2 languages
+    assert [r["generate_calls"] for r in rows] == [8, 4]  # 2 images x 2 languages x (lengths, perspectives)
     assert all(r["captions_per_s"] > 0 and r["same_output_as_first_batch_size"] for r in rows)
 
 

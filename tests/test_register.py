@@ -297,3 +297,22 @@ def test_registry_keeps_files_beside_its_store_history_and_one_version_per_run(
     assert card.startswith(f"# hist v{second.version}") and card.count("## Promotion history") == 1
     assert "Aliases now: challenger, champion" in card and "manual champion by" in card
     assert "Aliases now: none" in old.description
+
+
+def test_the_raw_weights_of_an_export_are_not_registered(tiny_folder, tmp_path):
+    """A stage export carries its raw transformer for the next stage; the registered (served)
+    model is the EMA pipeline alone, so a serving pod never downloads the weights twice."""
+    import shutil
+
+    from model.checkpoint import RAW_TRANSFORMER_DIR
+
+    export = shutil.copytree(tiny_folder, tmp_path / "export")
+    shutil.copytree(tiny_folder / "transformer", export / RAW_TRANSFORMER_DIR)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    reg = register_model(export, "raw-check", uri, {"val_loss": 0.5})
+    names = {
+        a.path.split("/")[-1] for a in MlflowClient(tracking_uri=uri).list_artifacts(reg.run_id, "pipeline")
+    }
+    assert {"model_index.json", "transformer", "vae"} <= names and RAW_TRANSFORMER_DIR not in names
+    served = download_version("models:/raw-check/1", tmp_path / "served", tracking_uri=uri)
+    assert (served / "model_index.json").is_file() and not (served / RAW_TRANSFORMER_DIR).exists()

@@ -148,3 +148,125 @@ def test_a_scorer_crashing_on_some_images_reports_them_and_tiers_the_rest(tmp_pa
     monkeypatch.setitem(registry.SCORERS, "broken", Scorer("broken", "1", lambda i, r: 1 / 0))
     with pytest.raises(LuminaError, match=r"no image could be scored .*ZeroDivisionError"):
         run_tier(tmp_path / "cap", tmp_path / "ingest", tmp_path / "t2", None, ["broken"], progress=False)
+
+
+def _captions(*pairs: tuple[str, str]) -> str:
+    return json.dumps(
+        [{"granularity": "detailed", "language": lang, "text": text} for lang, text in pairs],
+        ensure_ascii=False,
+    )
+
+
+def _tier_folders(tmp_path, manifest: pd.DataFrame, scores: pd.DataFrame, scorers: list[dict], config):
+    """Tier a hand-made captioned manifest and its scores through the fan-in, as the pipeline does."""
+    from components.tier.tier import tier_groups
+
+    (tmp_path / "cap").mkdir()
+    (tmp_path / "score").mkdir()
+    manifest = manifest.assign(image_path=[f"images/{i}.png" for i in manifest["id"]])
+    manifest.to_parquet(tmp_path / "cap" / "manifest.parquet", index=False)
+    scores.assign(error=None).to_parquet(tmp_path / "score" / "scores.parquet", index=False)
+    meta = {"scorers": scorers, "not_run": {}, "images": len(manifest)}
+    (tmp_path / "score" / "scorers.json").write_text(json.dumps(meta))
+    result = tier_groups([tmp_path / "cap"], [tmp_path / "score"], tmp_path / "tiers", config)
+    files = {k: tmp_path / "tiers" / f"{k}.parquet" for k in ("lowres", "highres", "hq", "text")}
+    return result, {k: pd.read_parquet(f) for k, f in files.items() if f.is_file()}
+
+
+def test_caption_units_count_cjk_by_character():
+    from components.tier.captions import caption_units
+    from components.tier.scorers.builtin import caption_richness
+
+    assert caption_units("一只猫坐在窗台上") == 8 and caption_units("a cat on a sill") == 5
+    assert caption_units("海报上写着 SALE 50%") == 5 + 2  # characters + the words around them
+    row = {"captions": _captions(("en", "a red bus"), ("en", "bus"), ("zh", "一辆红色的公共汽车"))}
+    assert caption_richness(None, row) == (3 + 9) / 2  # longest per language, mean over languages
+    assert caption_richness(None, {"captions": "[]"}) == 0.0
+    spatial = {"granularity": "spatial", "language": "en", "text": "a bus left of a tree " * 5}
+    long_spatial = json.dumps([{"granularity": "short", "language": "en", "text": "a red bus"}, spatial])
+    assert caption_richness(None, {"captions": long_spatial}) == 3  # perspectives are not lengths
+
+
+def test_caption_richness_does_not_favour_a_caption_source(tmp_path):
+    """Two sources with very different caption lengths (short English metadata captions; long
+    English + Chinese VLM captions), images of equal quality: each source gets the same share of
+    every tier, because caption richness is ranked within its source and languages."""
+    from components.tier.scorers.builtin import caption_richness
+
+    n = 100
+    order = [(37 * i) % n for i in range(n)]  # the same richness order inside both sources
+    rows = []
+    for i, k in enumerate(order):
+        short = " ".join(["tag"] * (2 + k))
+        long_en, long_zh = " ".join(["word"] * (60 + 3 * k)), "猫" * (150 + 5 * k)
+        rows.append(
+            {"id": f"a{i:03d}", "caption_backend": "metadata", "domain": "synthetic",
+             "captions": _captions(("en", short)), "sharpness": float(i)}
+        )  # fmt: skip
+        rows.append(
+            {"id": f"b{i:03d}", "caption_backend": "vlm", "domain": "real",
+             "captions": _captions(("en", long_en), ("zh", long_zh)), "sharpness": float(i)}
+        )  # fmt: skip
+    frame = pd.DataFrame(rows).assign(width=512, height=512)
+    frame["caption_richness"] = [caption_richness(None, r) for r in frame.to_dict("records")]
+    vlm = frame["caption_backend"] == "vlm"
+    assert frame.loc[vlm, "caption_richness"].min() > frame.loc[~vlm, "caption_richness"].max()
+    scorers = [{"name": "sharpness", "version": "1"}, {"name": "caption_richness", "version": "2"}]
+    config = TierConfig(weights={"sharpness": 1.0, "caption_richness": 1.0})
+    manifest = frame.drop(columns=["sharpness", "caption_richness"])
+    _, tiers = _tier_folders(
+        tmp_path, manifest, frame[["id", "sharpness", "caption_richness"]], scorers, config
+    )
+    for name in ("highres", "hq"):
+        shares = tiers[name]["id"].str[0].value_counts().to_dict()
+        assert shares.get("a") == shares.get("b") == len(tiers[name]) // 2, (name, shares)
+
+
+def test_text_in_an_image_does_not_lower_its_tier_and_is_routed(tmp_path):
+    """Each text-heavy image has a plain twin of the same quality: they land in the same tiers; the
+    text-heavy ones are flagged ``text_rich`` and listed in ``text.parquet`` and the report."""
+    n = 30
+    ids = [f"{kind}{i:03d}" for i in range(n) for kind in ("p", "t")]
+    caption = _captions(("en", "a poster"))
+    manifest = pd.DataFrame(
+        {"id": ids, "caption_backend": "metadata", "domain": "synthetic", "captions": caption,
+         "width": 256, "height": 256}
+    )  # fmt: skip
+    scores = pd.DataFrame({
+        "id": ids,
+        "sharpness": [float(i[1:]) for i in ids],
+        "text_density": [0.4 if i[0] == "t" else 0.0 for i in ids],
+    })  # fmt: skip
+    scorers = [{"name": "sharpness", "version": "1"},
+               {"name": "text_density", "version": "1", "higher_is_better": False}]  # fmt: skip
+    result, tiers = _tier_folders(tmp_path, manifest, scores, scorers, TierConfig())
+    for name in ("highres", "hq"):
+        members = set(tiers[name]["id"])
+        assert len(members) < 2 * n and all((f"p{i:03d}" in members) == (f"t{i:03d}" in members)
+                                            for i in range(n)), name  # fmt: skip
+    low = tiers["lowres"].set_index("id")
+    assert low["text_rich"].to_dict() == {i: i[0] == "t" for i in ids}
+    assert sorted(tiers["text"]["id"]) == [i for i in sorted(ids) if i[0] == "t"]
+    assert list(tiers["text"].columns) == list(tiers["hq"].columns)  # the same training manifest
+    report = json.loads(result.report.read_text())["text_rich"]
+    assert report["scored"] and report["counts"] == {
+        name: int(tiers[name]["text_rich"].sum()) for name in ("lowres", "highres", "hq")
+    }
+    assert report["counts"]["lowres"] == n and report["counts"]["hq"] == len(tiers["hq"]) // 2
+
+
+def test_text_density_cannot_be_weighted():
+    with pytest.raises(ValueError, match="text_density routes images"):
+        TierConfig(weights={"sharpness": 1.0, "text_density": 0.5})
+    assert "text_density" not in TierConfig().weights
+    TierConfig(weights={"sharpness": 1.0, "text_density": 0.0})  # no weight: allowed
+
+
+def test_tier_manifests_keep_the_columns_downstream_reads(tmp_path):
+    """Latents and training read these; ``text_rich`` is only added."""
+    from components.tier.tier import TRAIN_COLUMNS
+    from storage.shards import REF_COLUMNS
+
+    old = ["id", "image_path", "domain", "captions", "system_prompt", "score", "width", "height",
+           *REF_COLUMNS]  # fmt: skip
+    assert TRAIN_COLUMNS[: len(old)] == old and TRAIN_COLUMNS[len(old) :] == ["text_rich"]

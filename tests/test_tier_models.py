@@ -271,6 +271,25 @@ def test_text_density_is_higher_with_large_text():
     assert texts == ["SALE 50%", "BUY NOW", "LIMITED"] and boxes.shape == (3, 4, 2) and size == (512, 512)
 
 
+@needs("text_density")
+def test_text_rich_threshold_routes_text_heavy_images_not_incidental_text():
+    """The default ``text_rich_threshold`` flags a banner across the image, not a small sign."""
+    import pandas as pd
+
+    from components.tier.tiering import TierConfig, text_rich
+
+    sign, banner = natural(), natural()
+    ImageDraw.Draw(sign).text((300, 440), "EXIT", fill="white", font=font(24))
+    draw = ImageDraw.Draw(banner)
+    draw.rectangle([0, 0, 512, 130], fill="white")
+    for i, line in enumerate(["GRAND OPENING", "SATURDAY 10AM"]):
+        draw.text((20, 10 + 60 * i), line, fill="black", font=font(44))
+    density = [SCORERS["text_density"](im, {}) for im in (natural(), sign, banner)]
+    assert density[0] == 0.0 < density[1] < 0.02 and 0.1 < density[2] < 0.3, density
+    flags = text_rich(pd.DataFrame({"text_density": density}), TierConfig())
+    assert flags.tolist() == [False, False, True]
+
+
 @needs("caption_language")
 def test_caption_language_matches_labels():
     score = SCORERS["caption_language"]

@@ -12,9 +12,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
-from common.errors import ConfigError
+from common.errors import ConfigError, WeightsNotFoundError
 from components.latents import LatentStore
 from components.latents.cache import index_files
 from components.train.config import load_config, stage_config
@@ -22,47 +22,23 @@ from components.train.data import bucket_sizes, decode_image, fingerprint, read_
 from components.train.loader import StageFilter, stage_rows
 from components.train.resume import read_losses
 from components.train.sources import encode_manifest
-from components.train.trainer import train_stage
-from model.checkpoint import build_pipeline, load_pipeline
+from components.train.trainer import train_stage, velocity_model
+from model.checkpoint import (
+    RAW_TRANSFORMER_DIR,
+    build_pipeline,
+    load_for_training,
+    load_pipeline,
+    save_pipeline,
+)
 from model.flow import validation_loss
 from model.text import encode_prompts
 from model.vae import encode_images
 from services.process import free_port
 
-COLORS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 60, 220), "yellow": (230, 210, 40)}
-
-
-def make_manifest(root: Path, n: int = 24) -> Path:
-    """Synthetic shapes with ground-truth captions, in the training-manifest schema."""
-    rows = []
-    root.mkdir(parents=True, exist_ok=True)
-    for i in range(n):
-        color = list(COLORS)[i % 4]
-        side = "left" if i % 2 else "right"
-        shape = "circle" if i % 3 else "square"
-        w, h = (96, 64) if i % 5 == 0 else (64, 64)
-        img = Image.new("RGB", (w, h), (245, 245, 245))
-        x0 = 6 if side == "left" else w // 2 + 2
-        box = (x0, 18, x0 + 26, 44)
-        draw = ImageDraw.Draw(img)
-        (draw.ellipse if shape == "circle" else draw.rectangle)(box, fill=COLORS[color])
-        path = root / f"img{i:03d}.png"
-        img.save(path)
-        caps = [
-            {"granularity": "short", "language": "en", "text": f"a {color} {shape} on the {side}"},
-            {"granularity": "tag", "language": "en", "text": f"{color}, {shape}, {side}"},
-        ]
-        rows.append(
-            {"id": f"s{i:03d}", "image_path": path.name, "domain": "synthetic", "captions": json.dumps(caps)}
-        )
-    manifest = root / "train.parquet"
-    pd.DataFrame(rows).to_parquet(manifest)
-    return manifest
-
 
 @pytest.fixture(scope="module")
-def manifest(tmp_path_factory) -> Path:
-    return make_manifest(tmp_path_factory.mktemp("data"))
+def manifest(shapes_manifest) -> Path:
+    return shapes_manifest
 
 
 def shard_manifest(manifest: Path, out: Path) -> Path:
@@ -197,25 +173,21 @@ def test_online_caption_features_train_like_the_cache(tmp_path, manifest):
 
 
 @pytest.mark.slow
-def test_tiny_stage_learns_and_exports_a_pipeline(tmp_path, manifest):
-    init = build_pipeline("tiny", seed=0)
-    before = heldout(init, manifest)
-    cfg = stage_config(
-        "lowres",
-        manifest=manifest,
-        output_dir=tmp_path / "lowres",
-        steps=120,
-        global_batch=8,
-        micro_batch=4,
-        checkpoint_every=60,
-    )
-    result = train_stage(cfg)
+def test_tiny_stage_learns_and_exports_a_pipeline(tmp_path, trained_tiny):
+    manifest, result = trained_tiny.manifest, trained_tiny.result
+    before = heldout(build_pipeline("tiny", seed=trained_tiny.init_seed), manifest)
     trained = load_pipeline(result.pipeline_dir)
     after = heldout(trained, manifest)
     # Measured here: 1.03 at init -> 0.14 after 120 steps (EMA weights); require a clear margin.
     assert after < 0.5 * before, (before, after)
     assert len(result.losses) == 120
-    assert (tmp_path / "lowres" / "checkpoints" / "latest").is_file()
+    assert (trained_tiny.output_dir / "checkpoints" / "latest").is_file()
+    # the export carries the raw (non-EMA) weights too: the next stage starts from those
+    raw = result.pipeline_dir / RAW_TRANSFORMER_DIR
+    chained = load_for_training(result.pipeline_dir).transformer.state_dict()
+    ema = trained.transformer.state_dict()
+    assert (raw / "config.json").is_file() and chained.keys() == ema.keys()
+    assert any(not torch.equal(chained[k], ema[k]) for k in ema), "the raw weights are the EMA ones"
     # the next stage starts from this export, at a higher resolution, with the aux loss
     hi = stage_config(
         "highres",
@@ -228,6 +200,43 @@ def test_tiny_stage_learns_and_exports_a_pipeline(tmp_path, manifest):
     )
     hi_result = train_stage(hi)
     assert (hi_result.pipeline_dir / "model_index.json").is_file()
+
+
+def test_the_timestep_reaches_the_model_in_fp32():
+    """Latents and captions go in at the training dtype; t stays fp32 (bf16 would quantise it)."""
+    seen = {}
+
+    class Engine:
+        def __call__(self, x, t, c, m):
+            seen.update(x=x.dtype, t=t.dtype, c=c.dtype)
+            return type("Out", (), {"sample": x})()
+
+    velocity = velocity_model(Engine(), torch.bfloat16)
+    t = torch.tensor([0.1234567, 0.5])
+    out = velocity(torch.zeros(2, 16, 4, 4), t, torch.zeros(2, 3, 8), torch.ones(2, 3))
+    assert seen == {"x": torch.bfloat16, "t": torch.float32, "c": torch.bfloat16}
+    assert out.dtype == torch.float32
+    assert t.to(torch.bfloat16).float()[0] != t[0]  # what the old cast did to t
+
+
+def test_a_stage_starts_from_the_raw_weights_of_an_export(tmp_path):
+    folder = save_pipeline(build_pipeline("tiny", seed=0), tmp_path / "export")
+    build_pipeline("tiny", seed=1).transformer.save_pretrained(folder / RAW_TRANSFORMER_DIR)
+    raw = build_pipeline("tiny", seed=1).transformer.state_dict()
+
+    def same(a: dict, b: dict) -> bool:
+        return all(torch.equal(a[k], b[k]) for k in b)
+
+    assert same(load_for_training(folder).transformer.state_dict(), raw)
+    assert not same(load_pipeline(folder).transformer.state_dict(), raw)  # the EMA one, for serving
+    (folder / RAW_TRANSFORMER_DIR / "config.json").write_text("{not json")
+    with pytest.raises(WeightsNotFoundError, match="raw transformer"):
+        load_for_training(folder)
+    plain = save_pipeline(build_pipeline("tiny", seed=2), tmp_path / "released")  # no raw folder
+    assert same(
+        load_for_training(plain).transformer.state_dict(),
+        build_pipeline("tiny", seed=2).transformer.state_dict(),
+    )
 
 
 def _train_cli(manifest: Path, out: Path, config: Path) -> subprocess.Popen:

@@ -27,7 +27,7 @@ from components.train.checkpoints import (
 from components.train.config import stage_config
 from components.train.resume import read_losses
 from components.train.trainer import train_stage
-from tests.test_train import make_manifest
+from tests.shapes import make_manifest
 
 
 def fake_tag(ckpt_dir: Path, step: int, complete: bool = True) -> Path:

@@ -1,5 +1,7 @@
 """great_expectations gate on the captions: required granularities present, lengths ordered
-detailed > medium > short, text in the labelled language, no empty strings."""
+detailed > medium > short, text in the labelled language (not checked for tags and the ``ocr``
+perspective, which is the visible text verbatim or ``none``), known caption kinds only, no empty
+strings. The UniCap perspectives are optional (a captioner may be configured without them)."""
 
 from __future__ import annotations
 
@@ -9,7 +11,9 @@ import pandas as pd
 
 from components.ingest.gate import GateResult, ephemeral_context, validate_frames
 from components.recaption.backends import guess_language
-from components.recaption.schema import GRANULARITIES, LANGUAGES
+from components.recaption.schema import CAPTION_KINDS, GRANULARITIES, LANGUAGES
+
+_ANY_LANGUAGE = ("tag", "ocr")  # kinds whose text need not be in the labelled language
 
 # What each backend must deliver per image (language, granularity); alt text promises one line.
 REQUIRED: dict[str, set[tuple[str, str]]] = {
@@ -47,8 +51,8 @@ def run_caption_gate(captions: pd.DataFrame, out_dir: Path) -> GateResult:
 
     table = captions.copy()
     table["detected_language"] = [guess_language(t) for t in table["text"]]
-    table["language_matches"] = table["detected_language"].eq(table["language"]) | table["granularity"].eq(
-        "tag"
+    table["language_matches"] = table["detected_language"].eq(table["language"]) | table["granularity"].isin(
+        _ANY_LANGUAGE
     )
     checks = per_image_checks(captions)
     context = ephemeral_context()
@@ -56,7 +60,7 @@ def run_caption_gate(captions: pd.DataFrame, out_dir: Path) -> GateResult:
     for column in ("image_id", "granularity", "language", "text", "backend"):
         text_suite.add_expectation(gxe.ExpectColumnValuesToNotBeNull(column=column))
     text_suite.add_expectation(gxe.ExpectColumnValueLengthsToBeBetween(column="text", min_value=1))
-    text_suite.add_expectation(gxe.ExpectColumnValuesToBeInSet(column="granularity", value_set=GRANULARITIES))
+    text_suite.add_expectation(gxe.ExpectColumnValuesToBeInSet(column="granularity", value_set=CAPTION_KINDS))
     text_suite.add_expectation(gxe.ExpectColumnValuesToBeInSet(column="language", value_set=LANGUAGES))
     text_suite.add_expectation(gxe.ExpectColumnValuesToBeInSet(column="language_matches", value_set=[True]))
     text_suite.add_expectation(gxe.ExpectTableRowCountToBeBetween(min_value=1))

@@ -1,8 +1,12 @@
-"""UniCap recaption step: multi-granularity, bilingual captions for every ingested image.
+"""UniCap recaption step: multi-granularity, multi-perspective, bilingual captions for every ingested
+image.
 
 Backends: ``metadata`` (synthetic ground truth), ``alt-text`` (existing human captions), ``vlm``
 (a Qwen2-VL-family captioner, :mod:`components.recaption.vlm`). ``auto`` picks, per image,
 metadata when the image has ground truth, else the VLM when one is given, else its alt text.
+The four lengths are what an image needs (missing ones: retried, then reported); the perspectives
+(style, main object, objects, attributes, spatial, ocr; stored as further ``granularity`` values)
+are kept when delivered, and a captioner's missing perspectives are logged, never fatal.
 
 Outputs in ``out_dir``: ``captions.parquet`` (image_id, granularity, language, text, backend),
 ``manifest.parquet`` (the ingest manifest + ``domain``, ``captions`` JSON: the training schema; images
@@ -33,12 +37,12 @@ from tqdm.auto import tqdm
 from common.errors import ConfigError
 from components.plan.plan import Group, group_outputs
 from components.recaption.backends import alt_text_captions, metadata_captions, metadata_entry
+from components.recaption.config import BACKENDS
 from components.recaption.schema import caption_rows, captions_frame, training_captions
 from storage import join, read_parquet
 from storage.shards import image_bytes
 
 log = logging.getLogger(__name__)
-BACKENDS = ("auto", "metadata", "alt-text", "vlm")
 SHARD = 64
 CAPTIONS_FILE, MANIFEST_FILE, FAILURES_FILE = "captions.parquet", "manifest.parquet", "failures.csv"
 
@@ -64,16 +68,30 @@ def captioner_prompt_version() -> str:
 
 
 def vlm_function(model: str | Path, **kwargs: Any) -> VlmFn:
-    """Wrap :class:`components.recaption.vlm.VlmCaptioner` as ``images -> [(captions, error)]``."""
+    """Wrap :class:`components.recaption.vlm.VlmCaptioner` as ``images -> [(captions, error)]``
+    (``kwargs``: the captioner's, e.g. ``perspectives``, ``max_pixels``; see
+    :meth:`components.recaption.config.RecaptionConfig.captioner_kwargs`). ``error`` is about the four
+    lengths; missing perspectives are logged (they do not fail an image)."""
     from components.recaption.vlm import VlmCaptioner
 
     captioner = VlmCaptioner(model, **kwargs)
 
     def run(images: Sequence[Image.Image]) -> list[tuple[Captions, str | None]]:
-        return [(r.captions, r.error) for r in captioner.caption(images)]
+        results = captioner.caption(images)
+        partial = [r.perspective_error for r in results if r.error is None and r.perspective_error]
+        if partial:
+            log.warning(
+                "vlm: %d of %d images lack some perspectives (e.g. %s)",
+                len(partial),
+                len(results),
+                partial[0],
+            )
+        return [(r.captions, r.error) for r in results]
 
     run.model_id = str(model)  # type: ignore[attr-defined]
     run.prompt_version = captioner_prompt_version()  # type: ignore[attr-defined]
+    run.perspectives = list(captioner.perspectives)  # type: ignore[attr-defined]
+    run.max_pixels = captioner.max_pixels  # type: ignore[attr-defined]
     return run
 
 
@@ -236,7 +254,15 @@ def merge_captions(
     backend = infos[0]["backend"] if infos else "auto"
     model, version = vlm_info.get("vlm_model"), vlm_info.get("prompt_version")
     return _write_outputs(
-        manifest, table, failures, out, backend, None, vlm_model=model, prompt_version=version
+        manifest,
+        table,
+        failures,
+        out,
+        backend,
+        None,
+        vlm_model=model,
+        prompt_version=version,
+        vlm_settings={k: vlm_info[k] for k in ("vlm_perspectives", "vlm_max_pixels") if k in vlm_info},
     )
 
 
@@ -256,6 +282,7 @@ def _write_outputs(
     vlm_model: str | None = None,
     prompt_version: str | None = None,
     group: str | None = None,
+    vlm_settings: dict[str, Any] | None = None,
 ) -> RecaptionResult:
     by_image = {k: g.to_dict("records") for k, g in table.groupby("image_id", sort=False)}
     kept = images[images["id"].isin(by_image)].copy()
@@ -290,6 +317,9 @@ def _write_outputs(
         "backend": backend,
         "vlm_model": getattr(vlm, "model_id", vlm_model),
         "prompt_version": getattr(vlm, "prompt_version", prompt_version),
+        **(vlm_settings or {}),
+        **({"vlm_perspectives": vlm.perspectives} if hasattr(vlm, "perspectives") else {}),
+        **({"vlm_max_pixels": vlm.max_pixels} if hasattr(vlm, "max_pixels") else {}),
         "backends_used": table["backend"].value_counts().to_dict(),
         **({"group": group} if group else {}),
     }

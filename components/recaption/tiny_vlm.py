@@ -18,6 +18,7 @@ import torch
 from components.recaption.vlm import (
     DEFAULT_MIN_PIXELS,
     PATCH_FACTOR,
+    PERSPECTIVE_PROMPTS,
     PROMPTS,
     CaptionerError,
     quiet_transformers,
@@ -97,14 +98,19 @@ TINY_QWEN2VL_SPECS = {
 
 
 def _tokenizer_corpus() -> list[str]:
-    lines = list(PROMPTS.values())
+    lines = [*PROMPTS.values(), *PERSPECTIVE_PROMPTS.values()]
     try:
         from model.text import tokenizer_corpus
 
         lines += tokenizer_corpus(n_sentences=1500)
     except ImportError:  # pragma: no cover - the package is always installed with model/
         pass
-    lines += ['{"detailed": "", "medium": "", "short": "", "tag": ["", ""]}', "```json\n{}\n```"]
+    lines += [
+        '{"detailed": "", "medium": "", "short": "", "tag": ["", ""]}',
+        '{"style": "", "main_object": "", "objects": ["", ""], "attributes": "", "spatial": "",'
+        ' "ocr": "none"}',
+        "```json\n{}\n```",
+    ]
     return lines
 
 
@@ -148,9 +154,13 @@ def build_qwen2_tokenizer(vocab_size: int = 1024) -> Any:
     return tok
 
 
-def build_tiny_qwen2vl(path: str | Path, seed: int = 0, *, size: str = "tiny") -> Path:
+def build_tiny_qwen2vl(
+    path: str | Path, seed: int = 0, *, size: str = "tiny", max_pixels: int | None = None
+) -> Path:
     """Save a random-weight Qwen2-VL (``size`` in :data:`TINY_QWEN2VL_SPECS`) with its processor in
-    ``path``, loadable like a real checkpoint (``VlmCaptioner(path)``). Deterministic for a seed."""
+    ``path``, loadable like a real checkpoint (``VlmCaptioner(path)``). Deterministic for a seed.
+    ``max_pixels``: the saved processor's pixel budget (default: the spec's; the released models have
+    12845056)."""
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
@@ -161,7 +171,8 @@ def build_tiny_qwen2vl(path: str | Path, seed: int = 0, *, size: str = "tiny") -
     path = Path(path)
     tokenizer = build_qwen2_tokenizer(spec.vocab_size)
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN2_VL_SPECIAL_TOKENS}
-    image_processor = Qwen2VLImageProcessorPil(min_pixels=DEFAULT_MIN_PIXELS, max_pixels=spec.max_pixels)
+    budget = spec.max_pixels if max_pixels is None else max_pixels
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=DEFAULT_MIN_PIXELS, max_pixels=budget)
     config = Qwen2VLConfig(
         text_config={
             "vocab_size": len(tokenizer),

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from common.errors import ConfigError
 from components.register.model_card import model_card
+from model.checkpoint import RAW_TRANSFORMER_DIR
 
 log = logging.getLogger(__name__)
 CHALLENGER, CHAMPION = "challenger", "champion"
@@ -303,7 +304,13 @@ def register_model(
         client = run.client
         for key, value in metrics.items():
             client.log_metric(run.run_id, key, float(value))
-        client.log_artifacts(run.run_id, str(model_dir), artifact_path=ARTIFACT_DIR)
+        for entry in sorted(model_dir.iterdir()):  # the served pipeline: the raw weights stay behind
+            if entry.name == RAW_TRANSFORMER_DIR:
+                continue
+            if entry.is_dir():
+                client.log_artifacts(run.run_id, str(entry), artifact_path=f"{ARTIFACT_DIR}/{entry.name}")
+            else:
+                client.log_artifact(run.run_id, str(entry), artifact_path=ARTIFACT_DIR)
         try:
             client.get_registered_model(name)
         except MlflowException:  # not registered yet

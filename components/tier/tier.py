@@ -1,5 +1,6 @@
 """Tier step: score every captioned image, split into nested tiers, write one training manifest
-per tier (``lowres.parquet`` ⊇ ``highres.parquet`` ⊇ ``hq.parquet``) plus ``scores.parquet`` and a
+per tier (``lowres.parquet`` ⊇ ``highres.parquet`` ⊇ ``hq.parquet``), the routed ``text.parquet``
+(text-rich images of the pool, see :mod:`components.tier.tiering`), plus ``scores.parquet`` and a
 report (``report/tiers.json``, score histograms as PNG).
 
 Fan-out: :func:`score_group` scores one group's images (raw scores need nothing global);
@@ -26,14 +27,22 @@ from tqdm.auto import tqdm
 from common.errors import ConfigError, LuminaError, error_summary, first_line
 from components.plan.plan import Group
 from components.tier.registry import Scorer, available
-from components.tier.tiering import TIERS, TierConfig, assign_tiers, combined_score
+from components.tier.tiering import (
+    TEXT_TIER,
+    TIERS,
+    TierConfig,
+    assign_tiers,
+    quality_score,
+    text_rich,
+    text_tier,
+)
 from model.prompts import domain_template
 from storage import join, write_parquet
 from storage.shards import REF_COLUMNS, image_bytes
 
 log = logging.getLogger(__name__)
 TRAIN_COLUMNS = ["id", "image_path", "domain", "captions", "system_prompt", "score", "width", "height",
-                 *REF_COLUMNS]  # fmt: skip
+                 *REF_COLUMNS, "text_rich"]  # fmt: skip
 SCORES_FILE, SCORERS_FILE = "scores.parquet", "scorers.json"
 
 
@@ -162,16 +171,21 @@ def tier_groups(
         if column not in scored.columns:
             scored[column] = None
     lower = frozenset(s.name for s in scorers if not s.higher_is_better)
-    scored["score"] = combined_score(scored[[s.name for s in scorers]], config.weights, lower)
+    scored["score"] = quality_score(scored, config, [s.name for s in scorers], lower)
+    scored["text_rich"] = text_rich(scored, config)
     scored["system_prompt"] = [str(domain_template(d, config.system_prompts)) for d in scored["domain"]]
     tiers = assign_tiers(scored, config)
+    text = text_tier(tiers)
     out.mkdir(parents=True, exist_ok=True)
     scored.to_parquet(out / SCORES_FILE, index=False)
     for name in TIERS:
         tiers[name][TRAIN_COLUMNS].to_parquet(out / f"{name}.parquet", index=False)
+    text[TRAIN_COLUMNS].to_parquet(out / f"{TEXT_TIER}.parquet", index=False)
     if groups:
         write_group_tiers(scored, tiers, groups)
     hashes = {name: tier_hash(tiers[name]) for name in TIERS}
+    if len(text):  # routing changes the training data; no key (the old hash) while nothing is routed
+        hashes[TEXT_TIER] = tier_hash(text)
     digest = hashlib.sha256(json.dumps(hashes, sort_keys=True).encode()).hexdigest()
     excluded = scored[scored["nsfw"] > config.nsfw_threshold] if "nsfw" in scored.columns else scored.head(0)
     report = write_report(scored, tiers, failed, scorers, config, out / "report", not_run, excluded)
@@ -186,11 +200,13 @@ GROUP_TIERS_FILE = "tiers.parquet"
 
 def write_group_tiers(scored: pd.DataFrame, tiers: dict[str, pd.DataFrame], groups: Sequence[Group]) -> None:
     """``<group prefix>/tiers.parquet``: each group's tiered images with their shard refs, sizes and one
-    boolean column per tier (what the group's latent task encodes, at which resolution), and the
-    captions and domain the latent index carries for the streaming training loader."""
+    boolean column per tier (what the group's latent task encodes, at which resolution), the
+    captions and domain the latent index carries for the streaming training loader, and
+    ``text_rich`` (the routing flag)."""
     members = {name: set(frame["id"]) for name, frame in tiers.items()}
     frame = scored[scored["id"].isin(members["lowres"])]
-    columns = ["id", "group", "width", "height", "image_path", "domain", "captions", *REF_COLUMNS]
+    columns = ["id", "group", "width", "height", "image_path", "domain", "captions", "text_rich",
+               *REF_COLUMNS]  # fmt: skip
     for group in groups:
         part = frame[frame["group"] == group.name][columns].copy() if "group" in frame else frame.head(0)
         for name in TIERS:
@@ -217,7 +233,8 @@ def write_report(
     not_run: dict[str, str] | None = None,
     nsfw_excluded: pd.DataFrame | None = None,
 ) -> Path:
-    """``tiers.json`` (counts, domains, scorer versions, config) and one histogram PNG per score."""
+    """``tiers.json`` (counts, domains, text-rich counts, scorer versions, config) and one histogram
+    PNG per score."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -238,6 +255,12 @@ def write_report(
     summary = {
         "counts": {name: len(tiers[name]) for name in TIERS},
         "domains": {name: tiers[name]["domain"].value_counts().to_dict() for name in TIERS},
+        "text_rich": {
+            "scored": "text_density" in scored.columns,
+            "threshold": config.text_rich_threshold,
+            "counts": {n: int(tiers[n]["text_rich"].sum()) if "text_rich" in tiers[n] else 0 for n in TIERS},
+            "manifest": f"{TEXT_TIER}.parquet",
+        },
         "scored": len(scored),
         "not_scored": failed[["id", "error"]].to_dict("records"),
         "scorers": {s.name: s.version for s in scorers},

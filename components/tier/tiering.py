@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from components.tier.scorers.builtin import caption_languages
+from components.tier.captions import caption_languages
 from model.prompts import DOMAIN_TEMPLATES, SystemPrompt
 
 TIERS = ("lowres", "highres", "hq")
@@ -102,9 +102,7 @@ def combined_score(
     its group, by the centred percentile ``(rank - 0.5) / n``: every group's ranks then average
     0.5, so no group is favoured as a whole. Routing scores (:data:`ROUTING_SCORERS`) never count."""
     within = within or {}
-    used = {
-        k: w for k, w in weights.items() if k in scores.columns and w > 0 and k not in ROUTING_SCORERS
-    }
+    used = {k: w for k, w in weights.items() if k in scores.columns and w > 0 and k not in ROUTING_SCORERS}
     if not used:
         return pd.Series(np.zeros(len(scores)), index=scores.index)
     total = pd.Series(np.zeros(len(scores)), index=scores.index)
@@ -141,10 +139,12 @@ def ranking_groups(frame: pd.DataFrame, config: TierConfig) -> dict[str, pd.Seri
     return {name: key for name in config.rank_within_source if name in frame.columns}
 
 
-def quality_score(frame: pd.DataFrame, config: TierConfig, lower_is_better: frozenset[str]) -> pd.Series:
-    """The combined score the tiers are cut by: :func:`combined_score` with the config's weights
-    and the source-neutral ranking groups (:func:`ranking_groups`)."""
-    return combined_score(frame, config.weights, lower_is_better, ranking_groups(frame, config))
+def quality_score(
+    frame: pd.DataFrame, config: TierConfig, scorers: list[str], lower_is_better: frozenset[str]
+) -> pd.Series:
+    """The combined score the tiers are cut by: :func:`combined_score` of the ``scorers`` columns
+    with the config's weights and the source-neutral ranking groups (:func:`ranking_groups`)."""
+    return combined_score(frame[scorers], config.weights, lower_is_better, ranking_groups(frame, config))
 
 
 def text_rich(frame: pd.DataFrame, config: TierConfig) -> pd.Series:

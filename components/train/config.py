@@ -6,7 +6,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from common.config_files import read_yaml_mapping
 from common.errors import ConfigError, validation_message
@@ -66,6 +66,20 @@ SMALL_STAGES: dict[Stage, dict[str, Any]] = {
 
 STAGE_DEFAULTS = {"tiny": TINY_STAGES, "small": SMALL_STAGES, "full": PAPER_STAGES}
 
+# Caption sampling weights per caption kind (see TrainConfig.granularity_weights: not from the paper).
+DEFAULT_GRANULARITY_WEIGHTS: dict[str, float] = {
+    "detailed": 1.0,
+    "medium": 1.0,
+    "short": 1.0,
+    "tag": 0.5,
+    "style": 0.5,
+    "main_object": 0.5,
+    "objects": 0.5,
+    "attributes": 0.5,
+    "spatial": 0.5,
+    "ocr": 0.25,
+}
+
 
 class TrainConfig(BaseModel):
     """Everything one stage run needs. Unknown keys are an error."""
@@ -120,7 +134,18 @@ class TrainConfig(BaseModel):
     caption_dropout: float = Field(0.1, ge=0.0, le=1.0)
     aux_weight: float = Field(0.0, ge=0.0)
     system_prompts: dict[str, SystemPrompt] = Field(default_factory=lambda: dict(DOMAIN_TEMPLATES))
-    granularity_weights: dict[str, float] = {"detailed": 1.0, "medium": 1.0, "short": 1.0, "tag": 0.5}
+    # Relative weight of each caption kind when a training caption is drawn (components.train.data.
+    # choose_caption): the four UniCap lengths and the six perspectives. The paper trains on UniCap's
+    # multi-granularity, multi-perspective captions but publishes no sampling weights; these are ours:
+    # the lengths equally (tags, word lists, half), the perspectives half (each covers one aspect of the
+    # image, not the whole scene), the visible text a quarter (often absent, and its "none" answer is
+    # never drawn). A config's weights update these (a kind it does not name keeps its default; 0 turns
+    # a kind off); a kind unknown here weighs 1.
+    granularity_weights: dict[str, float] = Field(
+        default_factory=lambda: dict(DEFAULT_GRANULARITY_WEIGHTS),
+        description="caption kind -> sampling weight (lengths and UniCap perspectives; given weights"
+        " update the defaults; unknown kinds: 1)",
+    )
     language_weights: dict[str, float] = {"en": 1.0, "zh": 0.5}
     timestep_sampling: Literal["lognorm", "uniform"] = "lognorm"
     seed: int = 0
@@ -136,6 +161,14 @@ class TrainConfig(BaseModel):
     sample_every: int = Field(0, ge=0, description="sample grid every K steps (0: only at the end)")
     track: bool = Field(True, description="log to MLflow (MLFLOW_TRACKING_URI or sqlite beside outputs)")
     sample_prompts: list[str] = ["a red circle on the left of a blue square", "two yellow stars"]
+
+    @field_validator("granularity_weights")
+    @classmethod
+    def _caption_weights(cls, value: dict[str, float]) -> dict[str, float]:
+        negative = sorted(k for k, w in value.items() if w < 0)
+        if negative:
+            raise ValueError(f"caption weights must be >= 0 ({', '.join(negative)})")
+        return {**DEFAULT_GRANULARITY_WEIGHTS, **value}
 
     @model_validator(mode="after")
     def _check_batches(self) -> TrainConfig:

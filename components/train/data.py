@@ -33,6 +33,7 @@ import torch
 from PIL import Image, ImageOps
 
 from common.errors import ConfigError
+from components.recaption.schema import is_training_caption
 from model.prompts import SystemPrompt, apply_system_prompt, domain_template
 from storage.io import is_s3
 from storage.shards import REF_COLUMNS, MemberRef, image_bytes
@@ -247,10 +248,16 @@ def fingerprint(module: torch.nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
+def training_captions(record: TrainRecord) -> list[Caption]:
+    """The captions a record can be trained with: all but empty ones and an ``ocr`` perspective of
+    ``none`` (the captioner's "no visible text" answer, which says nothing to draw)."""
+    return [c for c in record.captions if is_training_caption(c.granularity, c.text)]
+
+
 def caption_texts(record: TrainRecord, system_prompts: dict[str, SystemPrompt]) -> list[str]:
     """All text variants a record can be trained with (system prompt per domain applied)."""
     template = domain_template(record.domain, system_prompts)
-    return [apply_system_prompt(c.text, template) for c in record.captions]
+    return [apply_system_prompt(c.text, template) for c in training_captions(record)]
 
 
 def choose_caption(
@@ -260,11 +267,17 @@ def choose_caption(
     language_weights: dict[str, float],
     system_prompts: dict[str, SystemPrompt],
 ) -> str:
-    """Pick one caption variant, weighted by granularity and language."""
-    texts = caption_texts(record, system_prompts)
+    """Pick one caption variant, weighted by caption kind (the ``granularity`` entry: one of the four
+    lengths or a UniCap perspective; a kind without a weight weighs 1) times language. Only
+    :func:`training_captions` are candidates; when every weight is 0 they are drawn uniformly, and a
+    record without any trains unconditionally (``""``)."""
+    captions = training_captions(record)
+    if not captions:
+        return ""
+    template = domain_template(record.domain, system_prompts)
+    texts = [apply_system_prompt(c.text, template) for c in captions]
     weights = [
-        granularity_weights.get(c.granularity, 1.0) * language_weights.get(c.language, 1.0)
-        for c in record.captions
+        granularity_weights.get(c.granularity, 1.0) * language_weights.get(c.language, 1.0) for c in captions
     ]
     if sum(weights) <= 0:
         weights = [1.0] * len(texts)

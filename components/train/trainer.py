@@ -13,10 +13,13 @@ import json
 import logging
 import os
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
+from diffusers import Lumina2Transformer2DModel
 
 from common.errors import ConfigError
 from components.latents.cache import index_files
@@ -24,14 +27,14 @@ from components.tracking import MlflowTracker
 from components.train import checkpoints
 from components.train.config import TrainConfig
 from components.train.data import choose_caption, fingerprint, pad_features
-from components.train.ema import Ema
+from components.train.ema import Ema, whole_parameters
 from components.train.launch import free_port
 from components.train.loader import StageFilter, StageStream
 from components.train.resume import append_losses, checkpoint_due, read_losses, resume, save_checkpoint
 from components.train.samples import log_ema_samples
 from components.train.sources import encode_manifest, text_feature_cache, usable_index
 from components.train.tracking import Throughput, finish_tracking, log_step, start_tracking, write_artifacts
-from model.checkpoint import build_pipeline, load_pipeline, save_pipeline
+from model.checkpoint import RAW_TRANSFORMER_DIR, build_pipeline, load_for_training, save_pipeline
 from model.flow import TimestepSampler, flow_matching_loss
 from model.text import encode_prompts
 
@@ -191,10 +194,7 @@ def train_stage(cfg: TrainConfig, tracker: MlflowTracker | None = None) -> Stage
     transformer = run.transformer
     sampler = TimestepSampler(cfg.timestep_sampling)
     accum = cfg.gradient_accumulation(run.world)
-    dtype = torch.bfloat16 if run.bf16 else torch.float32
-
-    def velocity(x, t, c, m):
-        return engine(x.to(dtype), t.to(dtype), c.to(dtype), m).sample.float()
+    velocity = velocity_model(engine, torch.bfloat16 if run.bf16 else torch.float32)
 
     ckpt_dir, start, losses = cfg.output_dir / CKPT_DIR, run.start, []  # losses since the last checkpoint
     meter = Throughput(transformer.config.patch_size)
@@ -231,6 +231,18 @@ def train_stage(cfg: TrainConfig, tracker: MlflowTracker | None = None) -> Stage
     return finish_stage(cfg, run)
 
 
+def velocity_model(engine: Any, dtype: torch.dtype) -> Callable[..., torch.Tensor]:
+    """The engine as a velocity function ``v(x_t, t, caption features, mask)`` in fp32. Latents and
+    caption features go in at ``dtype``; the timestep stays fp32 up to the timestep embedder's
+    sinusoids (the model casts their output), as in the official trainer: in bf16, t would be
+    quantised to steps of ~0.004."""
+
+    def velocity(x: torch.Tensor, t: torch.Tensor, c: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        return engine(x.to(dtype), t.float(), c.to(dtype), m).sample.float()
+
+    return velocity
+
+
 def start_stage(cfg: TrainConfig, tracker: MlflowTracker | None) -> StageRun:
     """Everything before the first step, in an order that fixes the random state: the seed, the
     pipeline, the process group, the stage's latents and caption features, the engine, the EMA
@@ -242,7 +254,8 @@ def start_stage(cfg: TrainConfig, tracker: MlflowTracker | None) -> StageRun:
     if not cfg.manifest.is_file():
         raise ConfigError(f"training manifest not found: {cfg.manifest}")
     cfg.output_dir.mkdir(parents=True, exist_ok=True)
-    pipe = load_pipeline(cfg.init_from) if cfg.init_from else build_pipeline(cfg.profile, seed=cfg.seed)
+    # a previous stage's export starts from its raw weights (official --init_from), not its EMA
+    pipe = load_for_training(cfg.init_from) if cfg.init_from else build_pipeline(cfg.profile, seed=cfg.seed)
     init_distributed(owned_port, timeout_minutes=cfg.collective_timeout_minutes)
 
     flt = StageFilter(cfg.resolution, fingerprint(pipe.vae), str(cfg.stage))
@@ -285,16 +298,32 @@ def build_engine(cfg: TrainConfig, transformer: torch.nn.Module, world: int, bf1
     return engine, optimizer
 
 
+def raw_transformer(
+    module: Lumina2Transformer2DModel, zero_stage: int, keep: bool
+) -> Lumina2Transformer2DModel | None:
+    """An unsharded copy of the trained (non-EMA) weights on the ranks that ``keep`` it; under
+    ZeRO-3 every rank must call this (the parameters are gathered collectively)."""
+    copy = Lumina2Transformer2DModel.from_config(module.config).eval() if keep else None
+    with whole_parameters(module, zero_stage), torch.no_grad():
+        if copy is not None:
+            pairs = zip(copy.parameters(), module.parameters(), strict=True)
+            for target, param in pairs:
+                target.copy_(param.detach().to(target.dtype))
+    return copy
+
+
 def finish_stage(cfg: TrainConfig, run: StageRun) -> StageResult:
     """Rank 0 exports the pipeline with the EMA weights, writes the artifacts and ``run.json`` and
     ends the MLflow run; every rank returns the stage's losses (all of them, across resumes)."""
     export = cfg.output_dir / EXPORT_DIR
     all_losses = read_losses(cfg.output_dir)
     run_id = ""
+    raw = raw_transformer(run.transformer, cfg.zero_stage, keep=run.rank == 0)  # every rank: ZeRO-3 gathers
     if run.rank == 0:
         final = run.ema.model(run.transformer)
         run.pipe.register_modules(transformer=final)
         save_pipeline(run.pipe, export)
+        raw.save_pretrained(export / RAW_TRANSFORMER_DIR, safe_serialization=True)
         artifacts = write_artifacts(cfg, run.pipe, all_losses)
         run_id = run.tracker.run_id if run.tracker is not None else ""
         (cfg.output_dir / "run.json").write_text(json.dumps({"mlflow_run_id": run_id, "steps": cfg.steps}))

@@ -3,7 +3,7 @@
 #   debootstrap (Debian bookworm, minbase + python3.11, venv/pip, ca-certificates)
 #   -> rootfs tarball -> `docker import` (or podman import / buildah) as BASE_IMAGE, the runtime
 #      base: no compiler, no git;
-#   the same rootfs + g++ (apt in the chroot) -> BUILD_BASE_IMAGE, the Dockerfile's build stage
+#   the same rootfs + g++ and python3-dev (apt in the chroot) -> BUILD_BASE_IMAGE, the Dockerfile's build stage
 #      (DeepSpeed's prebuilt op), so that build needs no Debian mirror.
 #
 # Usage:  sudo tools/image/make_base.sh            # builds both unless they exist
@@ -36,7 +36,7 @@ FORCE=${FORCE:-0}
 # python3-venv brings ensurepip (pip inside the Dockerfile's venv, no externally-managed error).
 # The runtime base has no compiler and no git (the image records the commit from a build arg).
 PACKAGES=python3.11,python3-venv,ca-certificates
-BUILD_PACKAGES="g++"
+BUILD_PACKAGES="g++ python3-dev"  # python3-dev: Python.h for the op DeepSpeed builds
 
 log() { echo "make_base: $*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -112,7 +112,8 @@ chroot "$buildfs" /usr/bin/env DEBIAN_FRONTEND=noninteractive \
   sh -c "apt-get update -qq && apt-get install -y -qq --no-install-recommends $BUILD_PACKAGES" >"$work/build.log" 2>&1 \
   || { tail -n 30 "$work/build.log" >&2; die "apt-get install $BUILD_PACKAGES in the build rootfs failed (log above)"; }
 umount "$buildfs/proc" && mounted=""
-chroot "$buildfs" /bin/sh -c 'command -v g++' >/dev/null || die "no g++ in the build rootfs"
+chroot "$buildfs" /bin/sh -c 'command -v g++ && test -f /usr/include/python3.11/Python.h' >/dev/null \
+  || die "no g++ or Python.h in the build rootfs"
 chroot "$rootfs" /bin/sh -c '! command -v g++ && ! command -v gcc && ! command -v git' >/dev/null \
   || die "the runtime rootfs has a compiler or git"
 

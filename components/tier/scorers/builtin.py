@@ -5,13 +5,12 @@ highlights/shadows), contrast (luminance std), colorfulness (Hasler & Süsstrunk
 
 from __future__ import annotations
 
-import json
-import re
-
 import numpy as np
 from PIL import Image
 from scipy import ndimage
 
+from components.recaption.schema import PERSPECTIVES
+from components.tier.captions import caption_list, caption_units
 from components.tier.registry import Scorer
 
 
@@ -51,36 +50,9 @@ def colorfulness(image: Image.Image, row: dict) -> float:
     return float(np.hypot(rg.std(), yb.std()) + 0.3 * np.hypot(rg.mean(), yb.mean()))
 
 
-_CJK_CHAR = re.compile(
-    r"[\u3040-\u30ff\u31f0-\u31ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af"
-    r"\U00020000-\U0002fa1f]"
-)
-"""Han, kana and hangul syllables: scripts written without spaces between words."""
-
-
-def caption_units(text: str) -> int:
-    """Length of a caption in words, where every CJK character (Han, kana, hangul) counts as one
-    and the rest is split on whitespace: ``"一只猫坐在窗台上"`` is 8, ``"a cat on a sill"`` is 5.
-    (Splitting Chinese on whitespace would count a whole sentence as one word.)"""
-    cjk = len(_CJK_CHAR.findall(text))
-    return cjk + len(_CJK_CHAR.sub(" ", text).split())
-
-
-def caption_list(value: object) -> list[dict]:
-    """The manifest's ``captions`` JSON (a list of ``{granularity, language, text}``), [] if none."""
-    if not value or not isinstance(value, str):
-        return []
-    return [c for c in json.loads(value) if isinstance(c, dict) and str(c.get("text") or "").strip()]
-
-
-def caption_languages(value: object) -> str:
-    """The sorted languages an image is captioned in, joined by ``+`` (``"en+zh"``; ``""`` if none)."""
-    return "+".join(sorted({str(c.get("language") or "") for c in caption_list(value)}))
-
-
 def caption_richness(image: Image.Image, row: dict) -> float:
     """Mean over the image's caption languages of its longest caption's :func:`caption_units`
-    (0 without captions).
+    (0 without captions); only the length granularities count, not the UniCap perspectives.
 
     The raw value is only comparable among images captioned by the same source in the same
     languages (a VLM writes longer captions than alt text or metadata, and Chinese has more
@@ -88,6 +60,8 @@ def caption_richness(image: Image.Image, row: dict) -> float:
     (:func:`components.tier.tiering.ranking_groups`), never across them."""
     longest: dict[str, int] = {}
     for cap in caption_list(row.get("captions")):
+        if cap.get("granularity") in PERSPECTIVES:  # UniCap perspectives are not caption lengths
+            continue
         lang = str(cap.get("language") or "")
         longest[lang] = max(longest.get(lang, 0), caption_units(str(cap["text"])))
     return float(np.mean(list(longest.values()))) if longest else 0.0
