@@ -1,8 +1,9 @@
 """Throughput of the ``vlm`` recaption backend (:class:`components.recaption.vlm.VlmCaptioner`) on random-
 weight Qwen2-VL models built offline (``tiny`` and ``small`` in ``TINY_QWEN2VL_SPECS``), per batch size.
 
-captions/s counts images captioned per second (each image gets one prompt per language, so two
-``generate`` rows); prompts/s and generated tokens/s are reported too. Decoding is greedy with a fixed
+captions/s counts images captioned per second (each image gets ``prompts_per_image`` prompts: one per
+language for the four lengths and, with perspectives on (the default), one more per language);
+prompts/s and generated tokens/s are reported too. Decoding is greedy with a fixed
 ``max_new_tokens``; a random model rarely emits its end token, so nearly every row runs to the limit.
 Its text is gibberish, so the parse rate is expected to be ~0: this measures speed, not quality.
 Run: ``python -m bench.recaption --out bench/results/recaption.json``.
@@ -68,7 +69,7 @@ def bench_config(
         seconds = statistics.median(times)
         raws = [r.raw for r in results]
         reference = reference if reference is not None else raws
-        prompts = len(images) * len(LANGUAGES)
+        prompts = len(images) * cap.prompts_per_image
         rows.append({
             "batch_size": batch_size,
             "images": len(images),

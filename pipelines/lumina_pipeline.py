@@ -188,6 +188,7 @@ def build_pipeline(cluster: ClusterSettings | None = None, parallelism: int | No
         captions_file: str = "",
         recaption_backend: str = "auto",
         vlm_model: str = "",
+        vlm_config_json: str = "",
         tier_config_json: str = "",
         lowres_steps: int = 0,
         highres_steps: int = 0,
@@ -239,6 +240,7 @@ def build_pipeline(cluster: ClusterSettings | None = None, parallelism: int | No
                     dataset_hash=ingest.outputs["Output"],
                     backend=recaption_backend,
                     vlm_model=vlm_model,
+                    vlm_config_json=vlm_config_json,
                 )
                 recaption_group.set_display_name("recaption-group")
                 score_group = score_group_op(captions=recaption_group.outputs["captions"])

@@ -458,3 +458,16 @@ def test_zero_weights_turn_kinds_off_and_none_only_records_train_unconditionally
     bare = TrainRecord("b", None, "synthetic", (Caption("ocr", "en", "none"), Caption("ocr", "zh", " NONE ")))
     assert choose_caption(bare, rng, DEFAULT_GRANULARITY_WEIGHTS, {}, PLAIN) == ""
     assert caption_texts(bare, PLAIN) == []
+
+
+def test_the_recaption_task_checks_its_captioner_settings(tmp_path):
+    """``vlm_config_json`` (the pipeline parameter) is validated before anything is captioned."""
+    from pydantic import ValidationError
+
+    from components.recaption.component import recaption_group_op
+
+    artifact = type("Artifact", (), {"path": str(tmp_path / "captions"), "metadata": {}})()
+    with pytest.raises(ValidationError, match="unknown perspectives"):
+        recaption_group_op.python_func(
+            group="{}", dataset_hash="x", captions=artifact, vlm_config_json='{"perspectives": ["smell"]}'
+        )

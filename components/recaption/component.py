@@ -13,16 +13,25 @@ from components.image import BASE_IMAGE
 
 @dsl.component(base_image=BASE_IMAGE)
 def recaption_group_op(
-    group: str, dataset_hash: str, captions: Output[Dataset], backend: str = "auto", vlm_model: str = ""
+    group: str,
+    dataset_hash: str,
+    captions: Output[Dataset],
+    backend: str = "auto",
+    vlm_model: str = "",
+    vlm_config_json: str = "",
 ) -> str:
-    """Caption one group's kept images (``dataset_hash``: the ingest fan-in this depends on)."""
+    """Caption one group's kept images (``dataset_hash``: the ingest fan-in this depends on);
+    ``vlm_config_json``: the captioner settings of :class:`RecaptionConfig` (perspectives,
+    languages, pixel limits, batch size, new tokens) as JSON."""
     from common.logs import configure_logging_if_requested
 
     configure_logging_if_requested()
     from components.plan.plan import Group
+    from components.recaption.config import RecaptionConfig
     from components.recaption.recaption import recaption_group, vlm_function
 
-    vlm = vlm_function(vlm_model) if vlm_model else None
+    settings = RecaptionConfig.model_validate_json(vlm_config_json or "{}")
+    vlm = vlm_function(vlm_model, **settings.captioner_kwargs()) if vlm_model else None
     result = recaption_group(Group.from_json(group), captions.path, backend=backend, vlm=vlm, progress=False)
     captions.metadata.update({"images": result.images, "failed": result.failed, "ingest": dataset_hash})
     return result.dataset_hash
