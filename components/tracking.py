@@ -31,14 +31,15 @@ def file_sha256(path: Path) -> str:
 
 
 def git_sha(cwd: Path | None = None) -> str:
-    """The checkout's commit, or ``unknown`` outside a git checkout."""
+    """The checkout's commit; in the container image (no git, no .git) the commit it was built
+    from (``LUMINA_GIT_SHA``, set by the Dockerfile's ``GIT_SHA`` build argument); else ``unknown``."""
     try:
         out = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10, check=True
         )
         return out.stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        return os.environ.get("LUMINA_GIT_SHA") or "unknown"
 
 
 def default_tracking_uri(output_dir: Path) -> str:

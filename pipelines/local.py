@@ -125,8 +125,13 @@ class TaskLog(io.TextIOBase):
 
 
 def find_report(pipeline_root: Path) -> Path | None:
-    reports = sorted(pipeline_root.glob("**/evaluate-op*/report"), key=lambda p: p.stat().st_mtime)
-    return reports[-1] if reports else None
+    """The newest evaluation report: the register step's (gate decision, challenger beside champion,
+    loss curves, lineage), else the evaluate step's."""
+    for step in ("register-op", "evaluate-op"):
+        reports = sorted(pipeline_root.glob(f"**/{step}*/report"), key=lambda p: p.stat().st_mtime)
+        if reports:
+            return reports[-1]
+    return None
 
 
 def _environment(defaults: dict[str, str]):

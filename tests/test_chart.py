@@ -444,7 +444,9 @@ def test_security_context(r):
 
 def test_server_container_contract(r):
     c = r.server
-    assert c["command"] == ["python", "-m", "serving", "--host", "0.0.0.0", "--port", "8080"]
+    # args, so the image's ENTRYPOINT (dumb-init as PID 1) stays in front of the server
+    assert "command" not in c
+    assert c["args"] == ["python", "-m", "serving", "--host", "0.0.0.0", "--port", "8080"]
     assert c["ports"] == [{"name": "http", "containerPort": 8080, "protocol": "TCP"}]
 
     probes = {k: c.get(k) for k in ("startupProbe", "readinessProbe", "livenessProbe")}
@@ -494,7 +496,7 @@ def test_init_container_fetches_the_model(r):
         assert not init
         return
     (fetch,) = init
-    assert fetch["command"][:7] == [
+    assert "command" not in fetch and fetch["args"][:7] == [
         "python", "-m", "serving.fetch", "--source", "$(LUMINA_MODEL_SOURCE)", "--dest", model["dir"],
     ]  # fmt: skip
     assert fetch["image"] == r.server["image"]

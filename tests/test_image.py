@@ -474,3 +474,14 @@ def test_init_is_pid1():
     assert any(re.search(r'"dumb-init==[\d.]+(post\d+)?"', a) for w, a in build["body"] if w == "RUN")
     cmd = [json.loads(a) for w, a in body if w == "CMD"][-1]
     assert cmd[:3] == ["python", "-m", "serving"], cmd
+
+
+def test_git_sha_in_the_image_comes_from_the_build(tmp_path, monkeypatch):
+    """No git and no .git in the image: the commit is the GIT_SHA build argument's LUMINA_GIT_SHA."""
+    from components.tracking import git_sha
+
+    monkeypatch.delenv("LUMINA_GIT_SHA", raising=False)
+    assert git_sha(tmp_path) == "unknown"
+    monkeypatch.setenv("LUMINA_GIT_SHA", "0123abcd")
+    assert git_sha(tmp_path) == "0123abcd"
+    assert git_sha(ROOT) not in ("0123abcd", "unknown")  # a checkout's own commit comes first

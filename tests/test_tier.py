@@ -141,13 +141,19 @@ def test_a_scorer_crashing_on_some_images_reports_them_and_tiers_the_rest(tmp_pa
     names = ["sharpness", "fragile"]
     result = run_tier(tmp_path / "cap", tmp_path / "ingest", tmp_path / "t", None, names, progress=False)
     lowres = pd.read_parquet(tmp_path / "t" / "lowres.parquet")
-    assert not unlucky & set(lowres["id"]) and len(lowres) == len(manifest) - 3
+    heldout = set(pd.read_parquet(tmp_path / "t" / "heldout.parquet")["id"])  # tiers exclude it
+    assert not unlucky & (set(lowres["id"]) | heldout) and not heldout & set(lowres["id"])
+    assert len(lowres) + len(heldout) == len(manifest) - 3 and len(heldout) == result.heldout >= 4
     report = json.loads(result.report.read_text())
     assert "scorer fragile: RuntimeError: onnxruntime: invalid input shape" in json.dumps(report)
 
     monkeypatch.setitem(registry.SCORERS, "broken", Scorer("broken", "1", lambda i, r: 1 / 0))
     with pytest.raises(LuminaError, match=r"no image could be scored .*ZeroDivisionError"):
         run_tier(tmp_path / "cap", tmp_path / "ingest", tmp_path / "t2", None, ["broken"], progress=False)
+
+
+NO_HELDOUT = {"heldout_fraction": 0.0, "min_heldout_images": 0, "min_heldout_per_domain": 0}
+"""Every image in the tiers: tests of exact tier shares (the split is tested in test_heldout.py)."""
 
 
 def _captions(*pairs: tuple[str, str]) -> str:
@@ -212,7 +218,7 @@ def test_caption_richness_does_not_favour_a_caption_source(tmp_path):
     vlm = frame["caption_backend"] == "vlm"
     assert frame.loc[vlm, "caption_richness"].min() > frame.loc[~vlm, "caption_richness"].max()
     scorers = [{"name": "sharpness", "version": "1"}, {"name": "caption_richness", "version": "2"}]
-    config = TierConfig(weights={"sharpness": 1.0, "caption_richness": 1.0})
+    config = TierConfig(weights={"sharpness": 1.0, "caption_richness": 1.0}, **NO_HELDOUT)
     manifest = frame.drop(columns=["sharpness", "caption_richness"])
     _, tiers = _tier_folders(
         tmp_path, manifest, frame[["id", "sharpness", "caption_richness"]], scorers, config
@@ -239,7 +245,7 @@ def test_text_in_an_image_does_not_lower_its_tier_and_is_routed(tmp_path):
     })  # fmt: skip
     scorers = [{"name": "sharpness", "version": "1"},
                {"name": "text_density", "version": "1", "higher_is_better": False}]  # fmt: skip
-    result, tiers = _tier_folders(tmp_path, manifest, scores, scorers, TierConfig())
+    result, tiers = _tier_folders(tmp_path, manifest, scores, scorers, TierConfig(**NO_HELDOUT))
     for name in ("highres", "hq"):
         members = set(tiers[name]["id"])
         assert len(members) < 2 * n and all((f"p{i:03d}" in members) == (f"t{i:03d}" in members)
@@ -263,10 +269,10 @@ def test_text_density_cannot_be_weighted():
 
 
 def test_tier_manifests_keep_the_columns_downstream_reads(tmp_path):
-    """Latents and training read these; ``text_rich`` is only added."""
+    """Latents and training read these; ``text_rich`` and ``split`` are only added."""
     from components.tier.tier import TRAIN_COLUMNS
     from storage.shards import REF_COLUMNS
 
     old = ["id", "image_path", "domain", "captions", "system_prompt", "score", "width", "height",
            *REF_COLUMNS]  # fmt: skip
-    assert TRAIN_COLUMNS[: len(old)] == old and TRAIN_COLUMNS[len(old) :] == ["text_rich"]
+    assert TRAIN_COLUMNS[: len(old)] == old and TRAIN_COLUMNS[len(old) :] == ["text_rich", "split"]

@@ -3,7 +3,7 @@
 from typing import List, NamedTuple
 
 from kfp import dsl
-from kfp.dsl import Input, Model
+from kfp.dsl import HTML, Input, Model, Output
 
 from components.image import BASE_IMAGE
 
@@ -11,6 +11,7 @@ from components.image import BASE_IMAGE
 @dsl.component(base_image=BASE_IMAGE)
 def register_op(
     model: Input[Model],
+    report: Output[HTML],
     eval_result: str,
     model_name: str,
     profile: str = "",
@@ -28,15 +29,19 @@ def register_op(
     pipeline_run: str = "",
 ) -> str:
     """Register the model version (tagged with data hashes, stage runs, metrics, git sha);
-    ``champion`` only if the promotion gate passes. Returns the registration as JSON."""
+    ``champion`` only if the promotion gate passes; ``report``: the evaluation report with the gate
+    decision, challenger beside champion, loss curves and lineage (also ``report.html`` in the
+    version's MLflow run). Returns the registration as JSON."""
     from common.logs import configure_logging_if_requested
 
     configure_logging_if_requested()  # JSON records on a cluster (LUMINA_LOG_FORMAT set on the task)
     import json
     import os
     from dataclasses import asdict
+    from pathlib import Path
 
     from components.register.register import PromotionGate, register_model
+    from components.register.report import write_registration_report
 
     uri = mlflow_tracking_uri or os.environ["MLFLOW_TRACKING_URI"]
     gate = PromotionGate.model_validate_json(gate_json) if gate_json else PromotionGate()
@@ -56,6 +61,7 @@ def register_op(
         "pipeline_run": pipeline_run,  # a retried register step finds the version this run made
     }
     result = register_model(model.path, model_name, uri, evaluation["metrics"], gate=gate, tags=tags)
+    write_registration_report(result, tags, uri, Path(report.path))
     return json.dumps(asdict(result))
 
 

@@ -1,6 +1,8 @@
 """Tier step: score every captioned image, split into nested tiers, write one training manifest
 per tier (``lowres.parquet`` ⊇ ``highres.parquet`` ⊇ ``hq.parquet``), the routed ``text.parquet``
-(text-rich images of the pool, see :mod:`components.tier.tiering`), plus ``scores.parquet`` and a
+(text-rich images of the pool, see :mod:`components.tier.tiering`), the ``heldout.parquet`` evaluation
+manifest (same schema; images disjoint from every tier by id, :func:`~components.tier.tiering.heldout_split`;
+every manifest and ``scores.parquet`` carry the ``split`` column), plus ``scores.parquet`` and a
 report (``report/tiers.json``, score histograms as PNG).
 
 Fan-out: :func:`score_group` scores one group's images (raw scores need nothing global);
@@ -28,10 +30,12 @@ from common.errors import ConfigError, LuminaError, error_summary, first_line
 from components.plan.plan import Group
 from components.tier.registry import Scorer, available
 from components.tier.tiering import (
+    HELDOUT,
     TEXT_TIER,
     TIERS,
     TierConfig,
     assign_tiers,
+    heldout_split,
     quality_score,
     text_rich,
     text_tier,
@@ -42,7 +46,7 @@ from storage.shards import REF_COLUMNS, image_bytes
 
 log = logging.getLogger(__name__)
 TRAIN_COLUMNS = ["id", "image_path", "domain", "captions", "system_prompt", "score", "width", "height",
-                 *REF_COLUMNS, "text_rich"]  # fmt: skip
+                 *REF_COLUMNS, "text_rich", "split"]  # fmt: skip
 SCORES_FILE, SCORERS_FILE = "scores.parquet", "scorers.json"
 
 
@@ -52,6 +56,7 @@ class TierResult:
     counts: dict[str, int]
     dataset_hash: str
     report: Path
+    heldout: int = 0  # images in heldout.parquet (never in a tier)
 
 
 def score_images(
@@ -174,25 +179,33 @@ def tier_groups(
     scored["score"] = quality_score(scored, config, [s.name for s in scorers], lower)
     scored["text_rich"] = text_rich(scored, config)
     scored["system_prompt"] = [str(domain_template(d, config.system_prompts)) for d in scored["domain"]]
-    tiers = assign_tiers(scored, config)
+    scored["split"] = heldout_split(scored, config)
+    held = scored["split"] == HELDOUT
+    tiers = assign_tiers(scored[~held], config)
+    heldout = assign_tiers(scored[held], config)["lowres"].sort_values("id", kind="stable")  # same gates
     text = text_tier(tiers)
     out.mkdir(parents=True, exist_ok=True)
     scored.to_parquet(out / SCORES_FILE, index=False)
     for name in TIERS:
         tiers[name][TRAIN_COLUMNS].to_parquet(out / f"{name}.parquet", index=False)
     text[TRAIN_COLUMNS].to_parquet(out / f"{TEXT_TIER}.parquet", index=False)
+    heldout[TRAIN_COLUMNS].to_parquet(out / f"{HELDOUT}.parquet", index=False)
     if groups:
         write_group_tiers(scored, tiers, groups)
     hashes = {name: tier_hash(tiers[name]) for name in TIERS}
     if len(text):  # routing changes the training data; no key (the old hash) while nothing is routed
         hashes[TEXT_TIER] = tier_hash(text)
+    if len(heldout):  # what evaluation runs on; no key (the old hash) while nothing is held out
+        hashes[HELDOUT] = tier_hash(heldout)
     digest = hashlib.sha256(json.dumps(hashes, sort_keys=True).encode()).hexdigest()
     excluded = scored[scored["nsfw"] > config.nsfw_threshold] if "nsfw" in scored.columns else scored.head(0)
-    report = write_report(scored, tiers, failed, scorers, config, out / "report", not_run, excluded)
+    report = write_report(scored, tiers, failed, scorers, config, out / "report", not_run, excluded, heldout)
     counts = {name: len(tiers[name]) for name in TIERS}
-    (out / "dataset.json").write_text(json.dumps({"dataset_hash": digest, "tiers": hashes, "counts": counts}))
-    log.info("tiers: %s (%d images not scored)", counts, len(failed))
-    return TierResult(out, counts, digest, report)
+    (out / "dataset.json").write_text(
+        json.dumps({"dataset_hash": digest, "tiers": hashes, "counts": counts, HELDOUT: len(heldout)})
+    )
+    log.info("tiers: %s, %d held out (%d images not scored)", counts, len(heldout), len(failed))
+    return TierResult(out, counts, digest, report, len(heldout))
 
 
 GROUP_TIERS_FILE = "tiers.parquet"
@@ -232,9 +245,10 @@ def write_report(
     out: Path,
     not_run: dict[str, str] | None = None,
     nsfw_excluded: pd.DataFrame | None = None,
+    heldout: pd.DataFrame | None = None,
 ) -> Path:
-    """``tiers.json`` (counts, domains, text-rich counts, scorer versions, config) and one histogram
-    PNG per score."""
+    """``tiers.json`` (counts, domains, text-rich counts, held-out images, scorer versions, config)
+    and one histogram PNG per score."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -260,6 +274,12 @@ def write_report(
             "threshold": config.text_rich_threshold,
             "counts": {n: int(tiers[n]["text_rich"].sum()) if "text_rich" in tiers[n] else 0 for n in TIERS},
             "manifest": f"{TEXT_TIER}.parquet",
+        },
+        HELDOUT: {
+            "count": 0 if heldout is None else len(heldout),
+            "domains": {} if heldout is None else heldout["domain"].value_counts().to_dict(),
+            "fraction": config.heldout_fraction,
+            "manifest": f"{HELDOUT}.parquet",
         },
         "scored": len(scored),
         "not_scored": failed[["id", "error"]].to_dict("records"),

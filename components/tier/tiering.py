@@ -15,10 +15,19 @@ Two fairness rules (issue #13):
   quality score: it has no weight (a positive one is rejected), and images whose text density is at
   least ``TierConfig.text_rich_threshold`` are flagged ``text_rich`` in every tier manifest and
   listed in a ``text`` manifest, so training can oversample text-rendering data.
+
+**Held-out split** (issue #12): before the tiers are cut, :func:`heldout_split` sets aside a
+``heldout`` split, disjoint from training by image id: an image is held out when the hash of its id
+(``sha256(id)`` read as a fraction of 2**64) is below ``TierConfig.heldout_fraction``, so the same
+id is always on the same side, whatever the grouping or order. A small set is topped up to
+``min_heldout_images`` (and every domain, e.g. the synthetic scenes, to ``min_heldout_per_domain``)
+with the lowest-hash eligible images, never past half the pool (or of a domain). The tiers are cut
+from the ``train`` split only.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import numpy as np
@@ -29,6 +38,8 @@ from components.tier.captions import caption_languages
 from model.prompts import DOMAIN_TEMPLATES, SystemPrompt
 
 TIERS = ("lowres", "highres", "hq")
+HELDOUT = "heldout"
+"""The evaluation split (``split`` column value and manifest name); the rest is ``train``."""
 TEXT_TIER = "text"
 """The routed (not nested) manifest of text-rich images in the pretrain pool."""
 ROUTING_SCORERS = frozenset({"text_density"})
@@ -73,6 +84,13 @@ class TierConfig(BaseModel):
         "which an image is text_rich: flagged and routed to the text manifest, never penalised",
     )
     system_prompts: dict[str, SystemPrompt] = Field(default_factory=lambda: dict(DOMAIN_TEMPLATES))
+    heldout_fraction: float = Field(
+        0.1, ge=0.0, lt=1.0, description="share of images (by a hash of the id) held out of training"
+    )
+    min_heldout_images: int = Field(4, ge=0, description="held-out images at least (small sets)")
+    min_heldout_per_domain: int = Field(
+        2, ge=0, description="held-out images at least per domain (e.g. the synthetic scenes)"
+    )
 
     @model_validator(mode="after")
     def _ordered(self) -> TierConfig:
@@ -172,6 +190,42 @@ def assign_tiers(frame: pd.DataFrame, config: TierConfig) -> dict[str, pd.DataFr
     eligible_hq = high[high[["width", "height"]].min(axis=1) >= config.min_side["hq"]]
     hq = eligible_hq.head(n_hq)
     return {"lowres": pool, "highres": high, "hq": hq}
+
+
+def id_fraction(image_id: str) -> float:
+    """``sha256(id)`` as a number in [0, 1): where the id falls for the held-out split."""
+    return int.from_bytes(hashlib.sha256(str(image_id).encode()).digest()[:8], "big") / 2.0**64
+
+
+def _eligible(frame: pd.DataFrame, config: TierConfig) -> pd.Series:
+    """The rows the lowres tier could take (NSFW and size gates of :func:`assign_tiers`)."""
+    keep = frame[["width", "height"]].min(axis=1) >= config.min_side["lowres"]
+    if "nsfw" in frame.columns:
+        keep &= frame["nsfw"] <= config.nsfw_threshold
+    return keep
+
+
+def heldout_split(frame: pd.DataFrame, config: TierConfig) -> pd.Series:
+    """``"train"`` or ``"heldout"`` per row (``id``, ``width``, ``height``, optional ``domain`` and
+    ``nsfw``): held out when the id's hash fraction is below ``heldout_fraction``; then topped up,
+    lowest hash first among the eligible images, to ``min_heldout_images`` in all and
+    ``min_heldout_per_domain`` per domain, at most half of the eligible pool (of the domain)."""
+    fraction = frame["id"].map(id_fraction)
+    held = fraction < config.heldout_fraction
+    eligible = _eligible(frame, config)
+
+    def top_up(rows: pd.Series, wanted: int) -> None:
+        pool = rows & eligible
+        need = min(wanted, int(pool.sum()) // 2) - int((held & pool).sum())
+        if need > 0:
+            candidates = fraction[pool & ~held].sort_values(kind="stable")
+            held.loc[candidates.index[:need]] = True
+
+    if "domain" in frame.columns:
+        for domain in sorted(frame["domain"].dropna().astype(str).unique()):
+            top_up(frame["domain"].astype(str) == domain, config.min_heldout_per_domain)
+    top_up(pd.Series(True, index=frame.index), config.min_heldout_images)
+    return held.map({True: HELDOUT, False: "train"})
 
 
 def text_tier(tiers: dict[str, pd.DataFrame]) -> pd.DataFrame:
