@@ -57,6 +57,7 @@ def test_the_latent_step_encodes_with_the_base_models_vae(tmp_path, base, s3_bas
         stage_vae("tiny", 0, str(tmp_path))
 
 
+@pytest.mark.slow
 def test_the_first_stage_trains_from_the_base_weights(tmp_path, base):
     import sys
 

@@ -4,7 +4,10 @@ import json
 import subprocess
 import sys
 
+import pytest
 
+
+@pytest.mark.slow
 def test_sampler_bench_runs_and_matches_the_peer_on_plain_settings(tmp_path):
     out = tmp_path / "sampler.json"
     cmd = [sys.executable, "-m", "bench.sampler", "--profiles", "tiny", "--steps", "4", "--repeats", "1",
@@ -17,6 +20,7 @@ def test_sampler_bench_runs_and_matches_the_peer_on_plain_settings(tmp_path):
     assert rows["plain"]["ours_rows"] == rows["plain"]["peer_rows"]
 
 
+@pytest.mark.slow
 def test_bench_rejects_a_bad_profile(tmp_path):
     cmd = [sys.executable, "-m", "bench.sampler", "--profiles", "huge", "--out", str(tmp_path / "x.json")]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)

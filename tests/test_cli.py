@@ -19,6 +19,7 @@ def assert_one_line_error(proc, pattern: str) -> None:
     assert len(errors) == 1 and pattern in errors[0], proc.stderr
 
 
+@pytest.mark.slow
 def test_bad_profile_in_a_subprocess(tmp_path):  # the entry point's smoke test; the rest run in-process
     assert_one_line_error(lumina("info", "--profile", "giant"), "unknown model profile 'giant'")
 

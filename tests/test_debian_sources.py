@@ -142,6 +142,7 @@ def test_dep5_last_matching_paragraph_wins():
 # --------------------------------------------------------------------------- real packages
 
 
+@pytest.mark.slow
 def test_fetch_is_cached(debian_cache):
     root = fetch_debian_package(TUXPAINT_PACKAGE, debian_cache)
     info = debian.package_info(root)
@@ -195,6 +196,7 @@ def test_tuxpaint_is_deterministic_and_idempotent(debian_cache, tmp_path):
     assert len(list(a.glob("tuxpaint_*"))) == 6
 
 
+@pytest.mark.slow
 def test_photos(debian_cache, tmp_path):
     out = build_photos(tmp_path / "a", debian_cache, limit=4, seed=0)
     photos = sorted(out.glob("photo_*.jpg"))

@@ -343,6 +343,7 @@ def test_gate_outcomes_are_logged_to_mlflow_pass_or_fail(odd_folder, tmp_path):
     assert "expect_column_values_to_be_unique(id)" in listed
 
 
+@pytest.mark.slow
 def test_cli_and_kfp_component(odd_folder, tmp_path):
     import subprocess
     import sys

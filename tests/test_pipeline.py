@@ -156,6 +156,7 @@ def test_spec_parses_strictly_and_references_resolve(compiled):
         assert latents.producer_task.startswith("for-loop") and latents.output_artifact_key.endswith("index")
 
 
+@pytest.mark.slow
 def test_pod_launcher_trains_in_the_task_pod_on_gpus(tmp_path):
     settings = tmp_path / "cluster.yaml"
     settings.write_text("train_launcher: pod\ngpus_per_train_task: 2\n")
@@ -228,6 +229,7 @@ def _cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return proc
 
 
+@pytest.mark.slow
 def test_submit_schedule_and_status_reach_the_api(kfp_api):
     host, requests = kfp_api
     out = _cli("run", "--host", host, "--token", "secret-token", "--source", "s3://bucket/raw")

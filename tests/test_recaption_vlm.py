@@ -406,6 +406,7 @@ def test_parse_captions_returns_only_known_granularities_and_strips():
 # The benchmark keeps running (numbers reported, not asserted)
 
 
+@pytest.mark.slow
 def test_recaption_bench_runs_and_reports_every_batch_size(tmp_path):
     out = tmp_path / "recaption.json"
     cmd = [sys.executable, "-m", "bench.recaption", "--configs", "tiny", "--batch-sizes", "1,2",

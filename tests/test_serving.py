@@ -801,6 +801,7 @@ def test_cli_sets_uvicorn_connection_bounds(tiny_folder, monkeypatch):
 
 
 # ----------------------------------------------------------------- real server, concurrency
+@pytest.mark.slow
 def test_cli_server_under_concurrent_load(tiny_folder, tmp_path, monkeypatch):
     port = free_port()
     defaults = tmp_path / "defaults.yaml"
@@ -854,6 +855,7 @@ def test_cli_server_under_concurrent_load(tiny_folder, tmp_path, monkeypatch):
     assert "Application shutdown complete" in log and "Traceback" not in log
 
 
+@pytest.mark.slow
 def test_cli_server_exits_2_when_model_cannot_load(tmp_path):
     cmd = [sys.executable, "-m", "serving", "--port", str(free_port()), "--model", str(tmp_path / "none")]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=REPO)

@@ -73,6 +73,7 @@ def test_bad_tier_config_is_rejected():
         TierConfig(highres_ratio=0.01, hq_ratio=0.1)
 
 
+@pytest.mark.slow
 def test_run_tier_end_to_end(tmp_path):
     build_synthetic(tmp_path / "raw", n=40, size=128)
     ingest(tmp_path / "raw", tmp_path / "ingest")
