@@ -289,6 +289,7 @@ def build_pipeline(cluster: ClusterSettings | None = None, parallelism: int | No
                     nodes=train_nodes,
                     gpus_per_node=gpus_per_node,
                     config_yaml=train_config_yaml,
+                    heldout=tiers.outputs["tiers"],  # its heldout.parquet: each stage's val_loss
                     **launcher,
                     **kwargs,
                 )
@@ -301,7 +302,10 @@ def build_pipeline(cluster: ClusterSettings | None = None, parallelism: int | No
                 train_tasks.append(task)
             final_model = previous.outputs["pipeline"]
             evaluate = evaluate_op(
-                model=final_model, config_json=eval_config_json, mlflow_tracking_uri=mlflow_tracking_uri
+                model=final_model,
+                config_json=eval_config_json,
+                mlflow_tracking_uri=mlflow_tracking_uri,
+                heldout=tiers.outputs["tiers"],  # val_loss on the held-out split
             )
             evaluate.set_display_name("evaluate")
             register = register_op(

@@ -1,7 +1,7 @@
 """KFP wrapper for evaluation (no ``from __future__ import annotations``: KFP reads real annotations)."""
 
 from kfp import dsl
-from kfp.dsl import HTML, Input, Metrics, Model, Output
+from kfp.dsl import HTML, Dataset, Input, Metrics, Model, Output
 
 from components.image import BASE_IMAGE
 
@@ -13,8 +13,10 @@ def evaluate_op(
     report: Output[HTML],
     config_json: str = "",
     mlflow_tracking_uri: str = "",
+    heldout: Input[Dataset] = None,
 ) -> str:
-    """Evaluate the final stage; logs to MLflow when a tracking URI is given; returns metrics JSON."""
+    """Evaluate the final stage; logs to MLflow when a tracking URI is given; returns metrics JSON.
+    ``heldout``: the tier step's held-out manifest (or tier folder): ``val_loss`` on those images."""
     from common.logs import configure_logging_if_requested
 
     configure_logging_if_requested()  # JSON records on a cluster (LUMINA_LOG_FORMAT set on the task)
@@ -28,7 +30,10 @@ def evaluate_op(
 
     cfg = EvalConfig.model_validate_json(config_json) if config_json else EvalConfig()
     out = Path(tempfile.mkdtemp(prefix="evaluate-"))
-    result = run_evaluation(model.path, out, cfg, progress=False)
+    held = Path(heldout.path) if heldout is not None else None
+    held = held / "heldout.parquet" if held is not None and held.is_dir() else held
+    held = held if held is not None and held.is_file() else None  # tiers from before the split: scenes
+    result = run_evaluation(model.path, out, cfg, progress=False, heldout=held)
     for key, value in result.metrics.items():
         metrics.log_metric(key, value)
     shutil.copy(result.report_path, report.path)

@@ -1,7 +1,14 @@
 """Evaluate a trained pipeline: held-out flow-matching loss, generation for the benchmark suites
 in the official layouts, and the compositional scorer on the synthetic suite. Scorers that need
 weights we do not have (CLIP score, the official GenEval / DPG / T2I-CompBench scorers) are
-reported as not run, never with a made-up number."""
+reported as not run, never with a made-up number.
+
+Held-out data (issue #12): given the tier step's held-out manifest, ``val_loss`` is the loss on
+those images (disjoint from training by id), computed by the same function and settings as each
+training stage's ``val_loss`` (:func:`components.train.validation.heldout_val_loss`); without one it
+falls back to freshly rendered synthetic scenes. The synthetic compositional suite always renders
+fresh scenes from the held-out seed (:data:`~components.evaluate.suites.HELDOUT_SEED`): they are
+not training images by construction (the training data's scenes come from other seeds)."""
 
 from __future__ import annotations
 
@@ -44,7 +51,9 @@ class EvalConfig(BaseModel):
     suite_size: int | None = Field(2, ge=1, description="prompts per category per suite (None: all)")
     synthetic_size: int = Field(16, ge=1)
     images_per_prompt: int = Field(1, ge=1, le=4, description="GenEval / T2I-CompBench samples per prompt")
-    heldout: int = Field(32, ge=1, description="held-out synthetic scenes for the validation loss")
+    heldout: int = Field(
+        32, ge=1, description="held-out images (manifest) or synthetic scenes for the validation loss"
+    )
     height: int = 128
     width: int = 128
     seed: int = 0
@@ -61,8 +70,20 @@ class EvalResult:
     samples: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
 
-def heldout_loss(sampler: LuminaSampler, n: int, size: int, seed: int = 0) -> float:
-    """Flow-matching loss on held-out synthetic scenes at fixed times and noise."""
+def heldout_loss(
+    sampler: LuminaSampler, n: int, size: int, seed: int = 0, manifest: str | Path | None = None
+) -> float:
+    """Flow-matching loss at fixed times and noise on the first ``n`` images of the held-out
+    ``manifest`` (as the stages compute it, at ``size``'s buckets), or without one on ``n`` fresh
+    synthetic scenes from the held-out seed."""
+    if manifest is not None:
+        from components.train.validation import heldout_val_loss
+
+        loss, _ = heldout_val_loss(
+            manifest, transformer=sampler.transformer, vae=sampler.vae, tokenizer=sampler.tokenizer,
+            text_encoder=sampler.text_encoder, resolution=size, limit=n, seed=seed,
+        )  # fmt: skip
+        return loss
     from data_tools.synthetic import render_scene
 
     items = synthetic_suite(n, size)
@@ -115,10 +136,15 @@ def generate_suite(
 
 
 def run_evaluation(
-    model_dir: str | Path, out_dir: str | Path, config: EvalConfig | None = None, progress: bool = True
+    model_dir: str | Path,
+    out_dir: str | Path,
+    config: EvalConfig | None = None,
+    progress: bool = True,
+    heldout: str | Path | None = None,
 ) -> EvalResult:
     """Evaluate the diffusers pipeline in ``model_dir``; writes ``metrics.json``, ``report.html``
-    and the generated images under ``out_dir``."""
+    and the generated images under ``out_dir``. ``heldout``: the held-out manifest (or tier
+    folder) ``val_loss`` is computed on (else fresh synthetic scenes)."""
     cfg = config or EvalConfig()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -126,7 +152,7 @@ def run_evaluation(
     sampler = LuminaSampler.load(model_dir)
     clip = ClipScorer(cfg.clip_model) if cfg.clip_model else None
     not_run = dict(NOT_RUN) if clip else {"clip_score": NO_CLIP, **NOT_RUN}
-    metrics: dict[str, float] = {"val_loss": heldout_loss(sampler, cfg.heldout, cfg.height)}
+    metrics: dict[str, float] = {"val_loss": heldout_loss(sampler, cfg.heldout, cfg.height, manifest=heldout)}
     samples: dict[str, list[dict[str, Any]]] = {}
     for suite in cfg.suites:
         limit = cfg.synthetic_size if suite == "synthetic" else cfg.suite_size

@@ -21,6 +21,8 @@ from PIL import Image
 
 PNG_PREFIX = "data:image/png;base64,"
 MAX_SIDE = 1024  # larger images are scaled down before embedding
+PROMPT_SIDE = 384  # per-prompt images (shown at 160 px) are embedded at most this large
+MAX_PROMPTS = 48  # per suite; the rest are counted, not shown (the full set is in the artifacts)
 CSS = """
 body{font-family:system-ui,sans-serif;margin:1.5em;color:#222;max-width:1400px}
 h1{font-size:1.5em}h2{border-bottom:1px solid #ccc;padding-bottom:2px;margin-top:1.6em}
@@ -61,12 +63,17 @@ def data_uri(source: Path | str | bytes | Image.Image, max_side: int = MAX_SIDE)
     return PNG_PREFIX + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def img_tag(source: Path | str | bytes | Image.Image | None, alt: str, width: int | None = None) -> str:
+def img_tag(
+    source: Path | str | bytes | Image.Image | None,
+    alt: str,
+    width: int | None = None,
+    max_side: int = MAX_SIDE,
+) -> str:
     """An ``<img>`` with the image embedded, or a visible note when it is missing or unreadable."""
     if source is None:
         return f"<span class='missing'>{esc(alt)}: no image</span>"
     try:
-        uri = data_uri(source)
+        uri = data_uri(source, max_side)
     except (OSError, ValueError) as exc:
         return f"<span class='missing'>{esc(alt)}: image not readable ({esc(type(exc).__name__)})</span>"
     size = f" width='{width}'" if width else ""
@@ -149,21 +156,23 @@ def _marks(record: dict[str, Any]) -> str:
 def _images(side: EvalImages, record: dict[str, Any] | None, width: int) -> str:
     if record is None:
         return f"<span class='missing'>{esc(side.label)}: prompt not evaluated</span>"
-    tags = [img_tag(side.root / rel, f"{side.label}: {record.get('prompt', '')[:80]}", width)
+    tags = [img_tag(side.root / rel, f"{side.label}: {record.get('prompt', '')[:80]}", width, PROMPT_SIDE)
             for rel in record.get("images", [])]  # fmt: skip
     return "".join(tags) or f"<span class='missing'>{esc(side.label)}: no images</span>"
 
 
-def prompt_images(challenger: EvalImages, champion: EvalImages | None = None, width: int = 160) -> str:
-    """Per suite, per prompt: the challenger's images, beside the champion's for the same prompt
-    when ``champion`` is given (matched by suite and prompt text)."""
+def prompt_images(
+    challenger: EvalImages, champion: EvalImages | None = None, width: int = 160, limit: int = MAX_PROMPTS
+) -> str:
+    """Per suite, per prompt (the first ``limit``): the challenger's images, beside the champion's
+    for the same prompt when ``champion`` is given (matched by suite and prompt text)."""
     sections = []
     for suite, records in challenger.samples.items():
         theirs: dict[str, list[dict[str, Any]]] = {}
-        for record in (champion.samples.get(suite, []) if champion else []):
+        for record in champion.samples.get(suite, []) if champion else []:
             theirs.setdefault(record.get("prompt", ""), []).append(record)
         rows = []
-        for record in records:
+        for record in records[:limit]:
             caption = (
                 f"[{esc(record.get('category', ''))}] {esc(str(record.get('prompt', ''))[:200])}"
                 f"<br><small>{_marks(record)}</small>"
@@ -177,9 +186,13 @@ def prompt_images(challenger: EvalImages, champion: EvalImages | None = None, wi
             rows.append(f"<tr><td style='max-width:320px'>{caption}</td>{cells}</tr>")
         head = f"<tr><th>prompt</th><th>{esc(challenger.label)}</th>"
         head += f"<th>{esc(champion.label)}</th></tr>" if champion is not None else "</tr>"
-        sections.append(
-            f"<h3>{esc(suite)} ({len(records)} prompts)</h3><table class='prompts'>{head}{''.join(rows)}</table>"
+        table = f"<table class='prompts'>{head}{''.join(rows)}</table>"
+        more = (
+            f"<p class='note'>{len(records) - limit} more prompts not shown</p>"
+            if len(records) > limit
+            else ""
         )
+        sections.append(f"<h3>{esc(suite)} ({len(records)} prompts)</h3>{table}{more}")
     return "".join(sections) or "<p class='missing'>no images</p>"
 
 
@@ -243,6 +256,7 @@ class StageTrace:
     losses: list[tuple[int, float]] = field(default_factory=list)
     grids: list[tuple[str, Path | bytes]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    metrics: dict[str, float] = field(default_factory=dict)  # the run's last values (loss, val_loss)
 
 
 def stage_sections(stages: Sequence[StageTrace]) -> str:
@@ -250,8 +264,12 @@ def stage_sections(stages: Sequence[StageTrace]) -> str:
     for trace in stages:
         run = f" <small>MLflow run <code>{esc(trace.run_id)}</code></small>" if trace.run_id else ""
         curve = loss_svg(trace.losses, f"{trace.stage} loss") if trace.losses else ""
+        if trace.metrics:
+            last = ", ".join(f"{esc(k)} {_number(v)}" for k, v in trace.metrics.items())
+            curve = f"<p>last logged: {last}</p>{curve}"
         grids = "".join(
-            f"<figure>{img_tag(src, f'{trace.stage} {caption}')}<figcaption>{esc(caption)}</figcaption></figure>"
+            f"<figure>{img_tag(src, f'{trace.stage} {caption}')}"
+            f"<figcaption>{esc(caption)}</figcaption></figure>"
             for caption, src in trace.grids
         )
         notes = "".join(f"<li class='note'>{esc(n)}</li>" for n in trace.notes)

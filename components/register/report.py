@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 STAGES = ("lowres", "highres", "hq")
 EVAL_ARTIFACTS = "evaluation"  # where log_evaluation puts the evaluate step's out_dir
 REPORT_ARTIFACT = "report.html"
+STAGE_METRICS = ("loss", "val_loss")  # the last values shown beside the curve
 MAX_GRIDS = 6  # intermediate (EMA) sample grids per stage, evenly spaced, besides the final one
 LINEAGE = (
     ("profile", "model profile"),
@@ -60,7 +61,9 @@ def fetch_evaluation(
     try:
         root = _download(tracking_uri, run_id, EVAL_ARTIFACTS, dest)
     except Exception as exc:  # MlflowException, OSError: the run or its artifacts are gone
-        notes.append(f"{label}: evaluation artifacts of run {run_id} not available ({error_summary(exc, 200)})")
+        notes.append(
+            f"{label}: evaluation artifacts of run {run_id} not available ({error_summary(exc, 200)})"
+        )
         return None, {}
     payload: dict[str, Any] = {}
     if (root / "metrics.json").is_file():
@@ -86,6 +89,12 @@ def stage_trace(client, tracking_uri: str, stage: str, run_id: str, dest: Path) 
     trace = StageTrace(stage, run_id)
     if not run_id:
         trace.notes.append(f"no MLflow run recorded for stage {stage} (run.{stage} tag empty)")
+        return trace
+    try:
+        latest = client.get_run(run_id).data.metrics
+        trace.metrics = {k: float(latest[k]) for k in STAGE_METRICS if k in latest}
+    except Exception as exc:  # MlflowException: not in this store (deleted, another server)
+        trace.notes.append(f"stage run {run_id} not found ({error_summary(exc, 200)})")
         return trace
     try:
         history = client.get_metric_history(run_id, "loss")

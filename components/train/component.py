@@ -41,12 +41,15 @@ def train_stage_op(
     gpus_per_node: int = 1,
     trainjob_json: str = "",
     base_model: str = "",
+    heldout: Input[Dataset] = None,
 ) -> str:
     """Train one stage into ``pipeline`` (diffusers folder); returns the stage's MLflow run id.
     ``base_model`` (first stage only: without ``init_from``): start from released or registered
     weights (hub id, folder, ``s3://`` or ``models:/``) instead of a random model.
     ``work_root`` (the cache PVC on a cluster): the stage works in ``<work_root>/<run_id>/<stage>``,
-    so a retried or preempted task resumes from its last complete checkpoint."""
+    so a retried or preempted task resumes from its last complete checkpoint.
+    ``heldout``: the tier step's held-out manifest (``heldout.parquet`` or the tier folder): the
+    stage's ``val_loss`` on it is logged and reported in ``metrics``."""
     from common.logs import configure_logging_if_requested
 
     configure_logging_if_requested()  # JSON records on a cluster (LUMINA_LOG_FORMAT set on the task)
@@ -98,6 +101,15 @@ def train_stage_op(
             for file in Path(part.path).glob("*.parquet"):
                 shutil.copy(file, index_dir / file.name)
         cmd += ["--latents", str(index_dir)]
+    held = Path(heldout.path) if heldout is not None else None
+    held = held / "heldout.parquet" if held is not None and held.is_dir() else held
+    if held is not None and not held.is_file():  # e.g. tiers cached from before the split
+        print(f"no held-out manifest at {held}: the stage reports no val_loss", file=sys.stderr)
+    elif held is not None:  # the held-out manifest goes in through the stage config
+        import yaml
+
+        held = shared_copy(held, work, "heldout.parquet") if on_trainjob else held
+        config_yaml = yaml.safe_dump({**(yaml.safe_load(config_yaml or "") or {}), "heldout": str(held)})
     if config_yaml:
         (work / "stage.yaml").write_text(config_yaml)
         cmd += ["--config", str(work / "stage.yaml")]
@@ -122,7 +134,11 @@ def train_stage_op(
     losses = [json.loads(line)["loss"] for line in (out / "losses.jsonl").read_text().splitlines()]
     metrics.log_metric("final_loss", losses[-1])
     metrics.log_metric("steps", len(losses))
-    run_id = json.loads((out / "run.json").read_text()).get("mlflow_run_id", "")
+    summary = json.loads((out / "run.json").read_text())
+    run_id = summary.get("mlflow_run_id", "")
+    if summary.get("val_loss") is not None:  # the held-out split's loss (with ``heldout``)
+        metrics.log_metric("val_loss", summary["val_loss"])
+        pipeline.metadata["val_loss"] = summary["val_loss"]
     pipeline.metadata.update(
         {"stage": stage, "profile": profile, "final_loss": losses[-1], "mlflow_run_id": run_id,
          "export_dir": str(out / "pipeline") if work_root else ""}

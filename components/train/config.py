@@ -161,6 +161,14 @@ class TrainConfig(BaseModel):
     sample_every: int = Field(0, ge=0, description="sample grid every K steps (0: only at the end)")
     track: bool = Field(True, description="log to MLflow (MLFLOW_TRACKING_URI or sqlite beside outputs)")
     sample_prompts: list[str] = ["a red circle on the left of a blue square", "two yellow stars"]
+    heldout: Path | None = Field(
+        None,
+        description="held-out manifest (the tier step's heldout.parquet, or its folder): the EMA"
+        " export's validation loss on it is logged as val_loss at the end of the stage",
+    )
+    val_images: int = Field(32, ge=1, description="held-out images the stage's val_loss uses at most")
+    val_seed: int = Field(0, description="noise seed of val_loss (fixed: stages are comparable)")
+    val_granularity: str = Field("short", description="caption kind of val_loss (its first English one)")
 
     @field_validator("granularity_weights")
     @classmethod

@@ -34,6 +34,7 @@ from components.train.resume import append_losses, checkpoint_due, read_losses, 
 from components.train.samples import log_ema_samples
 from components.train.sources import encode_manifest, text_feature_cache, usable_index
 from components.train.tracking import Throughput, finish_tracking, log_step, start_tracking, write_artifacts
+from components.train.validation import stage_val_loss
 from model.checkpoint import RAW_TRANSFORMER_DIR, build_pipeline, load_for_training, save_pipeline
 from model.flow import TimestepSampler, flow_matching_loss
 from model.text import encode_prompts
@@ -52,6 +53,7 @@ class StageResult:
     final_loss: float
     losses: list[float]
     run_id: str = ""  # the MLflow run (rank 0, when tracked)
+    val_loss: float | None = None  # the EMA export's loss on cfg.heldout (rank 0; None without it)
 
 
 def ensure_distributed_env() -> bool:
@@ -317,16 +319,18 @@ def finish_stage(cfg: TrainConfig, run: StageRun) -> StageResult:
     ends the MLflow run; every rank returns the stage's losses (all of them, across resumes)."""
     export = cfg.output_dir / EXPORT_DIR
     all_losses = read_losses(cfg.output_dir)
-    run_id = ""
+    run_id, val_loss = "", None
     raw = raw_transformer(run.transformer, cfg.zero_stage, keep=run.rank == 0)  # every rank: ZeRO-3 gathers
     if run.rank == 0:
         final = run.ema.model(run.transformer)
         run.pipe.register_modules(transformer=final)
         save_pipeline(run.pipe, export)
         raw.save_pretrained(export / RAW_TRANSFORMER_DIR, safe_serialization=True)
+        val_loss = stage_val_loss(cfg, run.pipe, run.tracker, run.engine.device)  # held-out split
         artifacts = write_artifacts(cfg, run.pipe, all_losses)
         run_id = run.tracker.run_id if run.tracker is not None else ""
-        (cfg.output_dir / "run.json").write_text(json.dumps({"mlflow_run_id": run_id, "steps": cfg.steps}))
+        summary = {"mlflow_run_id": run_id, "steps": cfg.steps, "val_loss": val_loss}
+        (cfg.output_dir / "run.json").write_text(json.dumps(summary))
         finish_tracking(run.tracker, artifacts)
     last = all_losses[-1] if all_losses else float("nan")
-    return StageResult(export, cfg.steps, last, all_losses, run_id)
+    return StageResult(export, cfg.steps, last, all_losses, run_id, val_loss)
