@@ -340,7 +340,7 @@ def test_local_run_registers_and_failing_gate_keeps_champion(tmp_path):
         f"eval_config_json={eval_cfg}",
     )
     assert "not champion" in proc.stdout and "> max" in proc.stdout
-    assert "held-out loss    : " in proc.stdout and "compositional    : colors " in proc.stdout
+    assert "held-out loss    : " in proc.stdout and "compositional    : presence " in proc.stdout
     assert "SERVE_MODEL=models:/lumina-e2e/" in proc.stdout  # not champion: served by version
     champion = client.get_model_version_by_alias("lumina-e2e", "champion")
     challenger = client.get_model_version_by_alias("lumina-e2e", "challenger")
