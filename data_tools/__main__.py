@@ -24,10 +24,17 @@ def sample_data(
     cache_dir: Annotated[Path, typer.Option(help="cache for downloaded Debian packages")] = Path(
         ".cache/debian"
     ),
+    vae: Annotated[
+        bool,
+        typer.Option(
+            help="train the tiny profile's VAE on the synthetic scenes into <out>/../vae/tiny"
+            " (reused while the scenes are unchanged)"
+        ),
+    ] = True,
 ) -> None:
     """Build the sample set: synthetic scenes and the photographs inside installed wheels (offline),
     plus real images from Debian packages when apt can reach a mirror (each real source is optional
-    and says why it is absent)."""
+    and says why it is absent); then the tiny profile's VAE trained on the scenes (model.vae_training)."""
     from data_tools.bundled import build_bundled
     from data_tools.debian import SourceUnavailable
     from data_tools.debian_photos import build_photos
@@ -47,6 +54,10 @@ def sample_data(
             typer.echo(str(build(out / name, cache_dir, limit=count, seed=seed)))
         except SourceUnavailable as exc:
             typer.echo(f"skipped {name}: {exc}", err=True)
+    if vae:  # beside raw/ (not in the ingest source), versioned by DVC with the data
+        from model.vae_training import trained_vae
+
+        typer.echo(str(trained_vae(out / "synthetic", out.parent / "vae" / "tiny")))
 
 
 @app.command("noop", hidden=True)

@@ -66,11 +66,34 @@ def build_vae(profile: ModelProfile, seed: int = 0) -> AutoencoderKL:
     return vae.eval()
 
 
-def pipeline_vae(profile: str | ModelProfile, seed: int = 0) -> AutoencoderKL:
+def pipeline_vae(profile: str | ModelProfile, seed: int = 0, vae: str | Path | None = None) -> AutoencoderKL:
     """The VAE :func:`build_pipeline` puts into a pipeline built with ``seed`` (the latent cache
-    builds it alone, without the transformer and the text encoder)."""
+    builds it alone, without the transformer and the text encoder): the trained VAE in the folder
+    ``vae`` when given (:mod:`model.vae_training`), else the profile's random-weight one."""
+    if vae:
+        return load_vae_folder(vae)
     profile = get_profile(profile) if isinstance(profile, str) else profile
     return build_vae(profile, seed=seed + 2)
+
+
+def load_vae_folder(folder: str | Path) -> AutoencoderKL:
+    """A 16-channel VAE saved with ``save_pretrained`` in ``folder``; one-line
+    :class:`WeightsNotFoundError` when it is missing, incomplete or not a 16-channel VAE."""
+    from model.profiles import LATENT_CHANNELS
+
+    path = Path(str(folder)).expanduser()
+    if not (path / "config.json").is_file():
+        what = "not found" if not path.exists() else "not a diffusers VAE folder (no config.json)"
+        raise WeightsNotFoundError(f"VAE folder {path}: {what}")
+    try:
+        vae = AutoencoderKL.from_pretrained(path).eval()
+    except (OSError, ValueError, TypeError) as exc:
+        raise WeightsNotFoundError(f"cannot load the VAE in {path}: {first_line(exc)}") from exc
+    if vae.config.latent_channels != LATENT_CHANNELS:
+        raise WeightsNotFoundError(
+            f"VAE in {path} has {vae.config.latent_channels} latent channels, not {LATENT_CHANNELS}"
+        )
+    return vae
 
 
 def load_vae(source: str | Path) -> AutoencoderKL:
@@ -96,11 +119,14 @@ def build_scheduler(profile: ModelProfile) -> FlowMatchEulerDiscreteScheduler:
     )
 
 
-def build_pipeline(profile: str | ModelProfile, seed: int = 0, zero_init: bool = True) -> Lumina2Pipeline:
+def build_pipeline(
+    profile: str | ModelProfile, seed: int = 0, zero_init: bool = True, vae: str | Path | None = None
+) -> Lumina2Pipeline:
     """Build a complete random-weight pipeline for a profile, offline and deterministically.
 
     The tokenizer is trained locally; the ``full`` profile is meant to be loaded from the released
-    weights instead (building it allocates 2.6B + 2.6B parameters).
+    weights instead (building it allocates 2.6B + 2.6B parameters). ``vae``: a folder with trained
+    VAE weights (:func:`model.vae_training.trained_vae`) used instead of the random VAE.
     """
     profile = get_profile(profile) if isinstance(profile, str) else profile
     tokenizer = train_tokenizer(profile.text_encoder.tokenizer_vocab_size, seed=0)
@@ -108,7 +134,7 @@ def build_pipeline(profile: str | ModelProfile, seed: int = 0, zero_init: bool =
     return Lumina2Pipeline(
         transformer=build_transformer(profile, seed=seed, zero_init=zero_init),
         scheduler=build_scheduler(profile),
-        vae=pipeline_vae(profile, seed),
+        vae=pipeline_vae(profile, seed, vae),
         text_encoder=text_encoder,
         tokenizer=tokenizer,
     )

@@ -50,8 +50,8 @@ def sample(
     prompt: Annotated[list[str], typer.Option(help="prompt (repeat for a batch)")],
     out: Annotated[Path, typer.Option(help="output folder for PNGs")] = Path("outputs/samples"),
     negative_prompt: str = "",
-    height: int = 1024,
-    width: int = 1024,
+    height: Annotated[int, typer.Option(help="pixels (with --task: of the whole dual-panel grid)")] = 1024,
+    width: Annotated[int, typer.Option(help="pixels (with --task: of the whole dual-panel grid)")] = 1024,
     steps: int = 30,
     guidance: float = 4.0,
     cfg_trunc: float = 0.25,
@@ -59,13 +59,43 @@ def sample(
     solver: str = "euler",
     shift: float | None = None,
     teacache: float = 0.0,
-    system_prompt: str = "B",
+    system_prompt: Annotated[
+        str | None, typer.Option(help="A | B | C | none (default B, C with --task)")
+    ] = None,
     seed: int = 0,
     device: str = "cpu",
+    task: Annotated[
+        str | None,
+        typer.Option(
+            help="dual-panel Template C grid: depth | canny | sketch (generate the map) or "
+            "image-from-depth | image-from-canny | image-from-sketch (generate the image)"
+        ),
+    ] = None,
+    layout: Annotated[
+        str, typer.Option(help="upper-lower | left-right (image first, map second)")
+    ] = "upper-lower",
+    condition_image: Annotated[
+        Path | None, typer.Option(help="known panel (needs --task): its image, or its map for image-from-*")
+    ] = None,
+    full_grid: Annotated[
+        bool, typer.Option(help="save the whole grid, not just the generated panel")
+    ] = False,
 ) -> None:
-    """Generate images with our sampler."""
+    """Generate images with our sampler; with --task a dual-panel grid, kept to --condition-image."""
+    from common.errors import ConfigError
     from model.sampler import LuminaSampler, SamplerConfig
+    from model.sampler.conditioning import PanelCondition, panel_size, read_image
 
+    condition, image = None, None
+    if condition_image is not None and task is None:
+        raise ConfigError("--condition-image needs --task (what the known panel is)")
+    if task is not None:
+        # checked before the model loads: a bad task, layout, grid size or image fails at once
+        condition = PanelCondition(
+            layout, task, output="grid" if full_grid or condition_image is None else "panel"
+        )
+        panel_size(condition.layout, height, width)
+        image = read_image(condition_image) if condition_image is not None else None
     config = SamplerConfig(
         steps=steps,
         guidance_scale=guidance,
@@ -74,9 +104,14 @@ def sample(
         solver=solver,
         shift=shift,
         teacache=teacache,
-        system_prompt=system_prompt,
+        system_prompt=system_prompt or ("C" if task is not None else "B"),
     )
     sampler = LuminaSampler.load(model, device=device)
+    if image is not None:
+        condition = PanelCondition.from_image(
+            image, task=condition.task, layout=condition.layout, height=height, width=width,
+            vae=sampler.vae, output=condition.output,
+        )  # fmt: skip
     result = sampler.generate(
         prompt,
         negative_prompt=negative_prompt,
@@ -85,11 +120,12 @@ def sample(
         seed=seed,
         config=config,
         progress=True,
+        condition=condition,
     )
     out.mkdir(parents=True, exist_ok=True)
-    for i, image in enumerate(result.images):
+    for i, picture in enumerate(result.images):
         path = out / f"{seed:06d}_{i:02d}.png"
-        image.save(path)
+        picture.save(path)
         typer.echo(str(path))
     typer.echo(
         f"model calls: {result.forward_calls}, guided steps: {result.guided_steps}, "

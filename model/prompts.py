@@ -78,3 +78,85 @@ def apply_system_prompt(
     if kind is SystemPrompt.C:
         prefix = prefix.format(panel_a=panel_a, panel_kind=panel_kind, panel_b=panel_b)
     return f"{prefix}{PROMPT_START}{caption}"
+
+
+# Template C fill-ins per map kind and dual-panel layout: the map is the lower / right panel, the
+# original image the upper / left one (the generated panel is the map for "depth", the image for
+# "image-from-depth"; the wording is the same, only which panel is known changes).
+PANEL_KINDS: dict[str, str] = {"depth": "depth map", "canny": "canny edge map", "sketch": "sketch"}
+PANEL_NAMES: dict[str, tuple[str, str]] = {
+    "upper-lower": ("upper half", "lower half"),
+    "left-right": ("left half", "right half"),
+}
+
+
+def panel_fill_ins(kind: str, layout: str = "upper-lower") -> dict[str, str]:
+    """Template C's ``panel_a`` (the map panel), ``panel_kind`` and ``panel_b`` (the image panel)
+    for a map ``kind`` (depth / canny / sketch, or its ``image-from-`` reverse) and a ``layout``."""
+    kind = kind.lower().removeprefix("image-from-")
+    if kind not in PANEL_KINDS:
+        raise ConfigError(f"unknown panel kind {kind!r}; choose one of: {', '.join(PANEL_KINDS)}")
+    if layout not in PANEL_NAMES:
+        raise ConfigError(f"unknown layout {layout!r}; choose one of: {', '.join(PANEL_NAMES)}")
+    image_panel, map_panel = PANEL_NAMES[layout]
+    return {"panel_a": map_panel, "panel_kind": PANEL_KINDS[kind], "panel_b": image_panel}
+
+
+def panel_prompt(caption: str, kind: str, layout: str = "upper-lower") -> str:
+    """``caption`` with Template C filled in for a dual-panel ``kind`` / ``layout`` grid."""
+    return apply_system_prompt(caption, SystemPrompt.C, **panel_fill_ins(kind, layout))
+
+
+# Template C for multi-image grids (paper Sec. 3: "Generate a dual-panel image where the {lower half}
+# displays a {depth map}, while the {upper half} retains the original image for direct visual
+# comparison."). The paper gives only the English dual-panel wording; the 2x2 wording follows it
+# (the official sampler's "4grid" type names the 2x2 arrangement the same way), and the Chinese text
+# is its translation, used for Chinese captions. A grid row stores its fill-ins per language
+# (``grid_fill``, written by :mod:`components.grids.grid`); :func:`apply_grid_prompt` applies them.
+GRID_DOMAIN = "grid"
+"""The image domain of grid samples; their captions get Template C with the row's fill-ins."""
+
+GRID_PANELS = ("dual", "2x2")
+"""The grid templates: two panels (image + one map) or a 2x2 grid (image + three maps)."""
+
+GRID_TEMPLATES: dict[str, dict[str, str]] = {
+    "dual": {
+        "en": TEMPLATES[SystemPrompt.C],
+        "zh": (
+            "生成一幅双联图像，其中{panel_a}显示{panel_kind}，"
+            "而{panel_b}保留原始图像，以便直接进行视觉对比。 "
+        ),
+    },
+    "2x2": {
+        "en": (
+            "Generate a four-panel image arranged in a 2x2 grid where {panel_maps}, while the {panel_b} "
+            "retains the original image for direct visual comparison. "
+        ),
+        "zh": (
+            "生成一幅按2×2网格排列的四联图像，其中{panel_maps}，"
+            "而{panel_b}保留原始图像，以便直接进行视觉对比。 "
+        ),
+    },
+}
+"""Template C text by grid kind and caption language. ``dual`` fill-ins: ``panel_a`` (where the map
+is), ``panel_kind`` (the map's name), ``panel_b`` (where the original image is); ``2x2`` fill-ins:
+``panel_maps`` (each map panel and what it displays, one clause) and ``panel_b``."""
+
+
+def grid_system_prompt(fill: dict[str, str], language: str = "en") -> str:
+    """The Template C prefix of a grid for a caption in ``language`` (English wording for a language
+    without a translation). ``fill``: the fill-ins of that language plus ``panels`` (``dual`` |
+    ``2x2``; ``dual`` when absent); :class:`ConfigError` when one is missing."""
+    panels = fill.get("panels", "dual")
+    if panels not in GRID_TEMPLATES:
+        raise ConfigError(f"unknown grid panels {panels!r}; choose one of: {', '.join(GRID_PANELS)}")
+    texts = GRID_TEMPLATES[panels]
+    try:
+        return texts.get(language, texts["en"]).format(**fill)
+    except KeyError as exc:
+        raise ConfigError(f"grid prompt ({panels}) lacks the fill-in {exc.args[0]!r}") from None
+
+
+def apply_grid_prompt(caption: str, fill: dict[str, str], language: str = "en") -> str:
+    """Prepend the grid's Template C (:func:`grid_system_prompt`) to ``caption``."""
+    return f"{grid_system_prompt(fill, language)}{PROMPT_START}{caption}"

@@ -77,6 +77,30 @@ def check_base_model(source: str, local: bool) -> str:
     return str(folder.resolve()) if local else source
 
 
+def local_vae(source: str, profile: str, given: Any = None) -> dict[str, str]:
+    """The ``vae`` argument of a local run: ``--param vae=`` as given ("" keeps the profile's random
+    VAE; a folder is checked and made absolute), else for the ``tiny`` profile the VAE that
+    ``make sample-data`` trained into ``<data>/vae/tiny`` beside the source (``<data>/raw``) when
+    there is one, else nothing."""
+    from storage import is_s3
+
+    if given is not None:
+        if not str(given):
+            return {"vae": ""}
+        from model.vae_training import find_vae
+
+        found = find_vae(Path(str(given)).expanduser())
+        if found is None:
+            raise ConfigError(f"--param vae={given}: no trained VAE there (no config.json)")
+        return {"vae": str(found.resolve())}
+    if profile != "tiny" or is_s3(source) or not (Path(source).parent / "vae" / "tiny").is_dir():
+        return {}
+    from model.vae_training import find_vae
+
+    found = find_vae(Path(source).parent / "vae" / "tiny", data_dir=source)
+    return {"vae": str(found.resolve())} if found is not None else {}
+
+
 def check_host(host: str, token: str | None, timeout_s: float = 10.0) -> None:
     """One request to the API's health endpoint before anything else: an unreachable or refusing
     host is one line, not kfp's retry traceback."""
@@ -194,7 +218,13 @@ def run(
     """Run the pipeline: locally (embedded default) or on a Kubeflow host."""
     args = _arguments(profile, model_name, steps, eval_suite_size, gate, param)
     if base_model:
+        if args.get("vae"):
+            raise ConfigError(
+                "--base-model and --param vae= exclude each other (the base model brings its VAE)"
+            )
         args["base_model"] = check_base_model(base_model, local=not host)
+    elif not host:
+        args = {**args, **local_vae(source, profile, args.get("vae"))}
     if group_size is not None or not host:  # a cluster run keeps the pipeline's default unless asked
         args["group_size"] = group_size or LOCAL_GROUP_SIZE
     if host:

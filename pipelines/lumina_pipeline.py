@@ -201,6 +201,7 @@ def build_pipeline(cluster: ClusterSettings | None = None, parallelism: int | No
         data_version: str = "",
         train_config_yaml: str = "",
         base_model: str = "",
+        vae: str = "",
         only_new_data: bool = False,
         train_nodes: int = default_nodes,
         gpus_per_node: int = default_gpus,
@@ -266,16 +267,18 @@ def build_pipeline(cluster: ClusterSettings | None = None, parallelism: int | No
                     profile=profile,
                     seed=seed,
                     base_model=base_model,
+                    vae=vae,
                 )
                 latents_group.set_display_name("latents-group")
             previous = None
             runs, train_tasks = {}, []
             for stage, steps in zip(STAGES, (lowres_steps, highres_steps, hq_steps), strict=True):
-                # the first stage starts from base_model (when set), the others from the stage before
+                # the first stage starts from base_model (when set; else a random model with the
+                # trained VAE in ``vae``, when set), the others from the stage before (its VAE too)
                 kwargs = (
                     {"init_from": previous.outputs["pipeline"]}
                     if previous is not None
-                    else {"base_model": base_model}
+                    else {"base_model": base_model, "vae": vae}
                 )
                 task = train_stage_op(
                     manifest=tiers.outputs["tiers"],

@@ -25,7 +25,7 @@ from serving.metrics import CONTENT_TYPE
 from serving.page import INDEX_HTML
 from serving.runtime import Runtime
 from serving.schemas import GenerateRequest, GenerateResponse
-from serving.validation import RequestError, check_request
+from serving.validation import RequestError, check_panels, check_request
 from serving.worker import GenerationWorker, Job, QueueFullError, ShuttingDownError
 
 log = logging.getLogger(__name__)
@@ -113,7 +113,8 @@ def model(runtime: RuntimeDep) -> dict:
 
 
 async def generate(body: GenerateRequest, request: Request, runtime: RuntimeDep) -> Response:
-    """Generate one image per prompt."""
+    """Generate one image per prompt; with ``task`` a dual-panel grid of height x width, and with
+    ``input_image`` as well its generated panel, the other panel kept to the image."""
     start = time.perf_counter()
     prompts, negatives, height, width, config = check_request(body, runtime.defaults)
     sampler, worker = ready_sampler(runtime)
@@ -121,8 +122,14 @@ async def generate(body: GenerateRequest, request: Request, runtime: RuntimeDep)
         check_size(height, width, sampler.transformer)
     except ConfigError as exc:
         raise RequestError(400, str(exc)) from exc
+    panels, config = (
+        await run_in_threadpool(check_panels, body, runtime.defaults, height, width, config)
+        if body.task is not None or body.input_image is not None or body.layout is not None
+        else (None, config)
+    )
     seed = body.seed if body.seed is not None else secrets.randbelow(2**32)
-    future = submit(runtime, worker, Job(prompts, negatives, seed, height, width, config))
+    job = Job(prompts, negatives, seed, height, width, config, panels=panels)
+    future = submit(runtime, worker, job)
     result = await wait_for_result(future, request, runtime.defaults.request_timeout_s)
     encode_start = time.perf_counter()
     pngs = await run_in_threadpool(lambda: [_png_bytes(im) for im in result.images])
@@ -153,8 +160,10 @@ GENERATE_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {"content": {"image/png": {}}, "description": "PNG (one image, png format) or JSON"},
     400: {"description": "invalid JSON or settings the model cannot run"},
     401: {"description": "missing or wrong bearer token"},
-    413: {"description": "body larger than max_body_bytes"},
-    422: {"description": "a field is out of range or unknown"},
+    413: {
+        "description": "body over max_body_bytes; input_image over max_input_image_bytes / max_input_pixels"
+    },
+    422: {"description": "a field is out of range or unknown; input_image not base64 / not a PNG or JPEG"},
     429: {"description": "queue full; retry after Retry-After seconds"},
     503: {"description": "model not loaded yet, or shutting down"},
     504: {"description": "not finished within request_timeout_s"},

@@ -7,6 +7,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, field_validator
 
 from model.sampler import Solver
+from model.sampler.conditioning import Layout, Task
 from model.sampler.sampler import PIXEL_MULTIPLE
 
 MAX_SEED = 2**63 - 1
@@ -40,6 +41,20 @@ class GenerateRequest(BaseModel):
     teacache: float | None = Field(None, ge=0.0, strict=True, allow_inf_nan=False)
     seed: int | None = Field(None, ge=0, le=MAX_SEED, strict=True, description="random when left out")
     system_prompt: Literal["A", "B", "C"] | None = None
+    task: Task | None = Field(
+        None,
+        description="a dual-panel Template C grid of height x width: depth / canny / sketch generate "
+        "the map of input_image, image-from-* the image of the map in input_image; without "
+        "input_image the whole grid is generated from the text",
+    )
+    layout: Layout | None = Field(
+        None, description="upper-lower (default) or left-right; the image is the upper / left panel"
+    )
+    input_image: StrictStr | None = Field(
+        None,
+        description="base64 PNG or JPEG (a data: URL is fine): the known panel, fitted to the panel "
+        "size (with task); the answer is the generated panel",
+    )
     response_format: Literal["png", "b64_json"] = Field(
         "png", description="png: an image/png body for a single image; b64_json (or several images): JSON"
     )

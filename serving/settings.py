@@ -66,6 +66,18 @@ class ServingDefaults(SamplerConfig):
     max_body_bytes: int = Field(
         1 << 20, ge=1024, description="largest request body; a longer one gets 413 without being read"
     )
+    max_input_image_bytes: int = Field(
+        640 * 1024,
+        ge=1,
+        description="largest decoded input_image (bytes); more is a 413. Its base64 (4/3 of it) "
+        "must also fit max_body_bytes",
+    )
+    max_input_pixels: int = Field(
+        2048 * 2048,
+        ge=1,
+        description="largest input_image width x height, checked from the header before decoding "
+        "(decompression bombs); more is a 413",
+    )
     liveness_timeout_s: float = Field(
         900.0,
         gt=0.0,

@@ -3,15 +3,27 @@ messages, the defaults and limits applied to a generate request, and the app's e
 
 from __future__ import annotations
 
+import base64
+import binascii
+import io
+import re
+
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from PIL import Image, UnidentifiedImageError
 from pydantic import ValidationError
 
+from common.errors import ConfigError, first_line
 from model.sampler import SamplerConfig
+from model.sampler.conditioning import Layout, panel_size
 from model.sampler.sampler import PIXEL_MULTIPLE
 from serving.schemas import GenerateRequest
 from serving.settings import ServingDefaults
+from serving.worker import PanelJob
+
+INPUT_FORMATS = ("PNG", "JPEG")
+_DATA_URL = re.compile(r"^data:image/[a-z+.-]+;base64,", re.IGNORECASE)
 
 
 class RequestError(Exception):
@@ -98,6 +110,71 @@ def check_request(
     except ValidationError as exc:
         raise RequestError(422, describe_validation(exc.errors())[1]) from exc
     return prompts, negatives, height, width, config
+
+
+def check_panels(
+    body: GenerateRequest, defaults: ServingDefaults, height: int, width: int, config: SamplerConfig
+) -> tuple[PanelJob | None, SamplerConfig]:
+    """The dual-panel part of a request (``task``, ``layout``, ``input_image``) and its sampler
+    settings (Template C unless the request names a system prompt). 422 for a grid that does not
+    split into two panels or a bad image, 413 for an image over the limits. Decodes the image:
+    call it off the event loop."""
+    if body.task is None:
+        for name in ("input_image", "layout"):
+            if getattr(body, name) is not None:
+                raise RequestError(422, f"{name}: needs a task (depth, canny, sketch, image-from-...)")
+        return None, config
+    layout = body.layout or Layout.UPPER_LOWER
+    try:
+        panel_size(layout, height, width)
+    except ConfigError as exc:
+        raise RequestError(422, f"height/width: {exc}") from None
+    image = decode_input_image(body.input_image, defaults) if body.input_image is not None else None
+    if body.system_prompt is None:
+        config = config.model_copy(update={"system_prompt": "C"})
+    return PanelJob(task=body.task, layout=layout, image=image), config
+
+
+def decode_input_image(data: str, defaults: ServingDefaults) -> Image.Image:
+    """Base64 PNG / JPEG → RGB image. 422: not base64, not a PNG or JPEG, broken; 413: more than
+    ``max_input_image_bytes`` decoded, or more than ``max_input_pixels`` (read from the header,
+    before decoding: a decompression bomb is refused unread; PIL's ``Image.MAX_IMAGE_PIXELS``
+    check stays on as well)."""
+    text = "".join(_DATA_URL.sub("", data.strip(), count=1).split())
+    limit = defaults.max_input_image_bytes
+    if len(text) // 4 * 3 > limit + 2:  # before decoding: base64 is 4 characters per 3 bytes
+        raise RequestError(
+            413, f"input_image: about {len(text) // 4 * 3} bytes exceed max_input_image_bytes {limit}"
+        )
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise RequestError(422, f"input_image: not valid base64 ({first_line(exc)})") from None
+    if not raw:
+        raise RequestError(422, "input_image: empty")
+    if len(raw) > limit:
+        raise RequestError(413, f"input_image: {len(raw)} bytes exceed max_input_image_bytes {limit}")
+    try:
+        image = Image.open(io.BytesIO(raw), formats=INPUT_FORMATS)
+    except Image.DecompressionBombError as exc:
+        raise RequestError(413, f"input_image: {first_line(exc)}") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+        raise RequestError(422, "input_image: not a PNG or JPEG image") from None
+    with image:
+        pixels = image.width * image.height
+        if pixels > defaults.max_input_pixels:
+            raise RequestError(
+                413,
+                f"input_image: {image.width}x{image.height} = {pixels} pixels exceed max_input_pixels "
+                f"{defaults.max_input_pixels}",
+            )
+        try:
+            image.load()
+            return image.convert("RGB")
+        except (OSError, ValueError, SyntaxError, EOFError) as exc:  # truncated or corrupt data
+            raise RequestError(
+                422, f"input_image: cannot decode the {image.format}: {first_line(exc)}"
+            ) from None
 
 
 async def validation_error_handler(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -12,7 +12,10 @@ each request's own initial noise (``generate(noise=...)``): exactly the noise a 
 rounding (batched matmuls, prompt padding to the longest prompt).
 
 TeaCache decides which steps to skip from the whole batch, so jobs with ``teacache > 0`` are never
-merged.
+merged. Nor are dual-panel jobs (:class:`PanelJob`: a Template C grid, maybe kept to an input
+image): ``generate`` takes one panel condition per call (layout, task, the known panel's reference
+latents, the crop of the answer), so each runs alone; its input image is VAE-encoded by the worker,
+under the same lock as the sampler call (the modules are shared).
 
 If a merged call fails (any exception), each of its jobs is run again on its own, so a bad
 request fails alone. A job whose future is cancelled (its client went away, or it timed out)
@@ -36,6 +39,7 @@ import torch
 
 from common.errors import LuminaError
 from model.sampler import LuminaSampler, SamplerConfig
+from model.sampler.conditioning import Layout, PanelCondition, Task
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +55,24 @@ class ShuttingDownError(Exception):
     """The worker is stopping; the job was not (or will not be) run."""
 
 
+@dataclass(frozen=True, eq=False)
+class PanelJob:
+    """A dual-panel request: its task, layout and, for image conditioning, the decoded input image
+    (fitted to the known panel and encoded by the worker). Without an image the answer is the whole
+    grid, with one the generated panel."""
+
+    task: Task
+    layout: Layout
+    image: Any = None  # PIL image or None
+
+    def condition(self, sampler: LuminaSampler, height: int, width: int) -> PanelCondition:
+        if self.image is None:
+            return PanelCondition(self.layout, self.task, output="grid")
+        return PanelCondition.from_image(
+            self.image, task=self.task, layout=self.layout, height=height, width=width, vae=sampler.vae
+        )
+
+
 @dataclass(eq=False)
 class Job:
     prompts: list[str]
@@ -61,6 +83,7 @@ class Job:
     config: SamplerConfig
     future: Future = field(default_factory=Future)
     enqueued: float = field(default_factory=time.perf_counter)
+    panels: PanelJob | None = None
 
     @property
     def key(self) -> tuple[Any, ...]:
@@ -69,7 +92,7 @@ class Job:
 
     @property
     def mergeable(self) -> bool:
-        return self.config.teacache <= 0
+        return self.config.teacache <= 0 and self.panels is None
 
 
 @dataclass
@@ -91,15 +114,20 @@ def generate_rows(
     height: int,
     width: int,
     config: SamplerConfig,
+    panels: PanelJob | None = None,
 ) -> Any:
     """One ``generate`` call where each run of rows gets its own seed's noise.
 
-    ``seeds`` lists (seed, rows) in prompt order; rows must add up to ``len(prompts)``.
+    ``seeds`` lists (seed, rows) in prompt order; rows must add up to ``len(prompts)``. ``panels``
+    (one request's, one seed) makes it a dual-panel generation.
     """
     if sum(n for _, n in seeds) != len(prompts):
         raise ValueError("seed rows do not add up to the prompts")
+    if panels is not None and len(seeds) != 1:
+        raise ValueError("a dual-panel job runs alone")
     if len(seeds) == 1:
         with _GENERATE_LOCK:
+            extra = {} if panels is None else {"condition": panels.condition(sampler, height, width)}
             return sampler.generate(
                 list(prompts),
                 negative_prompt=list(negatives),
@@ -107,6 +135,7 @@ def generate_rows(
                 width=width,
                 seed=seeds[0][0],
                 config=config,
+                **extra,
             )
     noise = torch.cat([sampler.initial_noise(n, height, width, s) for s, n in seeds])
     with _GENERATE_LOCK:
@@ -234,7 +263,11 @@ class GenerationWorker:
                 deadline = time.monotonic() + (self.batch_window_s if self._contended else 0.0)
                 while rows < self.max_rows and not self._closed:
                     for job in list(self._pending):
-                        if job.key == first.key and rows + len(job.prompts) <= self.max_rows:
+                        if (
+                            job.mergeable
+                            and job.key == first.key
+                            and rows + len(job.prompts) <= self.max_rows
+                        ):
                             self._pending.remove(job)
                             batch.append(job)
                             rows += len(job.prompts)
@@ -298,6 +331,7 @@ class GenerationWorker:
             height=first.height,
             width=first.width,
             config=first.config,
+            panels=first.panels,
         )
         seconds = time.perf_counter() - start
         rows = sum(len(job.prompts) for job in batch)

@@ -21,7 +21,7 @@ class OracleDenoiser(Lumina2Denoiser):
         super().__init__(transformer)
         self.target = target
 
-    def __call__(self, x, t, ctx, cache=None):
+    def __call__(self, x, t, ctx, cache=None, branches=1):
         self.forward_calls += 1
         self.forward_rows += x.shape[0]
         target = self.target.repeat(x.shape[0] // self.target.shape[0], 1, 1, 1)

@@ -15,9 +15,11 @@ def latents_group_op(
     profile: str = "tiny",
     seed: int = 0,
     base_model: str = "",
+    vae: str = "",
 ) -> str:
     """Encode one group's tiered images at each stage resolution into bf16 safetensors beside its
-    shards; the artifact holds the group's latent indexes (``tiers_hash``: the tiers it follows)."""
+    shards; the artifact holds the group's latent indexes (``tiers_hash``: the tiers it follows).
+    ``vae``: a trained VAE folder for the first stage ("": the profile's own)."""
     from common.logs import configure_logging_if_requested
 
     configure_logging_if_requested()
@@ -25,6 +27,6 @@ def latents_group_op(
     from components.plan.plan import Group
 
     plan_group = Group.from_json(group)
-    files = latents_group(plan_group, index.path, profile=profile, seed=seed, base_model=base_model)
+    files = latents_group(plan_group, index.path, profile=profile, seed=seed, base_model=base_model, vae=vae)
     index.metadata.update({"group": plan_group.name, "indexes": len(files), "tiers": tiers_hash})
     return plan_group.name

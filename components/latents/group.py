@@ -51,18 +51,27 @@ def stage_resolutions(profile: str) -> dict[int, str]:
     return wanted
 
 
-def stage_vae(profile: str, seed: int, base_model: str = "") -> AutoencoderKL:
+def stage_vae(profile: str, seed: int, base_model: str = "", vae: str = "") -> AutoencoderKL:
     """The VAE the first stage trains with: the base model's (``base_model``: a hub id, a folder,
     ``s3://`` or ``models:/``; only its ``vae/`` is fetched from S3), else the one
-    :func:`model.checkpoint.build_pipeline` gives the stage for ``(profile, seed)``."""
+    :func:`model.checkpoint.build_pipeline` gives the stage for ``(profile, seed, vae)`` (``vae``: a
+    trained VAE folder, "" for the profile's random one)."""
+    if base_model and vae:
+        raise ConfigError("base_model and vae exclude each other (the base model brings its own VAE)")
     if not base_model:
-        return pipeline_vae(profile, seed)
+        return pipeline_vae(profile, seed, vae or None)
     with tempfile.TemporaryDirectory(prefix="base-vae-") as tmp:
         return load_vae(fetch_vae(base_model, tmp))
 
 
 def latents_group(
-    group: Group, out_dir: str | Path, *, profile: str = "tiny", seed: int = 0, base_model: str = ""
+    group: Group,
+    out_dir: str | Path,
+    *,
+    profile: str = "tiny",
+    seed: int = 0,
+    base_model: str = "",
+    vae: str = "",
 ) -> list[Path]:
     """Encode the group's tiered images with the first stage's VAE (:func:`stage_vae`); copy each
     index into ``out_dir`` (the KFP artifact) and return their paths. Training checks the VAE
@@ -70,7 +79,7 @@ def latents_group(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tiers = read_parquet(join(group.prefix, GROUP_TIERS_FILE))
-    vae = stage_vae(profile, seed, base_model)
+    vae = stage_vae(profile, seed, base_model, vae)
     vae_fp = fingerprint(vae)
     if torch.cuda.is_available():  # a GPU task on a cluster (ClusterSettings.latents_gpus)
         vae = vae.to("cuda")

@@ -42,10 +42,12 @@ def train_stage_op(
     trainjob_json: str = "",
     base_model: str = "",
     heldout: Input[Dataset] = None,
+    vae: str = "",
 ) -> str:
     """Train one stage into ``pipeline`` (diffusers folder); returns the stage's MLflow run id.
     ``base_model`` (first stage only: without ``init_from``): start from released or registered
     weights (hub id, folder, ``s3://`` or ``models:/``) instead of a random model.
+    ``vae`` (first stage only, not with ``base_model``): a trained VAE folder for the random model.
     ``work_root`` (the cache PVC on a cluster): the stage works in ``<work_root>/<run_id>/<stage>``,
     so a retried or preempted task resumes from its last complete checkpoint.
     ``heldout``: the tier step's held-out manifest (``heldout.parquet`` or the tier folder): the
@@ -76,6 +78,10 @@ def train_stage_op(
         raise ValueError(f"launcher must be local or trainjob (got {launcher!r})")
     inputs = {"manifest": manifest.path, "init_from": init_from.path if init_from is not None else None,
               "image_root": images.path if images is not None else None}  # fmt: skip
+    if base_model and vae:
+        from common.errors import ConfigError
+
+        raise ConfigError("base_model and vae exclude each other (the base model brings its own VAE)")
     if init_from is None and base_model:
         inputs["init_from"] = base_model_source(base_model, work)
     if on_trainjob:  # the job's pods see the shared volume, not this pod's downloaded artifacts
@@ -110,6 +116,12 @@ def train_stage_op(
 
         held = shared_copy(held, work, "heldout.parquet") if on_trainjob else held
         config_yaml = yaml.safe_dump({**(yaml.safe_load(config_yaml or "") or {}), "heldout": str(held)})
+    if vae and init_from is None:  # later stages keep the VAE of the pipeline they start from
+        import yaml
+
+        stage_yaml = yaml.safe_load(config_yaml) if config_yaml else {}
+        vae_dir = shared_copy(vae, work, "vae") if on_trainjob else Path(vae)
+        config_yaml = yaml.safe_dump({**(stage_yaml or {}), "vae": str(vae_dir)}, sort_keys=False)
     if config_yaml:
         (work / "stage.yaml").write_text(config_yaml)
         cmd += ["--config", str(work / "stage.yaml")]

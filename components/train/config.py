@@ -94,6 +94,11 @@ class TrainConfig(BaseModel):
         None, description="root for relative image paths (default: manifest folder)"
     )
     init_from: Path | None = Field(None, description="diffusers folder of the previous stage")
+    vae: Path | None = Field(
+        None,
+        description="trained VAE folder (model.vae_training) for a stage without init_from (a stage"
+        " with init_from keeps that pipeline's VAE); None: the profile's random-weight VAE",
+    )
     cache_dir: Path | None = Field(None, description="latent/text cache; default output_dir/../cache")
     latents: Path | None = Field(
         None,
@@ -182,6 +187,8 @@ class TrainConfig(BaseModel):
     def _check_batches(self) -> TrainConfig:
         if self.resolution % 64:
             raise ValueError(f"resolution {self.resolution} must be a multiple of 64")
+        if self.vae is not None and self.init_from is not None:
+            raise ValueError("vae is for a stage without init_from (it keeps that pipeline's VAE)")
         return self
 
     def gradient_accumulation(self, world_size: int) -> int:

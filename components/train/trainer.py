@@ -257,7 +257,11 @@ def start_stage(cfg: TrainConfig, tracker: MlflowTracker | None) -> StageRun:
         raise ConfigError(f"training manifest not found: {cfg.manifest}")
     cfg.output_dir.mkdir(parents=True, exist_ok=True)
     # a previous stage's export starts from its raw weights (official --init_from), not its EMA
-    pipe = load_for_training(cfg.init_from) if cfg.init_from else build_pipeline(cfg.profile, seed=cfg.seed)
+    pipe = (
+        load_for_training(cfg.init_from)
+        if cfg.init_from
+        else build_pipeline(cfg.profile, seed=cfg.seed, vae=cfg.vae)
+    )
     init_distributed(owned_port, timeout_minutes=cfg.collective_timeout_minutes)
 
     flt = StageFilter(cfg.resolution, fingerprint(pipe.vae), str(cfg.stage))

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from common.errors import ConfigError
 from model.profiles import PROFILES, VAE_DOWNSAMPLE
 from model.prompts import SystemPrompt, apply_system_prompt
+from model.sampler.conditioning import PanelCondition
 from model.sampler.denoiser import Lumina2Denoiser, TeaCache
 from model.sampler.guidance import cfg_active, guide
 from model.sampler.schedule import flow_sigmas
@@ -64,14 +65,17 @@ class GenerationResult:
 
 
 def check_size(height: int, width: int, transformer: Lumina2Transformer2DModel) -> None:
-    """Raise a one-line :class:`ConfigError` for a size the model cannot generate."""
+    """Raise a one-line :class:`ConfigError` for a size the model cannot generate (non-square sizes
+    are fine: the RoPE tables bound rows by ``axes_lens[1]`` and columns by ``axes_lens[2]``)."""
     for name, value in (("height", height), ("width", width)):
         if value < PIXEL_MULTIPLE or value % PIXEL_MULTIPLE:
             raise ConfigError(f"{name} {value} must be a positive multiple of {PIXEL_MULTIPLE}")
-    max_patches = min(transformer.config.axes_lens[1:])
-    limit = (max_patches - 1) * PIXEL_MULTIPLE
-    if max(height, width) > limit:
-        raise ConfigError(f"size {width}x{height} exceeds this model's RoPE range (max side {limit} px)")
+    max_h, max_w = ((n - 1) * PIXEL_MULTIPLE for n in transformer.config.axes_lens[1:3])
+    if height > max_h or width > max_w:
+        raise ConfigError(
+            f"size {width}x{height} exceeds this model's RoPE range "
+            f"(max height {max_h} px, max width {max_w} px)"
+        )
 
 
 class LuminaSampler:
@@ -168,12 +172,17 @@ class LuminaSampler:
         progress: bool = False,
         cache: TeaCache | None = None,
         noise: torch.Tensor | None = None,
+        condition: PanelCondition | None = None,
     ) -> GenerationResult:
         """Generate one image per prompt (deterministic for ``seed``).
 
         ``cache`` overrides the TeaCache built from ``config.teacache`` (used by calibration).
         ``noise`` gives the initial latents (batch, C, height/8, width/8) instead of drawing them
         from ``seed`` (e.g. a server merging requests that each keep their own seed).
+        ``condition`` makes it a dual-panel (Template C) grid of ``height`` x ``width``: the
+        template's panel wording comes from it, its known panel is kept (replaced by its reference
+        noised to the current time before the first and after every step) and ``images`` are its
+        generated panel (or the grid); ``latents`` stay the whole grid's.
         """
         config = config or SamplerConfig()
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -185,13 +194,16 @@ class LuminaSampler:
         if len(negatives) != len(prompts):
             raise ConfigError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
         check_size(height, width, self.transformer)
+        if condition is not None:
+            condition.check(self.noise_shape(len(prompts), height, width))
         device, batch = self.device, len(prompts)
         lat_h, lat_w = height // VAE_DOWNSAMPLE, width // VAE_DOWNSAMPLE
         use_cfg = config.guidance_scale != 1.0
 
-        texts = [apply_system_prompt(p, config.system_prompt) for p in prompts]
+        fill = condition.fill_ins if condition is not None else {}
+        texts = [apply_system_prompt(p, config.system_prompt, **fill) for p in prompts]
         if use_cfg:  # a non-empty negative gets the template too, as in the official sample.py
-            texts += [apply_system_prompt(n, config.system_prompt) if n else "" for n in negatives]
+            texts += [apply_system_prompt(n, config.system_prompt, **fill) if n else "" for n in negatives]
         emb = encode_prompts(texts, self.tokenizer, self.text_encoder, device=device)
         full_ctx = self.denoiser.prepare(emb.embeds, emb.mask, lat_h, lat_w)
         cond_ctx = self.denoiser.subset(full_ctx, batch) if use_cfg else full_ctx
@@ -206,6 +218,9 @@ class LuminaSampler:
         latents = latents.to(device, torch.float32)
 
         sigmas = self.sigmas(config, (lat_h, lat_w))
+        hook = condition.step_hook(latents) if condition is not None else None
+        if hook is not None:  # the known panel at the start time too
+            latents = hook(latents, 1.0 - float(sigmas[0]))
         n_calls = config.steps * calls_per_step(config.solver)
         if cache is None and config.teacache > 0:
             cache = TeaCache(config.teacache, self.teacache_coefficients, num_steps=n_calls)
@@ -222,10 +237,10 @@ class LuminaSampler:
             return self.denoiser(x, t, cond_ctx, cache)
 
         bar = tqdm(total=config.steps, desc="sampling", disable=not progress, leave=False)
-        latents = SOLVERS[config.solver](velocity, latents, sigmas, bar.update)
+        latents = SOLVERS[config.solver](velocity, latents, sigmas, bar.update, step_hook=hook)
         bar.close()
 
-        images = self.decode(latents, output_type)
+        images = self.decode(latents if condition is None else condition.crop(latents), output_type)
         return GenerationResult(
             images=images,
             latents=latents,

@@ -1,5 +1,7 @@
 """ODE solvers for flow models in model time ``t = 1 - sigma`` (0 = noise, 1 = data).
 
+An optional ``step_hook(x, t)`` may change the latents after every step (``t`` is their time).
+
 Each solver walks a decreasing noise-level schedule with a velocity function ``v(x, t)`` (the
 model's prediction of ``x1 - x0``). Flow-DPM-Solver is DPM-Solver++(2M) written for the flow
 path ``x = (1 - sigma) * x1 + sigma * x0``, whose data prediction is ``x + sigma * v``.
@@ -14,6 +16,8 @@ from enum import StrEnum
 import torch
 
 VelocityFn = Callable[[torch.Tensor, float, int], torch.Tensor]  # (x, t, step index) -> v
+# (x after a step, its model time t) -> x; e.g. keeping a known panel (model/sampler/conditioning.py)
+StepHook = Callable[[torch.Tensor, float], torch.Tensor]
 
 
 class Solver(StrEnum):
@@ -27,22 +31,36 @@ def calls_per_step(solver: Solver) -> int:
     return 2 if solver is Solver.MIDPOINT else 1
 
 
-def euler(v: VelocityFn, x: torch.Tensor, sigmas: torch.Tensor, progress: Callable[[], None]) -> torch.Tensor:
+def euler(
+    v: VelocityFn,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    progress: Callable[[], None],
+    step_hook: StepHook | None = None,
+) -> torch.Tensor:
     for i in range(len(sigmas) - 1):
         t, t_next = 1.0 - float(sigmas[i]), 1.0 - float(sigmas[i + 1])
         x = x + (t_next - t) * v(x, t, i)
+        if step_hook is not None:
+            x = step_hook(x, t_next)
         progress()
     return x
 
 
 def midpoint(
-    v: VelocityFn, x: torch.Tensor, sigmas: torch.Tensor, progress: Callable[[], None]
+    v: VelocityFn,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    progress: Callable[[], None],
+    step_hook: StepHook | None = None,
 ) -> torch.Tensor:
     for i in range(len(sigmas) - 1):
         t, t_next = 1.0 - float(sigmas[i]), 1.0 - float(sigmas[i + 1])
         dt = t_next - t
         x_mid = x + 0.5 * dt * v(x, t, i)
         x = x + dt * v(x_mid, t + 0.5 * dt, i)
+        if step_hook is not None:
+            x = step_hook(x, t_next)
         progress()
     return x
 
@@ -57,7 +75,11 @@ def _lambda(sigma: float) -> float:
 
 
 def flow_dpm_solver(
-    v: VelocityFn, x: torch.Tensor, sigmas: torch.Tensor, progress: Callable[[], None]
+    v: VelocityFn,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    progress: Callable[[], None],
+    step_hook: StepHook | None = None,
 ) -> torch.Tensor:
     """DPM-Solver++(2M) multistep; first order on the first step, the step after ``sigma = 1``
     and the final step to ``sigma = 0`` (lower-order final step, as DPM-Solver++ recommends)."""
@@ -81,6 +103,8 @@ def flow_dpm_solver(
             x = (s_next / s) * x + alpha_next * (1.0 - exp_neg_h) * d
             prev_h = h
         prev_x0 = x0
+        if step_hook is not None:
+            x = step_hook(x, 1.0 - s_next)
         progress()
     return x
 

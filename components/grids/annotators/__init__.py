@@ -1,0 +1,1 @@
+"""Condition-map annotators (one module each; looked up through :mod:`.registry`)."""
