@@ -53,6 +53,7 @@ SAMPLER_REQUIRED = {
 }  # fmt: skip
 SAMPLER_OPTIONAL = {
     "height", "width", "max_steps", "max_prompt_chars", "batch_window_ms", "micro_batch", "system_prompt",
+    "max_body_bytes", "max_input_image_bytes", "max_input_pixels",
 }  # fmt: skip
 STANDARD_LABELS = (
     "helm.sh/chart",
@@ -599,6 +600,9 @@ def test_sampler_defaults_configmap(r):
     defaults = yaml.safe_load(cm["data"][defaults_file.name])
     assert defaults == {k: v for k, v in r.values["sampler"].items() if v is not None}
     assert SAMPLER_REQUIRED <= set(defaults) <= SAMPLER_REQUIRED | SAMPLER_OPTIONAL
+    from serving.settings import ServingDefaults
+
+    ServingDefaults.model_validate(defaults)  # the server accepts what the chart writes
     for key in ("guidance_scale", "cfg_trunc", "renorm", "teacache", "batch_window_ms"):
         if key in defaults:
             assert isinstance(defaults[key], float), f"{key} must stay a YAML float: {defaults[key]!r}"

@@ -136,7 +136,7 @@ teacache: {{ include "lumina-sampler.float" .teacache }}
 max_batch: {{ int .max_batch }}
 max_side: {{ int .max_side }}
 queue_size: {{ int .queue_size }}
-{{- range $key := list "height" "width" "max_steps" "max_prompt_chars" }}
+{{- range $key := list "height" "width" "max_steps" "max_prompt_chars" "max_body_bytes" "max_input_image_bytes" "max_input_pixels" }}
 {{- if not (kindIs "invalid" (index $.Values.sampler $key)) }}
 {{ $key }}: {{ int (index $.Values.sampler $key) }}
 {{- end }}
