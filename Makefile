@@ -17,6 +17,7 @@ help:
 	@echo "make test           run the test suite (sets itself up)"
 	@echo "make bench          run the benchmarks in bench/ (JSON under bench/results/)"
 	@echo "make sample-data    build data/raw (synthetic scenes, wheel-bundled photos; Debian images when apt works)"
+	@echo "                    and train the tiny VAE on the scenes into data/vae/tiny (reused while they are unchanged)"
 	@echo "make pipeline-compile  compile pipelines/lumina_pipeline.yaml for the Kubeflow UI"
 	@echo "make serve          serve the registered champion over HTTP (after pipeline-run)"
 	@echo "make image          build the container image (Dockerfile; tools/image/build.sh from nothing)"

@@ -186,7 +186,15 @@ def train_vae(files: Sequence[Path], out_dir: str | Path, recipe: VaeTraining | 
         gen = torch.Generator().manual_seed(recipe.seed)
         batches = _batches(sources, recipe, gen)
         loss = torch.zeros(())
-        for _ in range(recipe.steps):
+        for step in range(recipe.steps):
+            if step and step % 200 == 0:
+                log.info(
+                    "VAE step %d/%d: loss %.4f (%.0f s)",
+                    step,
+                    recipe.steps,
+                    float(loss.detach()),
+                    time.perf_counter() - started,
+                )
             x = next(batches)
             posterior = vae.encode(x).latent_dist
             error = vae.decode(posterior.mean).sample - x
