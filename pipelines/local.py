@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,13 @@ from unittest import mock
 from common.errors import ConfigError, LuminaError
 
 log = logging.getLogger(__name__)
+
+# kfp's local runner warns, for every task, that cluster-only settings (display names, accelerators)
+# have no effect and that the component image is not used (it runs in this venv): known, so hidden.
+LOCAL_RUNNER_NOTICES = (
+    r".*have no effect in the current local runner.*",
+    r".*custom or non-Python base image.*",
+)
 REPO = Path(__file__).resolve().parents[1]
 DATA_BUCKET = "lumina-data"
 DVC_FILE = "data.dvc"  # top level: tracks data/ (raw/ inside)
@@ -205,6 +213,9 @@ def run_local(
         }
         log_path = out_dir / "pipeline.log"
         with TaskLog(log_path, echo=os.environ.get("LUMINA_VERBOSE", "") not in ("", "0")) as task_log:
+            stack.enter_context(warnings.catch_warnings())
+            for notice in LOCAL_RUNNER_NOTICES:  # true of every local run: not worth a console line each task
+                warnings.filterwarnings("ignore", message=notice)
             try:
                 task = build_pipeline(None, parallelism)(**args)
             except RuntimeError as exc:  # kfp's "Inner task failed: ..."

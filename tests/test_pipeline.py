@@ -395,3 +395,4 @@ def test_a_failing_step_is_named_with_its_reason_and_log(tmp_path, cli):
     assert errors[0].endswith(f"(full log: {tmp_path / 'out' / 'pipeline.log'})")
     assert "Traceback" in (tmp_path / "out" / "pipeline.log").read_text()  # the details are kept there
     assert "Traceback" not in proc.stderr and "executor_output" not in proc.stdout
+    assert "have no effect in the current local runner" not in proc.stderr  # kfp's per-task notices

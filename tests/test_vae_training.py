@@ -37,10 +37,17 @@ def scenes(tmp_path_factory) -> Path:
     return root
 
 
+# The real recipe (1,200 steps) reaches 26.5-27 dB held-out PSNR in ~118 s on 2 cores (measured by
+# `make sample-data`, which logs it and writes it to report.json); the suite trains the same recipe
+# for a third of the steps (~38 s, measured 20.7 dB) and requires a margin over the random VAE.
+SHORT = VaeTraining(steps=400)
+SHORT_PSNR = 19.0
+
+
 @pytest.fixture(scope="module")
 def trained(scenes, tmp_path_factory) -> Path:
-    """The VAE with the real recipe, trained once for the module."""
-    return trained_vae(scenes, tmp_path_factory.mktemp("vae"))
+    """The VAE with the real recipe at a third of its steps, trained once for the module."""
+    return trained_vae(scenes, tmp_path_factory.mktemp("vae"), SHORT)
 
 
 def small_set(folder: Path, n: int = 6, seed: int = 0) -> Path:
@@ -55,8 +62,8 @@ def weights(folder: Path) -> dict[str, torch.Tensor]:
 @pytest.mark.slow
 def test_trained_vae_reconstructs_held_out_scenes(trained, scenes):
     report = json.loads((trained / REPORT).read_text())
-    assert report["psnr_db"] >= 25.0, report
-    assert report["steps"] == VaeTraining().steps
+    assert report["psnr_db"] >= SHORT_PSNR, report
+    assert report["steps"] == SHORT.steps
     assert report["data_hash"].startswith(trained.name)
     # the report's held-out PSNR, recomputed here, at both tiny training resolutions
     _, held = split(training_images(scenes), VaeTraining().holdout)
@@ -65,7 +72,7 @@ def test_trained_vae_reconstructs_held_out_scenes(trained, scenes):
     random_vae = pipeline_vae("tiny")
     for size in (64, 128):
         pixels = load_pixels(held, size)
-        assert psnr(vae, pixels) >= 25.0
+        assert psnr(vae, pixels) >= SHORT_PSNR
         assert psnr(random_vae, pixels) < 15.0
     # latents are normalised to ~unit variance by the config's scaling / shift factors
     with torch.no_grad():
@@ -77,7 +84,7 @@ def test_trained_vae_reconstructs_held_out_scenes(trained, scenes):
 @pytest.mark.slow
 def test_cache_reuses_a_complete_vae_and_build_pipeline_loads_it(trained, scenes):
     assert (trained / COMPLETE).is_file()
-    assert trained_vae(scenes, trained.parent) == trained  # no training: the same folder
+    assert trained_vae(scenes, trained.parent, SHORT) == trained  # no training: the same folder
     pipe = build_pipeline("tiny", seed=3, vae=trained)
     saved = weights(trained)
     state = pipe.vae.state_dict()
