@@ -7,12 +7,10 @@ depth is inverted), the convention of the ground-truth depth maps too."""
 
 from __future__ import annotations
 
-import functools
-
 import numpy as np
 from PIL import Image
 
-from components.grids.annotators.models import load, source_problem
+from components.grids.annotators.models import load, offer_model
 from components.grids.annotators.registry import Annotator
 
 NAME = "depth"
@@ -43,17 +41,5 @@ def depth_map(source: str, image: Image.Image) -> Image.Image:
 
 
 def offer(source: str | None) -> Annotator | str:
-    problem = source_problem(NAME, source)
-    if problem:
-        return problem
-    from transformers import __version__ as transformers_version
-
-    return Annotator(
-        NAME,
-        f"1+transformers-{transformers_version}",
-        "depth",
-        functools.partial(depth_map, source),
-        model=source,
-        prepare=functools.partial(load, source, MODEL_CLASS),
-        description="depth-estimation model, brighter = nearer",
-    )
+    description = "depth-estimation model, brighter = nearer"
+    return offer_model(NAME, "depth", source, MODEL_CLASS, depth_map, description)

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from common.errors import WeightsNotFoundError, first_line
-from components.grids.annotators.registry import NO_WEIGHTS, WEIGHTS_ENV
+from components.grids.annotators.registry import NO_WEIGHTS, WEIGHTS_ENV, Annotator
 from storage.models import is_hub_id
 
 
@@ -41,3 +41,24 @@ def load(source: str, model_class: str) -> tuple[Any, Any]:
     except Exception as exc:  # missing files, bad config, no network: several types
         raise WeightsNotFoundError(f"cannot load {model_class} from {source}: {first_line(exc)}") from None
     return processor, model.eval().to(device())
+
+
+def offer_model(
+    name: str, kind: str, source: str | None, model_class: str, annotate: Any, description: str
+) -> Annotator | str:
+    """A model-based annotator for ``source`` weights (``annotate(source, image)``), or why not."""
+    problem = source_problem(name, source)
+    if problem:
+        return problem
+    assert source is not None
+    from transformers import __version__ as transformers_version
+
+    return Annotator(
+        name,
+        f"1+transformers-{transformers_version}",
+        kind,
+        functools.partial(annotate, source),
+        model=source,
+        prepare=functools.partial(load, source, model_class),
+        description=description,
+    )

@@ -9,11 +9,10 @@ keypoints scored at least :data:`MIN_SCORE`; a model with other keypoints gets i
 from __future__ import annotations
 
 import colorsys
-import functools
 
 from PIL import Image, ImageDraw
 
-from components.grids.annotators.models import load, source_problem
+from components.grids.annotators.models import load, offer_model
 from components.grids.annotators.registry import Annotator
 
 NAME = "pose"
@@ -66,17 +65,5 @@ def pose_map(source: str, image: Image.Image, min_score: float = MIN_SCORE) -> I
 
 
 def offer(source: str | None) -> Annotator | str:
-    problem = source_problem(NAME, source)
-    if problem:
-        return problem
-    from transformers import __version__ as transformers_version
-
-    return Annotator(
-        NAME,
-        f"1+transformers-{transformers_version}",
-        "pose",
-        functools.partial(pose_map, source),
-        model=source,
-        prepare=functools.partial(load, source, MODEL_CLASS),
-        description="ViTPose keypoints (whole image as the person box), COCO skeleton",
-    )
+    description = "ViTPose keypoints (whole image as the person box), COCO skeleton"
+    return offer_model(NAME, "pose", source, MODEL_CLASS, pose_map, description)
