@@ -124,3 +124,50 @@ def cli(monkeypatch, capsys):
         return CliResult(code, out.out, out.err)
 
     return run
+
+
+# --- headless Chromium (the page and report tests) ---------------------------------------------------
+BROWSER_LAUNCH_TIMEOUT_MS = 30_000
+
+
+def browser_unavailable(reason: str) -> None:
+    """Skip with the reason, or fail where the browser tests are required (``LUMINA_REQUIRE_BROWSER=1``)."""
+    if os.environ.get("LUMINA_REQUIRE_BROWSER") == "1":
+        pytest.fail(f"browser test required (LUMINA_REQUIRE_BROWSER=1) but: {reason}")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Debian's ``chromium-headless-shell`` fetched into ``.cache/browser/`` on first use by
+    ``tools/browser/chromium.py`` (or ``LUMINA_CHROMIUM``), launched with Playwright."""
+    import importlib.util
+    import sys
+
+    try:
+        from playwright.sync_api import Error as PlaywrightError
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        browser_unavailable("the playwright Python package is not installed")
+    path = Path(__file__).resolve().parents[1] / "tools/browser/chromium.py"
+    spec = importlib.util.spec_from_file_location("browser_chromium", path)
+    helper = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = helper  # dataclasses look the module up while building the class
+    spec.loader.exec_module(helper)
+    try:
+        found = helper.obtain()
+    except helper.BrowserUnavailable as exc:
+        browser_unavailable(f"no headless Chromium: {exc}")
+    with sync_playwright() as playwright:
+        try:
+            chromium = playwright.chromium.launch(
+                executable_path=str(found.executable),
+                env={**os.environ, **found.env},
+                args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"],
+                timeout=BROWSER_LAUNCH_TIMEOUT_MS,
+            )
+        except PlaywrightError as exc:
+            first = str(exc).splitlines()[0]
+            browser_unavailable(f"{found.source} {found.executable} did not start: {first}")
+        yield chromium
+        chromium.close()

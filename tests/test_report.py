@@ -10,11 +10,8 @@ Playwright or a browser the browser test skips with the reason, unless ``LUMINA_
 from __future__ import annotations
 
 import base64
-import importlib.util
 import io
 import json
-import os
-import sys
 from html.parser import HTMLParser
 from pathlib import Path
 from types import SimpleNamespace
@@ -261,41 +258,6 @@ def test_register_op_writes_the_report(tiny_folder, tmp_path):
 
 
 # --- headless Chromium -------------------------------------------------------------------------
-
-
-def unavailable(reason: str):
-    if os.environ.get("LUMINA_REQUIRE_BROWSER") == "1":
-        pytest.fail(f"browser test required (LUMINA_REQUIRE_BROWSER=1) but: {reason}")
-    pytest.skip(reason)
-
-
-@pytest.fixture(scope="module")
-def browser():
-    try:
-        from playwright.sync_api import Error as PlaywrightError
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        unavailable("the playwright Python package is not installed")
-    spec = importlib.util.spec_from_file_location("browser_chromium", REPO / "tools/browser/chromium.py")
-    helper = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = helper  # dataclasses look the module up while building the class
-    spec.loader.exec_module(helper)
-    try:
-        found = helper.obtain()
-    except helper.BrowserUnavailable as exc:
-        unavailable(f"no headless Chromium: {exc}")
-    with sync_playwright() as playwright:
-        try:
-            chromium = playwright.chromium.launch(
-                executable_path=str(found.executable),
-                env={**os.environ, **found.env},
-                args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"],
-                timeout=30_000,
-            )
-        except PlaywrightError as exc:
-            unavailable(f"{found.source} {found.executable} did not start: {str(exc).splitlines()[0]}")
-        yield chromium
-        chromium.close()
 
 
 def test_report_renders_in_chromium(browser, registered, tmp_path):

@@ -10,12 +10,10 @@ a browser the tests skip with the reason, unless ``LUMINA_REQUIRE_BROWSER=1`` (t
 from __future__ import annotations
 
 import base64
-import importlib.util
 import io
 import os
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,53 +22,12 @@ from PIL import Image
 
 from services.process import free_port, http_answers, running
 
-REPO = Path(__file__).resolve().parents[1]
 TOKEN = "page-token"
 # server defaults differ from what the page asks for, so the image shows the page sent its fields
 DEFAULTS = "steps: 4\nheight: 64\nwidth: 64\nmax_side: 128\nmax_steps: 8\nqueue_size: 8\n"
 TIMEOUT_MS = 30_000
 
 pytestmark = pytest.mark.slow
-
-
-def unavailable(reason: str):
-    if os.environ.get("LUMINA_REQUIRE_BROWSER") == "1":
-        pytest.fail(f"browser test required (LUMINA_REQUIRE_BROWSER=1) but: {reason}")
-    pytest.skip(reason)
-
-
-def load_helper():
-    spec = importlib.util.spec_from_file_location("browser_chromium", REPO / "tools/browser/chromium.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look the module up while building the class
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(scope="module")
-def browser():
-    try:
-        from playwright.sync_api import Error as PlaywrightError
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        unavailable("the playwright Python package is not installed")
-    helper = load_helper()
-    try:
-        found = helper.obtain()
-    except helper.BrowserUnavailable as exc:
-        unavailable(f"no headless Chromium: {exc}")
-    with sync_playwright() as playwright:
-        try:
-            chromium = playwright.chromium.launch(
-                executable_path=str(found.executable),
-                env={**os.environ, **found.env},
-                args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"],
-                timeout=TIMEOUT_MS,
-            )
-        except PlaywrightError as exc:
-            unavailable(f"{found.source} {found.executable} did not start: {str(exc).splitlines()[0]}")
-        yield chromium
-        chromium.close()
 
 
 @pytest.fixture(scope="module")
