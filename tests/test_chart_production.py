@@ -25,6 +25,7 @@ import jsonschema
 import pytest
 import yaml
 
+from tests.crd_schema import crd_validator, load_crd
 from tests.test_chart import (  # noqa: F401  (the fixtures helm, helm_env, rendered are used by name)
     CHART,
     CI_VALUES,
@@ -74,34 +75,17 @@ def write_values(tmp_path: Path, name: str, text: str) -> Path:
 # ------------------------------------------------------------------------------- CRD validation
 
 
-def _strict(node):
-    """The CRD's structural schema as plain JSON schema (as in tests/test_trainjob.py): ``x-kubernetes-*``
-    dropped, and no field beyond the listed ``properties`` (the API server prunes unknown fields: a
-    typo must fail here)."""
-    if isinstance(node, list):
-        return [_strict(item) for item in node]
-    if not isinstance(node, dict):
-        return node
-    out = {k: _strict(v) for k, v in node.items() if not k.startswith("x-kubernetes-")}
-    if "properties" in node and "additionalProperties" not in node:
-        assert not node.get("x-kubernetes-preserve-unknown-fields")
-        out["additionalProperties"] = False
-    return out
-
-
 @pytest.fixture(scope="module")
 def crd_validators() -> dict[str, tuple[str, jsonschema.Draft7Validator]]:
     """kind -> (apiVersion, validator of the served version's openAPIV3Schema)."""
     out = {}
     for kind, (filename, group, version) in CRD_FILES.items():
-        crd = yaml.load((CRDS / filename).read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+        crd = load_crd(CRDS / filename)
         assert crd["kind"] == "CustomResourceDefinition"
         assert crd["spec"]["group"] == group and crd["spec"]["names"]["kind"] == kind
         (served,) = [v for v in crd["spec"]["versions"] if v["name"] == version]
         assert served["served"] and served["storage"]
-        schema = _strict(served["schema"]["openAPIV3Schema"])
-        jsonschema.Draft7Validator.check_schema(schema)
-        out[kind] = (f"{group}/{version}", jsonschema.Draft7Validator(schema))
+        out[kind] = (f"{group}/{version}", crd_validator(served["schema"]["openAPIV3Schema"]))
     return out
 
 

@@ -24,6 +24,7 @@ from components.train.trainjob import (
     trainjob_yaml,
     wait_for_trainjob,
 )
+from tests.crd_schema import crd_validator, load_crd
 
 CRD = Path(__file__).parent / "crds" / "trainer.kubeflow.org_trainjobs.yaml"
 ARGS = stage_args(
@@ -38,32 +39,16 @@ ARGS = stage_args(
 )
 
 
-def _strict(node):
-    """The CRD's structural schema as plain JSON schema: ``x-kubernetes-*`` dropped, and no field beyond
-    the listed ``properties`` (the API server prunes or rejects unknown fields: a typo must fail here)."""
-    if isinstance(node, list):
-        return [_strict(item) for item in node]
-    if not isinstance(node, dict):
-        return node
-    out = {k: _strict(v) for k, v in node.items() if not k.startswith("x-kubernetes-")}
-    if "properties" in node and "additionalProperties" not in node:
-        assert not node.get("x-kubernetes-preserve-unknown-fields")
-        out["additionalProperties"] = False
-    return out
-
-
 @pytest.fixture(scope="module")
 def crd():
-    return yaml.load(CRD.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    return load_crd(CRD)
 
 
 @pytest.fixture(scope="module")
 def validator(crd):
     (version,) = crd["spec"]["versions"]
     assert crd["spec"]["group"] == "trainer.kubeflow.org" and version["name"] == "v1alpha1"
-    schema = _strict(version["schema"]["openAPIV3Schema"])
-    jsonschema.Draft7Validator.check_schema(schema)
-    return jsonschema.Draft7Validator(schema)
+    return crd_validator(version["schema"]["openAPIV3Schema"])
 
 
 def _check(validator, crd, job):
