@@ -126,6 +126,14 @@ def cli(monkeypatch, capsys):
     return run
 
 
+@pytest.fixture(scope="session")
+def tiny_vlm(tmp_path_factory) -> Path:
+    """A tiny random-weight Qwen2-VL saved in the hub layout (the recaption tests' captioner)."""
+    from components.recaption.tiny_vlm import build_tiny_qwen2vl
+
+    return build_tiny_qwen2vl(tmp_path_factory.mktemp("vlm") / "tiny-qwen2vl", seed=0)
+
+
 # --- headless Chromium (the page and report tests) ---------------------------------------------------
 BROWSER_LAUNCH_TIMEOUT_MS = 30_000
 

@@ -46,11 +46,6 @@ def one_torch_thread():
 
 
 @pytest.fixture(scope="session")
-def tiny_vlm(tmp_path_factory):
-    return build_tiny_qwen2vl(tmp_path_factory.mktemp("vlm") / "tiny-qwen2vl", seed=0)
-
-
-@pytest.fixture(scope="session")
 def captioner(tiny_vlm) -> VlmCaptioner:
     return VlmCaptioner(
         tiny_vlm, max_pixels=MAX_PIXELS, min_pixels=MIN_PIXELS, batch_size=3, max_new_tokens=NEW_TOKENS

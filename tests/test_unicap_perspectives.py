@@ -52,11 +52,6 @@ def one_torch_thread():
 
 
 @pytest.fixture(scope="module")
-def tiny_vlm(tmp_path_factory):
-    return build_tiny_qwen2vl(tmp_path_factory.mktemp("unicap") / "tiny", seed=0)
-
-
-@pytest.fixture(scope="module")
 def released_budget_vlm(tmp_path_factory):
     """The tiny model with the released Qwen2-VL processors' pixel budget (12845056)."""
     return build_tiny_qwen2vl(
