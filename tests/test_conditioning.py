@@ -19,26 +19,12 @@ from common.errors import ConfigError
 from model.prompts import apply_system_prompt, panel_fill_ins, panel_prompt
 from model.sampler import LuminaSampler, SamplerConfig, Solver
 from model.sampler.conditioning import Layout, PanelCondition, Task, panel_size, panel_slices
-from model.sampler.denoiser import Lumina2Denoiser
 from serving.worker import GenerationWorker, Job, PanelJob
+from tests.oracle import OracleDenoiser
 from tests.test_serving import BlockingSampler, make_app, png
 
 GRID = dict(height=128, width=64)  # an upper-lower grid of two 64x64 panels
 STEPS = SamplerConfig(steps=3)
-
-
-class PointwiseDenoiser(Lumina2Denoiser):
-    """A velocity that looks at each latent value alone, (target - x) / (1 - t): nothing flows
-    between the panels, so a kept panel cannot change the generated one."""
-
-    def __init__(self, transformer, target):
-        super().__init__(transformer)
-        self.target = target
-
-    def __call__(self, x, t, ctx, cache=None, branches=1):
-        self.forward_calls += 1
-        self.forward_rows += x.shape[0]
-        return (self.target.expand_as(x) - x) / (1.0 - t)
 
 
 def picture(width: int = 64, height: int = 64, seed: int = 0) -> Image.Image:
@@ -60,7 +46,7 @@ def encoded(image: Image.Image, fmt: str = "PNG") -> str:
 def test_known_panel_is_the_reference_and_only_it_changes(tiny_pipe, solver):
     target = torch.randn(1, 16, 16, 8)
     sampler = LuminaSampler.from_pipeline(tiny_pipe)
-    sampler.denoiser = PointwiseDenoiser(tiny_pipe.transformer, target)
+    sampler.denoiser = OracleDenoiser(tiny_pipe.transformer, target)
     config = SamplerConfig(steps=5, solver=solver, guidance_scale=1.0)
     plain = sampler.generate("x", **GRID, seed=3, config=config, output_type="latent")
     reference = torch.randn(1, 16, 8, 8)

@@ -5,27 +5,14 @@ import torch
 from common.errors import ConfigError
 from model.prompts import SystemPrompt, apply_system_prompt
 from model.sampler import LuminaSampler, SamplerConfig, Solver
-from model.sampler.denoiser import Lumina2Denoiser, TeaCache
+from model.sampler.denoiser import TeaCache
 from model.sampler.guidance import cfg_active, renorm_guided
 from model.sampler.schedule import flow_sigmas
 from model.sampler.solvers import SOLVERS
 from model.text import encode_prompts
+from tests.oracle import OracleDenoiser
 
 PROMPTS = ["a red cat on the left of a blue car", "three yellow apples"]
-
-
-class OracleDenoiser(Lumina2Denoiser):
-    """Returns the exact velocity towards a fixed target: (target - x) / (1 - t)."""
-
-    def __init__(self, transformer, target):
-        super().__init__(transformer)
-        self.target = target
-
-    def __call__(self, x, t, ctx, cache=None, branches=1):
-        self.forward_calls += 1
-        self.forward_rows += x.shape[0]
-        target = self.target.repeat(x.shape[0] // self.target.shape[0], 1, 1, 1)
-        return (target - x) / (1.0 - t)
 
 
 @pytest.mark.parametrize("solver", list(Solver))
