@@ -212,8 +212,8 @@ def run_local(
             "source": source_arg,
         }
         log_path = out_dir / "pipeline.log"
-        with TaskLog(log_path, echo=os.environ.get("LUMINA_VERBOSE", "") not in ("", "0")) as task_log:
-            stack.enter_context(warnings.catch_warnings())
+        echo = os.environ.get("LUMINA_VERBOSE", "") not in ("", "0")
+        with TaskLog(log_path, echo=echo) as task_log, warnings.catch_warnings():
             for notice in LOCAL_RUNNER_NOTICES:  # true of every local run: not worth a console line each task
                 warnings.filterwarnings("ignore", message=notice)
             try:

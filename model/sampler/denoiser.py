@@ -252,7 +252,6 @@ class Lumina2Denoiser:
         spans = [(BRANCHES[i], i * rows, (i + 1) * rows) for i in range(branches)]
         compute = {name: cache.should_compute(name, modulated[a:b]) for name, a, b in spans}
         cache.next_step()
-        out = hidden.clone()
         if all(compute.values()):  # the usual case: one batched call for every row
             out = self._blocks(hidden, temb, ctx)
             for name, a, b in spans:
@@ -260,6 +259,7 @@ class Lumina2Denoiser:
             if cache.record:
                 cache.observe_output(out)
             return out
+        out = hidden.clone()
         for name, a, b in spans:
             state = cache.branches[name]
             if compute[name]:
