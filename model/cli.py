@@ -67,8 +67,8 @@ def sample(
     task: Annotated[
         str | None,
         typer.Option(
-            help="dual-panel Template C grid: depth | canny | sketch (generate the map) or "
-            "image-from-depth | image-from-canny | image-from-sketch (generate the image)"
+            help="dual-panel Template C grid: depth | canny | sketch | mask (generate the map) or "
+            "image-from-depth | image-from-canny | image-from-sketch | image-from-mask (generate the image)"
         ),
     ] = None,
     layout: Annotated[

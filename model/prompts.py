@@ -83,7 +83,12 @@ def apply_system_prompt(
 # Template C fill-ins per map kind and dual-panel layout: the map is the lower / right panel, the
 # original image the upper / left one (the generated panel is the map for "depth", the image for
 # "image-from-depth"; the wording is the same, only which panel is known changes).
-PANEL_KINDS: dict[str, str] = {"depth": "depth map", "canny": "canny edge map", "sketch": "sketch"}
+PANEL_KINDS: dict[str, str] = {
+    "depth": "depth map",
+    "canny": "canny edge map",
+    "sketch": "sketch",
+    "mask": "segmentation mask",
+}  # the same words as the grid builder's (components.grids.grid.KIND_NAMES, English)
 PANEL_NAMES: dict[str, tuple[str, str]] = {
     "upper-lower": ("upper half", "lower half"),
     "left-right": ("left half", "right half"),
@@ -92,7 +97,7 @@ PANEL_NAMES: dict[str, tuple[str, str]] = {
 
 def panel_fill_ins(kind: str, layout: str = "upper-lower") -> dict[str, str]:
     """Template C's ``panel_a`` (the map panel), ``panel_kind`` and ``panel_b`` (the image panel)
-    for a map ``kind`` (depth / canny / sketch, or its ``image-from-`` reverse) and a ``layout``."""
+    for a map ``kind`` (depth / canny / sketch / mask, or its ``image-from-`` reverse) and a ``layout``."""
     kind = kind.lower().removeprefix("image-from-")
     if kind not in PANEL_KINDS:
         raise ConfigError(f"unknown panel kind {kind!r}; choose one of: {', '.join(PANEL_KINDS)}")

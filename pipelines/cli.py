@@ -33,9 +33,13 @@ def _arguments(
     args: dict[str, Any] = {"profile": profile, "model_name": model_name}
     if steps:
         parts = steps.split(",")
-        if len(parts) != 3 or not all(p.strip().isdigit() for p in parts):
-            raise ConfigError(f"--steps takes three counts LOWRES,HIGHRES,HQ (e.g. 200,60,30), got {steps!r}")
-        args.update(zip(("lowres_steps", "highres_steps", "hq_steps"), map(int, parts), strict=True))
+        if len(parts) not in (3, 4) or not all(p.strip().isdigit() for p in parts):
+            raise ConfigError(
+                "--steps takes three or four counts LOWRES,HIGHRES,HQ[,UNIFIED] (e.g. 200,60,30,30),"
+                f" got {steps!r}"
+            )
+        names = ("lowres_steps", "highres_steps", "hq_steps", "unified_steps")
+        args.update(zip(names, map(int, parts), strict=False))
     args["eval_config_json"] = json.dumps({"suite_size": eval_suite_size})
     if gate is not None:
         from common.config_files import read_yaml_mapping
@@ -47,11 +51,19 @@ def _arguments(
         key, sep, value = item.partition("=")
         if not sep:
             raise ConfigError(f"--param wants key=value, got {item!r}")
-        parsed = yaml.safe_load(value) if value else ""
+        try:
+            parsed = yaml.safe_load(value) if value else ""
+        except yaml.YAMLError:  # not a number or flag: passed on as the string it is
+            parsed = value
         args[key] = parsed if isinstance(parsed, int | float | bool) else value  # JSON stays a string
+    if args.get("grid_config_json"):  # checked here, not in four grid tasks after the data steps
+        from components.grids.grid import parse_grid_config
+
+        parse_grid_config(str(args["grid_config_json"]))
     return args
 
 
+PANEL_METRICS = ("panel_canny_f1", "panel_mask_iou")  # components.evaluate.panels
 LOCAL_GROUP_SIZE = 64  # the sample data in 4 groups, so the embedded default really fans out
 
 
@@ -134,6 +146,11 @@ def metric_lines(metrics: dict[str, float]) -> list[str]:
     scores = {k.removeprefix("synthetic_"): v for k, v in metrics.items() if k.startswith("synthetic_")}
     if scores:
         lines.append("compositional    : " + ", ".join(f"{k} {v:.2f}" for k, v in scores.items()))
+    panels = [(k, metrics[k], metrics.get(f"{k}_before")) for k in PANEL_METRICS if k in metrics]
+    if panels:
+        shown = [f"{k.removeprefix('panel_')} {v:.2f}" + ("" if b is None else f" (before unified {b:.2f})")
+                 for k, v, b in panels]  # fmt: skip
+        lines.append("grid panels      : " + ", ".join(shown))
     return lines
 
 
@@ -191,7 +208,14 @@ def run(
     profile: str = "tiny",
     model_name: str = "lumina-tiny",
     steps: Annotated[
-        str | None, typer.Option(help="steps per stage LOWRES,HIGHRES,HQ (default: profile's)")
+        str | None, typer.Option(help="steps per stage LOWRES,HIGHRES,HQ[,UNIFIED] (default: profile's)")
+    ] = None,
+    unified: Annotated[
+        bool | None,
+        typer.Option(
+            "--unified/--no-unified",
+            help="the extra Template C grid phase after HQ (default: on locally, the pipeline's on a host)",
+        ),
     ] = None,
     eval_suite_size: Annotated[int, typer.Option(help="prompts per benchmark category")] = 1,
     gate: Annotated[Path | None, typer.Option(help="YAML promotion gate (PromotionGate fields)")] = None,
@@ -217,6 +241,8 @@ def run(
 ) -> None:
     """Run the pipeline: locally (embedded default) or on a Kubeflow host."""
     args = _arguments(profile, model_name, steps, eval_suite_size, gate, param)
+    if unified is not None or not host:
+        args.setdefault("unified", True if unified is None else unified)
     if base_model:
         if args.get("vae"):
             raise ConfigError(

@@ -1,5 +1,10 @@
 """The Kubeflow pipeline: plan → new-data → ingest ×groups → merge → (recaption → score) ×groups →
-captions merge → tier → latents ×groups → train (3 stages) → evaluate → register.
+captions merge → tier → (grids → latents) ×groups → train (3 stages + unified) → evaluate → register.
+
+The ``unified`` parameter turns on the paper's extra fine-tuning phase (Sec. 4): each group's grid
+step pairs images with condition maps into Template C grids, and a fourth stage trains on them
+mixed with ordinary images. Off, the grid steps write nothing and the fourth stage passes the HQ
+model on unchanged (evaluation then has no before/after panel comparison).
 
 ``new-data`` decides whether the rest runs (``dsl.If``): always, unless ``only_new_data`` (recurring
 runs) and a registered version was trained on a source with this plan's fingerprint; then the
@@ -26,6 +31,7 @@ from kfp import dsl, kubernetes
 from pydantic import BaseModel, ConfigDict
 
 from components.evaluate.component import evaluate_op
+from components.grids.component import grids_group_op
 from components.ingest.component import ingest_group_op, ingest_merge_op
 from components.latents.component import latents_group_op
 from components.plan.component import plan_op
@@ -35,7 +41,7 @@ from components.tier.component import score_group_op, tier_op
 from components.train.component import train_stage_op
 
 PIPELINE_NAME = "lumina-pipeline"
-STAGES = ("lowres", "highres", "hq")
+STAGES = ("lowres", "highres", "hq", "unified")
 
 
 class ClusterSettings(BaseModel):
@@ -193,6 +199,9 @@ def build_pipeline(cluster: ClusterSettings | None = None, parallelism: int | No
         lowres_steps: int = 0,
         highres_steps: int = 0,
         hq_steps: int = 0,
+        unified: bool = False,
+        unified_steps: int = 0,
+        grid_config_json: str = "",
         seed: int = 0,
         eval_config_json: str = "",
         gate_json: str = "",
@@ -261,6 +270,15 @@ def build_pipeline(cluster: ClusterSettings | None = None, parallelism: int | No
             tiers.set_display_name("tier")
             tiers.after(recaption)  # tiers only from captions that passed the gate
             with dsl.ParallelFor(groups, parallelism=limit) as group:
+                grids_group = grids_group_op(
+                    group=group,
+                    tiers_hash=tiers.outputs["Output"],
+                    profile=profile,
+                    seed=seed,
+                    enabled=unified,
+                    config_json=grid_config_json,
+                )
+                grids_group.set_display_name("grids-group")
                 latents_group = latents_group_op(
                     group=group,
                     tiers_hash=tiers.outputs["Output"],
@@ -268,11 +286,13 @@ def build_pipeline(cluster: ClusterSettings | None = None, parallelism: int | No
                     seed=seed,
                     base_model=base_model,
                     vae=vae,
+                    grids=grids_group.outputs["grids"],
                 )
                 latents_group.set_display_name("latents-group")
-            previous = None
+            previous = before_unified = None
             runs, train_tasks = {}, []
-            for stage, steps in zip(STAGES, (lowres_steps, highres_steps, hq_steps), strict=True):
+            stage_steps = (lowres_steps, highres_steps, hq_steps, unified_steps)
+            for stage, steps in zip(STAGES, stage_steps, strict=True):
                 # the first stage starts from base_model (when set; else a random model with the
                 # trained VAE in ``vae``, when set), the others from the stage before (its VAE too)
                 kwargs = (
@@ -295,17 +315,20 @@ def build_pipeline(cluster: ClusterSettings | None = None, parallelism: int | No
                     heldout=tiers.outputs["tiers"],  # its heldout.parquet: each stage's val_loss
                     **launcher,
                     **kwargs,
+                    **({"enabled": unified} if stage == "unified" else {}),
                 )
                 task.set_display_name(f"train-{stage}")
                 if on_trainjob:
                     _train_launcher(task, cluster)
                 elif cluster is not None:
                     _train_on_gpus(task, cluster)
-                runs[stage], previous = task.outputs["Output"], task
+                runs[stage], before_unified, previous = task.outputs["Output"], previous, task
                 train_tasks.append(task)
             final_model = previous.outputs["pipeline"]
             evaluate = evaluate_op(
                 model=final_model,
+                baseline=before_unified.outputs["pipeline"],  # grid panels before / after the phase
+                compare_baseline=unified,
                 config_json=eval_config_json,
                 mlflow_tracking_uri=mlflow_tracking_uri,
                 heldout=tiers.outputs["tiers"],  # val_loss on the held-out split
@@ -323,6 +346,7 @@ def build_pipeline(cluster: ClusterSettings | None = None, parallelism: int | No
                 lowres_run=runs["lowres"],
                 highres_run=runs["highres"],
                 hq_run=runs["hq"],
+                unified_run=runs["unified"],
                 git_sha=git_sha,
                 gate_json=gate_json,
                 mlflow_tracking_uri=mlflow_tracking_uri,
@@ -335,7 +359,8 @@ def build_pipeline(cluster: ClusterSettings | None = None, parallelism: int | No
             unchanged = nothing_new_op(reason=check.outputs["reason"])
             unchanged.set_display_name("no-new-data")
         if cluster is not None:
-            data_tasks = (plan, ingest_group, ingest, score_group, recaption, tiers, latents_group)
+            data_tasks = (plan, ingest_group, ingest, score_group, recaption, tiers, grids_group,
+                          latents_group)  # fmt: skip
             for task in (*data_tasks, check, recaption_group, *train_tasks, evaluate, register, unchanged):
                 _with_cluster_env(task, cluster)  # the stage runs log to the same MLflow as the rest
             for task in data_tasks:

@@ -43,7 +43,7 @@ class GenerateRequest(BaseModel):
     system_prompt: Literal["A", "B", "C"] | None = None
     task: Task | None = Field(
         None,
-        description="a dual-panel Template C grid of height x width: depth / canny / sketch generate "
+        description="a dual-panel Template C grid of height x width: depth / canny / sketch / mask generate "
         "the map of input_image, image-from-* the image of the map in input_image; without "
         "input_image the whole grid is generated from the text",
     )

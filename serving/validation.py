@@ -122,7 +122,7 @@ def check_panels(
     if body.task is None:
         for name in ("input_image", "layout"):
             if getattr(body, name) is not None:
-                raise RequestError(422, f"{name}: needs a task (depth, canny, sketch, image-from-...)")
+                raise RequestError(422, f"{name}: needs a task (depth, canny, sketch, mask, image-from-...)")
         return None, config
     layout = body.layout or Layout.UPPER_LOWER
     try:

@@ -211,36 +211,84 @@ def test_plan_fingerprint_follows_the_content(tmp_path):
     assert summary["entries"] == 2 and len(summary["groups"]) == 1
 
 
-def test_latent_step_per_group_covers_each_stage_tier(source, tmp_path):
-    from components.latents import LatentStore, read_latent_index
-    from components.latents.group import latents_group, stage_resolutions
-
+@pytest.fixture(scope="module")
+def tiered(source, tmp_path_factory):
+    """The source planned, ingested, captioned, scored and tiered per group (the latent and grid
+    steps' inputs): ``(plan, work folder)``."""
+    work = tmp_path_factory.mktemp("tiered")
     opts = IngestOptions()
-    plan = plan_source(str(source), str(tmp_path / "data"), group_size=12)
-    dirs = [ingest_group(g, tmp_path / "ing" / g.name, opts, progress=False).out_dir for g in plan.groups]
-    merge_groups(dirs, plan.groups, tmp_path / "merged", opts)
+    plan = plan_source(str(source), str(work / "data"), group_size=12)
+    dirs = [ingest_group(g, work / "ing" / g.name, opts, progress=False).out_dir for g in plan.groups]
+    merge_groups(dirs, plan.groups, work / "merged", opts)
     for g in plan.groups:
-        recaption_group(g, tmp_path / "cap" / g.name, progress=False)
-        score_group(tmp_path / "cap" / g.name, tmp_path / "score" / g.name, SCORERS, progress=False)
+        recaption_group(g, work / "cap" / g.name, progress=False)
+        score_group(work / "cap" / g.name, work / "score" / g.name, SCORERS, progress=False)
     config = TierConfig(
         min_highres_images=4, min_hq_images=2, min_side={"lowres": 32, "highres": 64, "hq": 64}
     )
-    caps = [tmp_path / "cap" / g.name for g in plan.groups]
-    scores = [tmp_path / "score" / g.name for g in plan.groups]
-    tier_groups(caps, scores, tmp_path / "tiers", config, plan.groups)
+    caps = [work / "cap" / g.name for g in plan.groups]
+    scores = [work / "score" / g.name for g in plan.groups]
+    tier_groups(caps, scores, work / "tiers", config, plan.groups)
+    return plan, work
+
+
+def test_latent_step_per_group_covers_each_stage_tier(tiered, tmp_path):
+    from components.latents import LatentStore, read_latent_index
+    from components.latents.group import latents_group, stage_resolutions
+
+    plan, work = tiered
     for g in plan.groups:
         latents_group(g, tmp_path / "idx" / g.name, profile="tiny")
     index = read_latent_index(tmp_path / "idx")  # what the train step gets (all groups' indexes)
     wanted = stage_resolutions("tiny")
-    tiers = {
-        n: set(pd.read_parquet(tmp_path / "tiers" / f"{n}.parquet")["id"]) for n in ("lowres", "highres")
-    }
+    tiers = {n: set(pd.read_parquet(work / "tiers" / f"{n}.parquet")["id"]) for n in ("lowres", "highres")}
     for resolution, tier in wanted.items():
         at = index[index["resolution"] == resolution]
         assert set(at["id"]) == tiers[tier] and at["file"].str.endswith(".safetensors").all()
     store = LatentStore(index[index["resolution"] == min(wanted)])
     some = next(iter(tiers["lowres"]))
     assert store[some].dtype.is_floating_point and store[some].shape[0] == 16  # 16-channel latents
-    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "data").rglob("*.safetensors")}
+    stamps = {p: p.stat().st_mtime_ns for p in (work / "data").rglob("*.safetensors")}
     latents_group(plan.groups[0], tmp_path / "idx-again" / plan.groups[0].name, profile="tiny")  # a retry
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # reused, not re-encoded
+
+
+def test_grid_step_feeds_the_unified_stage_only(tiered, tmp_path):
+    """The grid step's grids (exact maps for the synthetic scenes, found through the kept source
+    paths) and its ordinary share reach the latent index at the unified resolution, flagged for the
+    unified stage only, with Template C training texts; turned off, the unified stage has nothing."""
+    from components.grids.group import grids_group, unified_resolution
+    from components.latents.group import latents_group
+    from components.train.data import caption_texts
+    from components.train.loader import StageFilter, sample_record, stage_rows
+    from model.prompts import DOMAIN_TEMPLATES, PROMPT_START
+
+    plan, _ = tiered
+    group = plan.groups[0]
+    config = {"tier": "lowres", "ordinary_share": 0.25, "kinds": {"canny": 1, "mask": 1, "depth": 1}}
+    summary = grids_group(group, tmp_path / "grids", profile="tiny", config=config, enabled=True)
+    assert summary["grids"] >= 4 and summary["ordinary"] == round(summary["grids"] / 3)
+    assert set(summary["kinds"]) <= {"canny", "mask", "depth"}
+    assert {"mask", "depth"} & set(summary["kinds"])  # only a scene's exact ground truth has these
+    files = latents_group(group, tmp_path / "idx", profile="tiny", grids=tmp_path / "grids")
+    res = unified_resolution("tiny")
+    index_file = next(str(f) for f in files if f.name.endswith(f"-r{res}.index.parquet"))
+    fp = pd.read_parquet(index_file)["vae_fingerprint"].iloc[0]
+    unified = stage_rows(index_file, StageFilter(res, fp, "unified"), None)
+    grids = unified[unified["domain"] == "grid"]
+    assert len(grids) == summary["grids"] and len(unified) == summary["grids"] + summary["ordinary"]
+    assert not grids[["lowres", "highres", "hq"]].any().any()  # the other stages never see a grid
+    assert len(stage_rows(index_file, StageFilter(res, fp, "highres"), None).query("domain == 'grid'")) == 0
+    for row in grids.to_dict("records"):
+        record = sample_record(row)
+        assert record.grid_fill and (record.height, record.width) != (0, 0)
+        for text in caption_texts(record, DOMAIN_TEMPLATES):
+            assert text.startswith(("Generate a", "生成一幅")) and PROMPT_START in text
+    ordinary = [sample_record(r) for r in unified[unified["domain"] != "grid"].to_dict("records")]
+    assert all(not t.startswith("Generate a") for r in ordinary for t in caption_texts(r, DOMAIN_TEMPLATES))
+
+    off = grids_group(group, tmp_path / "off", profile="tiny", enabled=False)
+    assert off == {"enabled": False, "group": group.name, "grids": 0, "ordinary": 0}
+    files = latents_group(group, tmp_path / "idx-off", profile="tiny", grids=tmp_path / "off")
+    index_file = next(str(f) for f in files if f.name.endswith(f"-r{res}.index.parquet"))
+    assert stage_rows(index_file, StageFilter(res, fp, "unified"), None).empty

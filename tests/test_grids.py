@@ -307,3 +307,36 @@ def test_unreadable_images_are_one_line_errors(tmp_path):
         "no captions": 1,
         "already a grid": 1,
     }
+
+
+def test_the_trainer_gives_grid_rows_template_c_with_their_fill_ins(tmp_path):
+    """A grids.parquet read as a training manifest: every caption variant, the drawn caption and the
+    validation caption of a grid row carry Template C in the caption's language (never the domain's
+    Template B); a broken ``grid_fill`` is a one-line error naming the image."""
+    from dataclasses import replace
+
+    from components.train.data import caption_texts, choose_caption, prompt_texts
+    from components.train.validation import validation_caption
+    from model.prompts import DOMAIN_TEMPLATES, TEMPLATES, SystemPrompt
+
+    photo(tmp_path / "p.png")
+    config = {"kinds": {"sketch": 1}, "layouts": {"left-right": 1}}
+    (row,) = build_grids([real_row(tmp_path / "p.png")], tmp_path / "grids", config)
+    (record,) = read_manifest(tmp_path / "grids" / "grids.parquet")
+    assert record.domain == GRID_DOMAIN and record.grid_fill == row["grid_fill"]
+    texts = caption_texts(record, DOMAIN_TEMPLATES)
+    assert texts == grid_caption_texts(row)
+    assert texts[0].startswith("Generate a dual-panel image where the right half displays a sketch")
+    assert texts[1].startswith("生成一幅双联图像，其中右半部分显示素描图")
+    assert not any(TEMPLATES[SystemPrompt.B] in t for t in texts)
+    drawn = {
+        choose_caption(record, random.Random(i), {}, {"en": 1, "zh": 1}, DOMAIN_TEMPLATES) for i in range(20)
+    }
+    assert drawn == set(texts)
+    assert validation_caption(record) == texts[0]
+    plain = replace(record, domain="real", grid_fill=None)  # the same captions on an ordinary image
+    assert caption_texts(plain, DOMAIN_TEMPLATES)[0].startswith(TEMPLATES[SystemPrompt.B])
+    for broken, match in (("{not json", "grid_fill is not valid JSON"), ('{"zh": {}}', "English fill-ins")):
+        with pytest.raises(ConfigError, match=match) as err:
+            prompt_texts(replace(record, grid_fill=broken), record.captions)
+        assert record.id in str(err.value) and "\n" not in str(err.value)

@@ -66,13 +66,25 @@ def test_spec_parses_strictly_and_references_resolve(compiled):
         "register-op",
     } <= set(root)
     loops = {n: t for n, t in root.items() if t.WhichOneof("iterator") == "parameter_iterator"}
-    assert len(loops) == 3  # ingest per group; recaption + scoring per group; latents per group
+    assert len(loops) == 3  # ingest per group; recaption + scoring per group; grids + latents per group
     inner = {}
     for loop in loops.values():
         assert loop.iterator_policy.parallelism_limit == 16  # ClusterSettings.parallelism
         assert loop.parameter_iterator.items.input_parameter  # the plan's groups
         inner.update(spec.components[loop.component_ref.name].dag.tasks)
-    assert {"ingest-group-op", "recaption-group-op", "score-group-op", "latents-group-op"} == set(inner)
+    assert {
+        "ingest-group-op",
+        "recaption-group-op",
+        "score-group-op",
+        "grids-group-op",
+        "latents-group-op",
+    } == set(inner)
+    # the grid step feeds its group's latents; the unified parameter turns it (and stage 4) on
+    grids_in = inner["latents-group-op"].inputs.artifacts["grids"].task_output_artifact
+    assert grids_in.producer_task == "grids-group-op"
+    enabled = inner["grids-group-op"].inputs.parameters["enabled"].component_input_parameter
+    assert enabled.removeprefix("pipelinechannel--") == "unified"
+    assert spec.root.input_definitions.parameters["unified"].default_value.bool_value is False
     merge_inputs = root["ingest-merge-op"].inputs.artifacts["parts"]
     assert merge_inputs.task_output_artifact.producer_task.startswith("for-loop")  # dsl.Collected fan-in
     tasks = {n: t for n, t in {**root, **inner}.items() if n not in loops}
@@ -80,7 +92,7 @@ def test_spec_parses_strictly_and_references_resolve(compiled):
         component = spec.components[task.component_ref.name]
         assert component.executor_label in deployment.executors
     train = [n for n in tasks if n.startswith("train-stage-op")]
-    assert len(train) == 3
+    assert len(train) == 4
     k8s = json_format.MessageToDict(platform.platforms["kubernetes"])["deploymentSpec"]["executors"]
     from kfp.kubernetes import kubernetes_executor_config_pb2 as k8s_pb2
 
@@ -145,7 +157,14 @@ def test_spec_parses_strictly_and_references_resolve(compiled):
         for n, t in tasks.items()
         if n in train
     ]
-    assert sorted(stages) == ["highres", "hq", "lowres"]
+    assert sorted(stages) == ["highres", "hq", "lowres", "unified"]
+    (stage4,) = [tasks[n] for n in train if "enabled" in tasks[n].inputs.parameters]
+    assert stage4.inputs.parameters["stage"].runtime_value.constant.string_value == "unified"
+    assert stage4.inputs.parameters["enabled"].component_input_parameter.endswith("unified")
+    assert stage4.inputs.artifacts["init_from"].task_output_artifact.producer_task in train  # after hq
+    evaluate = tasks["evaluate-op"].inputs
+    assert evaluate.artifacts["baseline"].task_output_artifact.producer_task in train  # panels before/after
+    assert evaluate.parameters["compare_baseline"].component_input_parameter.endswith("unified")
     for name in train:  # a durable work folder on the cache PVC, keyed by run, and retries that resume
         params = tasks[name].inputs.parameters
         assert params["work_root"].runtime_value.constant.string_value == "/cache/runs"
@@ -264,7 +283,15 @@ def test_cli_errors_are_one_line(tmp_path, cli):
     proc = cli("pipelines.cli", "run", "--source", str(tmp_path / "missing"), "--out", str(tmp_path / "o"))
     assert proc.returncode == 2 and "pipeline source not found" in proc.stderr
     proc = cli("pipelines.cli", "run", "--steps", "1", "--out", str(tmp_path / "o"))
-    assert proc.returncode == 2 and "three counts" in proc.stderr
+    assert proc.returncode == 2 and "LOWRES,HIGHRES,HQ" in proc.stderr
+    for grid_cfg, message in (
+        ("{1", "grid config is not valid JSON"),
+        ('{"tier": "top"}', "unknown tier 'top'"),
+    ):
+        proc = cli(
+            "pipelines.cli", "run", "--param", f"grid_config_json={grid_cfg}", "--out", str(tmp_path / "o")
+        )
+        assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
     bad_yaml, bad_rule = tmp_path / "bad.yaml", tmp_path / "rule.yaml"
     bad_yaml.write_text("rules: [1\n")
     bad_rule.write_text("rules:\n  val_loss: {better: sideways}\n")
@@ -284,13 +311,18 @@ def test_local_run_registers_and_failing_gate_keeps_champion(tmp_path):
     from pipelines.local import run_local
 
     build_synthetic(tmp_path / "raw" / "synthetic", n=48, size=128)
-    eval_cfg = json.dumps({"suite_size": 1, "synthetic_size": 4, "heldout": 8, "sampler": {"steps": 4}})
+    eval_cfg = json.dumps(
+        {"suite_size": 1, "synthetic_size": 4, "heldout": 8, "panels": 1, "sampler": {"steps": 4}}
+    )
     args = {
         "profile": "tiny",
         "model_name": "lumina-e2e",
         "lowres_steps": 12,
         "highres_steps": 4,
         "hq_steps": 4,
+        "unified": True,  # the grid steps and the fourth stage
+        "unified_steps": 4,
+        "grid_config_json": json.dumps({"tier": "highres", "max_grids": 4}),
         "eval_config_json": eval_cfg,
     }
     env_before = dict(os.environ)
@@ -307,6 +339,7 @@ def test_local_run_registers_and_failing_gate_keeps_champion(tmp_path):
         "run.lowres",
         "run.highres",
         "run.hq",
+        "run.unified",
         "run.evaluate",
         "git_sha",
         "metric.val_loss",
@@ -314,6 +347,11 @@ def test_local_run_registers_and_failing_gate_keeps_champion(tmp_path):
     ):
         assert version.tags.get(tag), f"tag {tag} missing on the model version"
     assert client.get_run(version.tags["run.hq"]).data.params["stage"] == "hq"
+    assert client.get_run(version.tags["run.unified"]).data.params["stage"] == "unified"
+    grid_steps = sorted((tmp_path / "out").rglob("grids.json"))
+    assert grid_steps and sum(json.loads(p.read_text())["grids"] for p in grid_steps) > 0
+    for key in ("panel_canny_f1", "panel_mask_iou", "panel_canny_f1_before", "panel_mask_iou_before"):
+        assert 0.0 <= reg["metrics"][key] <= 1.0, key  # the grid panels before / after the phase
     assert "model profile: `tiny`" in version.description and "| val_loss |" in version.description
     data_runs = client.search_runs([client.get_experiment_by_name("lumina-data").experiment_id])
     gates = {r.data.tags["step"]: r for r in data_runs}
@@ -334,6 +372,7 @@ def test_local_run_registers_and_failing_gate_keeps_champion(tmp_path):
         "lumina-e2e",
         "--steps",
         "2,2,2",
+        "--no-unified",  # the fourth task passes the HQ model on: no before / after panels
         "--gate",
         str(gate),
         "--param",
@@ -341,10 +380,12 @@ def test_local_run_registers_and_failing_gate_keeps_champion(tmp_path):
     )
     assert "not champion" in proc.stdout and "> max" in proc.stdout
     assert "held-out loss    : " in proc.stdout and "compositional    : presence " in proc.stdout
+    assert "grid panels      : canny_f1 " in proc.stdout and "(before unified " not in proc.stdout
     assert "SERVE_MODEL=models:/lumina-e2e/" in proc.stdout  # not champion: served by version
     champion = client.get_model_version_by_alias("lumina-e2e", "champion")
     challenger = client.get_model_version_by_alias("lumina-e2e", "challenger")
     assert str(champion.version) == reg["version"] and str(challenger.version) != reg["version"]
+    assert not challenger.tags.get("run.unified")  # turned off: no unified stage run
 
     # a recurring run (only_new_data) on the unchanged source ends after the plan and says why
     third = run_local(tmp_path / "raw" / "synthetic", tmp_path / "out", {**args, "only_new_data": True})

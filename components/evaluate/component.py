@@ -14,9 +14,13 @@ def evaluate_op(
     config_json: str = "",
     mlflow_tracking_uri: str = "",
     heldout: Input[Dataset] = None,
+    baseline: Input[Model] = None,
+    compare_baseline: bool = False,
 ) -> str:
     """Evaluate the final stage; logs to MLflow when a tracking URI is given; returns metrics JSON.
-    ``heldout``: the tier step's held-out manifest (or tier folder): ``val_loss`` on those images."""
+    ``heldout``: the tier step's held-out manifest (or tier folder): ``val_loss`` on those images.
+    ``baseline`` with ``compare_baseline`` (the unified phase ran): the model before that phase,
+    whose grid-panel metrics are reported beside the final model's (``*_before``)."""
     from common.logs import configure_logging_if_requested
 
     configure_logging_if_requested()  # JSON records on a cluster (LUMINA_LOG_FORMAT set on the task)
@@ -33,7 +37,8 @@ def evaluate_op(
     held = Path(heldout.path) if heldout is not None else None
     held = held / "heldout.parquet" if held is not None and held.is_dir() else held
     held = held if held is not None and held.is_file() else None  # tiers from before the split: scenes
-    result = run_evaluation(model.path, out, cfg, progress=False, heldout=held)
+    before = baseline.path if baseline is not None and compare_baseline else None
+    result = run_evaluation(model.path, out, cfg, progress=False, heldout=held, baseline=before)
     for key, value in result.metrics.items():
         metrics.log_metric(key, value)
     shutil.copy(result.report_path, report.path)

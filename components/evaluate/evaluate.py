@@ -8,10 +8,16 @@ those images (disjoint from training by id), computed by the same function and s
 training stage's ``val_loss`` (:func:`components.train.validation.heldout_val_loss`); without one it
 falls back to freshly rendered synthetic scenes. The synthetic compositional suite always renders
 fresh scenes from the held-out seed (:data:`~components.evaluate.suites.HELDOUT_SEED`): they are
-not training images by construction (the training data's scenes come from other seeds)."""
+not training images by construction (the training data's scenes come from other seeds).
+
+Grid panels (issue #13): on ``panels`` held-out scenes, the model generates the canny edge map and
+the segmentation mask of a known image panel (:mod:`components.evaluate.panels`), scored against
+the exact maps: ``panel_canny_f1`` and ``panel_mask_iou``; given ``baseline`` (the model before the
+unified phase), the same for it as ``panel_canny_f1_before`` / ``panel_mask_iou_before``."""
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 from dataclasses import dataclass, field
@@ -26,6 +32,7 @@ from tqdm.auto import tqdm
 from components.clip import ClipScorer
 from components.evaluate.compositional import CATEGORIES, score_image
 from components.evaluate.layouts import save_item
+from components.evaluate.panels import PANEL_DIR, merge_records, panel_scores
 from components.evaluate.report import write_report
 from components.evaluate.suites import SUITES, PromptItem, load_suite, synthetic_suite
 from model.flow import validation_loss
@@ -58,6 +65,12 @@ class EvalConfig(BaseModel):
     width: int = 128
     seed: int = 0
     clip_model: str | None = Field(None, description="CLIP hub id or folder: enables the CLIP score")
+    panels: int = Field(
+        4,
+        ge=0,
+        description="held-out synthetic scenes for the grid-panel metrics (canny edge F1, mask IoU; "
+        "grids of height x height/2); 0 = off",
+    )
     sampler: SamplerConfig = SamplerConfig(steps=20, system_prompt=SystemPrompt.B)
 
 
@@ -68,6 +81,7 @@ class EvalResult:
     metrics_path: Path
     report_path: Path
     samples: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    panels: list[dict[str, Any]] = field(default_factory=list)  # per scene, before / after
 
 
 def heldout_loss(
@@ -141,10 +155,13 @@ def run_evaluation(
     config: EvalConfig | None = None,
     progress: bool = True,
     heldout: str | Path | None = None,
+    baseline: str | Path | None = None,
 ) -> EvalResult:
     """Evaluate the diffusers pipeline in ``model_dir``; writes ``metrics.json``, ``report.html``
     and the generated images under ``out_dir``. ``heldout``: the held-out manifest (or tier
-    folder) ``val_loss`` is computed on (else fresh synthetic scenes)."""
+    folder) ``val_loss`` is computed on (else fresh synthetic scenes). ``baseline``: a diffusers
+    folder of the model before the unified phase; with ``config.panels > 0`` its grid-panel
+    metrics are added with the suffix ``_before`` (loaded after the evaluated model is freed)."""
     cfg = config or EvalConfig()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -167,18 +184,45 @@ def run_evaluation(
             metrics[f"synthetic_{category}"] = float(
                 np.mean([r["scores"][category] for r in samples["synthetic"]])
             )
+    panels: list[dict[str, Any]] = []
+    if cfg.panels > 0:
+        after = panel_scores(sampler, cfg, cfg.panels, out_dir=out, label="after", progress=progress)
+        metrics.update(after.metrics)
+        del sampler
+        _free()
+        before = None
+        if baseline is not None:
+            before_sampler = LuminaSampler.load(baseline)
+            before = panel_scores(
+                before_sampler, cfg, cfg.panels, out_dir=out, label="before", progress=progress
+            )
+            del before_sampler
+            _free()
+            metrics.update({f"{k}_before": v for k, v in before.metrics.items()})
+        panels = merge_records(after.records, before.records if before else None)
+        (out / PANEL_DIR / "panels.json").write_text(json.dumps(panels, indent=2, ensure_ascii=False))
+    elif baseline is not None:
+        log.info("baseline %s not evaluated: the grid-panel metrics are off (panels = 0)", baseline)
     metrics_path = out / "metrics.json"
     payload = {
         "metrics": metrics,
         "not_run": not_run,
         "config": json.loads(cfg.model_dump_json()),
         "model": str(model_dir),
+        "baseline": str(baseline) if baseline is not None else None,
     }
     metrics_path.write_text(json.dumps(payload, indent=2))
     (out / "samples.json").write_text(json.dumps(samples, indent=2, ensure_ascii=False))
-    report = write_report(out / "report.html", metrics, not_run, samples, str(model_dir))
+    report = write_report(out / "report.html", metrics, not_run, samples, str(model_dir), panels=panels)
     log.info("evaluation: %s", {k: round(v, 4) for k, v in metrics.items()})
-    return EvalResult(metrics, not_run, metrics_path, report, samples)
+    return EvalResult(metrics, not_run, metrics_path, report, samples, panels)
+
+
+def _free() -> None:
+    """Give a dropped model's memory back before the next one loads."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def log_evaluation(

@@ -119,7 +119,7 @@ def metrics_table(
             diff = ours - theirs
             delta = f"{diff:+.4g}"
             relative = f"{diff / abs(theirs) * 100:+.2f}%" if theirs else "n/a"
-            if diff and (key in lower or key.startswith(("synthetic_", "clip_score"))):
+            if diff and (key in lower or key.startswith(("synthetic_", "clip_score", "panel_"))):
                 improved = diff < 0 if key in lower else diff > 0
                 css = " better" if improved else " worse"
         mine = _number(metrics[key]) if key in metrics else "—"
@@ -194,6 +194,101 @@ def prompt_images(
         )
         sections.append(f"<h3>{esc(suite)} ({len(records)} prompts)</h3>{table}{more}")
     return "".join(sections) or "<p class='missing'>no images</p>"
+
+
+PANEL_HEADING = "Grid panels (before / after the unified phase)"
+PANEL_METRICS = (("panel_canny_f1", "canny edge F1"), ("panel_mask_iou", "mask IoU"))
+PANEL_KINDS = (("canny", "canny_f1"), ("mask", "mask_iou"))  # map kind, its score
+
+
+@dataclass
+class PanelImages:
+    """The grid-panel records (:func:`components.evaluate.panels.merge_records`: per scene
+    ``prompt``, ``image``, ``truth`` and ``before`` / ``after`` with ``generated`` and ``scores``),
+    image paths relative to ``root``."""
+
+    records: list[dict[str, Any]]
+    root: Path
+
+
+def panel_section(
+    metrics: dict[str, float], panels: PanelImages, width: int = 96, limit: int = MAX_PROMPTS
+) -> str:
+    """The grid-panel metrics before / after the unified phase, and per scene the known image, the
+    ground-truth maps and the generated panels of both models (the first ``limit`` scenes)."""
+    has_before = any(f"{key}_before" in metrics for key, _ in PANEL_METRICS) or any(
+        "before" in r for r in panels.records
+    )
+    rows = []
+    for key, name in PANEL_METRICS:
+        after, before = metrics.get(key), metrics.get(f"{key}_before")
+        delta = ""
+        if _finite(after) is not None and _finite(before) is not None:
+            diff = float(after) - float(before)  # type: ignore[arg-type]
+            css = " better" if diff > 0 else " worse" if diff < 0 else ""
+            delta = f"<td class='n{css}'>{diff:+.4g}</td>"
+        else:
+            delta = "<td class='n'>—</td>"
+        mine = _number(after) if after is not None else "—"
+        theirs = _number(before) if before is not None else "—"
+        rows.append(
+            f"<tr><td>{esc(name)} <small><code>{esc(key)}</code></small></td>"
+            f"<td class='n'>{theirs}</td><td class='n'>{mine}</td>{delta}</tr>"
+        )
+    table = (
+        "<table class='panel-metrics'><tr><th>metric</th><th>before</th><th>after</th><th>delta</th></tr>"
+        f"{''.join(rows)}</table>"
+    )
+    note = (
+        ""
+        if has_before
+        else "<p class='note'>no baseline given: the model before the unified phase was not scored</p>"
+    )
+
+    def image(rel: str | None, alt: str) -> str:
+        return img_tag(panels.root / rel if rel else None, alt, width, PROMPT_SIDE)
+
+    def model_cells(record: dict[str, Any], side: str) -> str:
+        entry = record.get(side)
+        if entry is None:
+            return "".join(f"<td class='missing'>{esc(side)}: not generated</td>" for _ in PANEL_KINDS)
+        cells = []
+        for kind, score in PANEL_KINDS:
+            value = (entry.get("scores") or {}).get(score)
+            label = f"{side} {kind}"
+            cells.append(
+                f"<td>{image((entry.get('generated') or {}).get(kind), label)}"
+                f"<br><small>{esc(score)} {_number(value) if value is not None else '—'}</small></td>"
+            )
+        return "".join(cells)
+
+    scene_rows = []
+    for record in panels.records[:limit]:
+        truth = record.get("truth") or {}
+        cells = (
+            f"<td style='max-width:240px'>{esc(str(record.get('prompt', ''))[:200])}</td>"
+            f"<td>{image(record.get('image'), 'known image')}</td>"
+            + "".join(f"<td>{image(truth.get(kind), f'ground truth {kind}')}</td>" for kind, _ in PANEL_KINDS)
+        )
+        if has_before:
+            cells += model_cells(record, "before")
+        cells += model_cells(record, "after")
+        scene_rows.append(f"<tr>{cells}</tr>")
+    head = "<tr><th>prompt</th><th>image (known)</th><th>truth canny</th><th>truth mask</th>"
+    if has_before:
+        head += "<th>before canny</th><th>before mask</th>"
+    head += "<th>after canny</th><th>after mask</th></tr>"
+    more = (
+        f"<p class='note'>{len(panels.records) - limit} more scenes not shown</p>"
+        if len(panels.records) > limit
+        else ""
+    )
+    scenes = f"<table class='panel-scenes'>{head}{''.join(scene_rows)}</table>{more}" if scene_rows else ""
+    intro = (
+        "<p>Held-out synthetic scenes: the image panel is known, the map panel generated "
+        "(upper-lower grid); canny scored by edge F1 (1 px tolerance), masks by foreground IoU.</p>"
+    )
+    return intro + table + note + scenes
 
 
 def loss_svg(points: Sequence[tuple[int, float]], title: str, width: int = 520, height: int = 220) -> str:
@@ -351,10 +446,12 @@ def build_report(
     lineage: dict[str, str] | None = None,
     notes: Sequence[str] = (),
     subtitle: str = "",
+    panels: PanelImages | None = None,
 ) -> str:
     """The full report: gate decision, metrics (with deltas against the champion), per-prompt
-    images (challenger beside champion), per-stage loss curves and sample grids, what was not
-    run, the data lineage, and ``notes`` on whatever could not be found."""
+    images (challenger beside champion), the grid panels before / after the unified phase (with
+    ``panels``), per-stage loss curves and sample grids, what was not run, the data lineage, and
+    ``notes`` on whatever could not be found."""
     labels = (challenger.label if challenger else "challenger", champion.label if champion else "champion")
     sections: list[tuple[str, str, str]] = []
     if decision is not None:
@@ -365,6 +462,8 @@ def build_report(
         sections.append(("notes", "Notes", f"<ul>{items}</ul>"))
     if challenger is not None:
         sections.append(("images", "Images per prompt", prompt_images(challenger, champion)))
+    if panels is not None and panels.records:
+        sections.append(("panels", PANEL_HEADING, panel_section(metrics, panels)))
     if stages:
         sections.append(("stages", "Training stages", stage_sections(stages)))
     if not_run is not None:
@@ -381,10 +480,16 @@ def write_report(
     samples: dict[str, list[dict[str, Any]]],
     model: str,
     root: Path | None = None,
+    panels: Sequence[dict[str, Any]] | None = None,
 ) -> Path:
     """The evaluate step's report: metrics, what was not run and why, images per suite (paths in
-    ``samples`` relative to ``root``, default the report's folder), every image embedded."""
+    ``samples`` relative to ``root``, default the report's folder), the grid panels before / after
+    the unified phase (``panels``: :func:`components.evaluate.panels.merge_records`), every image
+    embedded."""
     images = EvalImages(Path(model).name or model, samples, root or path.parent)
-    text = build_report(f"Evaluation of {model}", metrics=metrics, challenger=images, not_run=not_run)
+    grid = PanelImages(list(panels), root or path.parent) if panels else None
+    text = build_report(
+        f"Evaluation of {model}", metrics=metrics, challenger=images, not_run=not_run, panels=grid
+    )
     path.write_text(text, encoding="utf-8")
     return path

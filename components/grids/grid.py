@@ -32,8 +32,8 @@ fill-ins into the training text (:func:`grid_caption_texts` does it for a whole 
 template for English captions, the Chinese one for Chinese. Storing fill-ins rather than finished
 texts keeps one source of truth for the template wording (``model/prompts.py``), avoids a double
 system prompt when the trainer prepends its per-domain template, and lets the wording change without
-rebuilding the grids. (Until the trainer maps the ``grid`` domain to these fill-ins, an unknown
-domain gets Template B; see the report of the pipeline step.)
+rebuilding the grids. The trainer applies them (:func:`components.train.data.prompt_texts`): every
+caption variant of a grid row, the drawn one and the validation one get Template C.
 
 :func:`build_grids` writes the grid PNGs under ``out_dir/images/``, ``out_dir/grids.parquet`` (the
 rows it returns: the tier manifests' :data:`components.tier.tier.TRAIN_COLUMNS` plus ``grid_layout``,
@@ -152,6 +152,23 @@ class GridConfig(BaseModel):
         "else their environment variables",
     )
     ground_truth: bool = Field(True, description="exact maps for synthetic scenes with metadata")
+    tier: str = Field("hq", description="the tier whose images are paired with maps (pipeline step)")
+    ordinary_share: float = Field(
+        0.5,
+        ge=0.0,
+        lt=1.0,
+        description="share of the unified phase's samples that are ordinary images of the tier (the"
+        " rest are grids); the paper mixes them but gives no ratio",
+    )
+
+    @field_validator("tier")
+    @classmethod
+    def _tier(cls, value: str) -> str:
+        from components.tier.tiering import TIERS
+
+        if value not in TIERS:
+            raise ValueError(f"unknown tier {value!r}; choose from: {', '.join(TIERS)}")
+        return value
 
     @field_validator("kinds")
     @classmethod
@@ -194,6 +211,20 @@ def grid_config(value: GridConfig | Mapping[str, Any] | None = None) -> GridConf
         return GridConfig(**dict(value or {}))
     except ValidationError as exc:
         raise ConfigError(f"grid config: {validation_message(exc)}") from None
+
+
+def parse_grid_config(text: str) -> GridConfig:
+    """A :class:`GridConfig` from JSON (the pipeline's ``grid_config_json``; "" = defaults);
+    :class:`ConfigError` in one line for bad JSON or a bad field."""
+    if not text.strip():
+        return GridConfig()
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"grid config is not valid JSON: {exc.msg} (line {exc.lineno})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError("grid config must be a JSON object of GridConfig fields")
+    return grid_config(raw)
 
 
 # --- choosing ----------------------------------------------------------------------------------
@@ -318,8 +349,10 @@ def _row_objects(row: Mapping[str, Any], image_root: Path | None) -> list | None
     beside its (local) image file; ``None`` when it has neither."""
     if row.get("objects") is not None and not (isinstance(row["objects"], float)):
         return scene_objects(row["objects"])
-    path = row.get("image_path")
-    if row.get("domain") != "synthetic" or not isinstance(path, str) or not path or row.get("shard"):
+    path = row.get("source_path")  # the ingested file (pipeline rows read from shards carry it)
+    if not isinstance(path, str) or not path:
+        path = None if row.get("shard") else row.get("image_path")
+    if row.get("domain") != "synthetic" or not isinstance(path, str) or not path:
         return None
     from components.recaption.backends import metadata_entry
 

@@ -29,7 +29,10 @@ INDEX_COLUMNS = ("id", "file", "key", "height", "width", "resolution", "vae_fing
 # Carried from the manifest rows into the index when present: what training needs of a sample
 # besides its latent (the streaming loader reads nothing else) and the tier flags of the stages.
 SAMPLE_COLUMNS = ("captions", "domain")
-TIER_COLUMNS = ("lowres", "highres", "hq")
+# Carried when the rows have them: a grid row's Template C fill-ins (components.grids).
+OPTIONAL_SAMPLE_COLUMNS = ("grid_fill",)
+# One flag per stage: whether the stage trains on the row (unified: grids and the ordinary share).
+TIER_COLUMNS = ("lowres", "highres", "hq", "unified")
 LATENT_DTYPE = torch.bfloat16
 
 
@@ -80,7 +83,7 @@ def build_latents(
     tensors: dict[str, torch.Tensor] = {}
     index: list[dict[str, Any]] = []
     pending: dict[tuple[int, int], list[tuple[dict[str, Any], torch.Tensor]]] = {}
-    carried = [c for c in (*SAMPLE_COLUMNS, *TIER_COLUMNS) if c in rows.columns]
+    carried = [c for c in (*SAMPLE_COLUMNS, *OPTIONAL_SAMPLE_COLUMNS, *TIER_COLUMNS) if c in rows.columns]
 
     def encode(size: tuple[int, int]) -> None:
         batch = pending.pop(size, [])

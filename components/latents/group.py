@@ -2,7 +2,10 @@
 training stage's resolution with the stage VAE, into ``<group prefix>/latents-r<res>-<vae>/``.
 
 Which images: the group's ``tiers.parquet`` (written by the tier fan-in): the ``lowres`` tier at
-the first stage's resolution, the ``highres`` tier (⊇ ``hq``) at the high-resolution stages' one.
+the first stage's resolution, the ``highres`` tier (⊇ ``hq``) at the high-resolution stages' one;
+with the group's grid step output (``grids``, :mod:`components.grids.group`), also its grid rows at
+the ``unified`` stage's resolution, and the ``unified`` flag on them and on the ordinary images of
+the mix.
 A group whose index for a (resolution, VAE) already holds every image wanted is not encoded again
 (a retried or re-run task reuses it); a retry otherwise rewrites only this group's files. The index
 always gets this run's captions, domain and tier flags (what the streaming training loader reads),
@@ -15,12 +18,15 @@ import logging
 import tempfile
 from pathlib import Path
 
+import pandas as pd
 import torch
 from diffusers import AutoencoderKL
 
 from common.errors import ConfigError
+from components.grids.group import UNIFIED, unified_resolution, unified_rows
 from components.latents.cache import (
     INDEX_COLUMNS,
+    OPTIONAL_SAMPLE_COLUMNS,
     SAMPLE_COLUMNS,
     TIER_COLUMNS,
     build_latents,
@@ -64,6 +70,14 @@ def stage_vae(profile: str, seed: int, base_model: str = "", vae: str = "") -> A
         return load_vae(fetch_vae(base_model, tmp))
 
 
+def _grid_rows(grids: pd.DataFrame) -> pd.DataFrame:
+    """The grid rows as index rows: trained by the unified stage only."""
+    rows = grids.copy()
+    for column in TIER_COLUMNS:
+        rows[column] = column == UNIFIED
+    return rows
+
+
 def latents_group(
     group: Group,
     out_dir: str | Path,
@@ -72,13 +86,17 @@ def latents_group(
     seed: int = 0,
     base_model: str = "",
     vae: str = "",
+    grids: str | Path | None = None,
 ) -> list[Path]:
     """Encode the group's tiered images with the first stage's VAE (:func:`stage_vae`); copy each
     index into ``out_dir`` (the KFP artifact) and return their paths. Training checks the VAE
-    fingerprint and encodes itself on a mismatch."""
+    fingerprint and encodes itself on a mismatch. ``grids``: the group's grid step output (its
+    folder or ``unified.parquet``): grid rows and the mix's flags at the unified resolution."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tiers = read_parquet(join(group.prefix, GROUP_TIERS_FILE))
+    grid_rows, mixed = unified_rows(grids)
+    unified_at = unified_resolution(profile) if grids is not None else None
     vae = stage_vae(profile, seed, base_model, vae)
     vae_fp = fingerprint(vae)
     if torch.cuda.is_available():  # a GPU task on a cluster (ClusterSettings.latents_gpus)
@@ -86,6 +104,10 @@ def latents_group(
     written = []
     for resolution, tier in stage_resolutions(profile).items():
         rows = tiers[tiers[tier]] if tier in tiers else tiers.head(0)
+        if resolution == unified_at:  # the unified phase: its grids, and its ordinary share flagged
+            rows = tiers[tiers["id"].isin(rows["id"]) | tiers["id"].isin(mixed)].copy()
+            rows[UNIFIED] = rows["id"].astype(str).isin(mixed)
+            rows = pd.concat([rows, _grid_rows(grid_rows)], ignore_index=True)
         index_uri = latent_index_path(group.prefix, resolution, vae_fp, group.name)
         stored = read_latent_index(index_uri) if exists(index_uri) else None
         if stored is not None and set(rows["id"].astype(str)) <= set(stored["id"].astype(str)):
@@ -98,7 +120,7 @@ def latents_group(
             )  # fmt: skip
             log.info("latents %s r%d: %d images", group.name, resolution, len(latents))
         # the latents are reusable; captions, domain and tier flags are always this run's
-        carried = [c for c in (*SAMPLE_COLUMNS, *TIER_COLUMNS) if c in rows.columns]
+        carried = [c for c in (*SAMPLE_COLUMNS, *OPTIONAL_SAMPLE_COLUMNS, *TIER_COLUMNS) if c in rows.columns]
         index = latents.merge(rows[["id", *carried]].astype({"id": str}), on="id", how="inner")
         write_latent_index(index, index_uri)
         local = out / f"{group.name}-r{resolution}.index.parquet"

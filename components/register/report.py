@@ -19,7 +19,8 @@ from components.evaluate.report import Decision, EvalImages, StageTrace, build_r
 from components.register.register import Registration, tag_metrics
 
 log = logging.getLogger(__name__)
-STAGES = ("lowres", "highres", "hq")
+STAGES = ("lowres", "highres", "hq", "unified")
+OPTIONAL_STAGES = ("unified",)  # shown only when the run had them (the unified phase is optional)
 EVAL_ARTIFACTS = "evaluation"  # where log_evaluation puts the evaluate step's out_dir
 REPORT_ARTIFACT = "report.html"
 STAGE_METRICS = ("loss", "val_loss")  # the last values shown beside the curve
@@ -35,6 +36,7 @@ LINEAGE = (
     ("run.lowres", "stage 1 MLflow run (low-res)"),
     ("run.highres", "stage 2 MLflow run (high-res)"),
     ("run.hq", "stage 3 MLflow run (HQ)"),
+    ("run.unified", "unified phase MLflow run (Template C grids)"),
     ("run.evaluate", "evaluation MLflow run"),
     ("pipeline_run", "pipeline run"),
 )
@@ -158,6 +160,7 @@ def build_registration_report(registration: Registration, tags: dict[str, str], 
         stages = [
             stage_trace(client, tracking_uri, stage, tags.get(f"run.{stage}", ""), work / stage)
             for stage in STAGES
+            if stage not in OPTIONAL_STAGES or tags.get(f"run.{stage}")
         ]
         decision = Decision(
             registration.promoted,

@@ -43,6 +43,7 @@ def train_stage_op(
     base_model: str = "",
     heldout: Input[Dataset] = None,
     vae: str = "",
+    enabled: bool = True,
 ) -> str:
     """Train one stage into ``pipeline`` (diffusers folder); returns the stage's MLflow run id.
     ``base_model`` (first stage only: without ``init_from``): start from released or registered
@@ -51,7 +52,9 @@ def train_stage_op(
     ``work_root`` (the cache PVC on a cluster): the stage works in ``<work_root>/<run_id>/<stage>``,
     so a retried or preempted task resumes from its last complete checkpoint.
     ``heldout``: the tier step's held-out manifest (``heldout.parquet`` or the tier folder): the
-    stage's ``val_loss`` on it is logged and reported in ``metrics``."""
+    stage's ``val_loss`` on it is logged and reported in ``metrics``.
+    ``enabled=False`` (an optional stage turned off, e.g. ``unified``): nothing is trained, and
+    ``pipeline`` is the ``init_from`` model unchanged; returns ""."""
     from common.logs import configure_logging_if_requested
 
     configure_logging_if_requested()  # JSON records on a cluster (LUMINA_LOG_FORMAT set on the task)
@@ -72,6 +75,16 @@ def train_stage_op(
         stage_work_dir,
     )
 
+    if not enabled:
+        if init_from is None:
+            from common.errors import ConfigError
+
+            raise ConfigError(f"stage {stage} is turned off but has no init_from model to pass on")
+        shutil.copytree(init_from.path, pipeline.path, dirs_exist_ok=True)
+        pipeline.metadata.update({**init_from.metadata, "skipped_stage": stage})
+        metrics.log_metric("steps", 0)
+        print(f"stage {stage} is turned off: passing on the previous stage's model", file=sys.stderr)
+        return ""
     work = stage_work_dir(work_root, run_id, stage)
     on_trainjob = launcher == "trainjob"
     if launcher not in ("local", "trainjob"):

@@ -34,7 +34,7 @@ from PIL import Image, ImageOps
 
 from common.errors import ConfigError
 from components.recaption.schema import is_training_caption
-from model.prompts import SystemPrompt, apply_system_prompt, domain_template
+from model.prompts import GRID_DOMAIN, SystemPrompt, apply_grid_prompt, apply_system_prompt, domain_template
 from storage.io import is_s3
 from storage.shards import REF_COLUMNS, MemberRef, image_bytes
 
@@ -72,6 +72,7 @@ class TrainRecord:
     ref: MemberRef | None = None  # the shard member holding the image
     width: int | None = None
     height: int | None = None
+    grid_fill: str | None = None  # a grid row's Template C fill-ins per language (JSON; grids step)
 
     def source_row(self) -> dict[str, Any]:
         """The row :func:`storage.shards.image_bytes` reads this image from."""
@@ -162,7 +163,9 @@ def _manifest_record(
     width = height = None
     if has_size and _present(row["width"]) and _present(row["height"]):
         width, height = int(row["width"]), int(row["height"])
-    return TrainRecord(rid, image, str(row["domain"]), caps, ref, width, height)
+    fill = row.get("grid_fill")
+    return TrainRecord(rid, image, str(row["domain"]), caps, ref, width, height,
+                       str(fill) if _present(fill) else None)  # fmt: skip
 
 
 def bucket_sizes(resolution: int) -> list[tuple[int, int]]:
@@ -254,10 +257,27 @@ def training_captions(record: TrainRecord) -> list[Caption]:
     return [c for c in record.captions if is_training_caption(c.granularity, c.text)]
 
 
-def caption_texts(record: TrainRecord, system_prompts: dict[str, SystemPrompt]) -> list[str]:
-    """All text variants a record can be trained with (system prompt per domain applied)."""
+def prompt_texts(
+    record: TrainRecord, captions: Sequence[Caption], system_prompts: dict[str, SystemPrompt] | None = None
+) -> list[str]:
+    """``captions`` of ``record`` as training texts: a grid row (domain ``grid`` with ``grid_fill``)
+    gets Template C with its fill-ins for each caption's language (the English ones for a language
+    without its own); any other row its domain's system prompt (:func:`model.prompts.domain_template`)."""
+    if record.domain == GRID_DOMAIN and record.grid_fill:
+        try:
+            fill = json.loads(record.grid_fill)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"image {record.id}: grid_fill is not valid JSON ({exc.msg})") from None
+        if not isinstance(fill, dict) or "en" not in fill:
+            raise ConfigError(f"image {record.id}: grid_fill needs the English fill-ins (an 'en' entry)")
+        return [apply_grid_prompt(c.text, fill.get(c.language, fill["en"]), c.language) for c in captions]
     template = domain_template(record.domain, system_prompts)
-    return [apply_system_prompt(c.text, template) for c in training_captions(record)]
+    return [apply_system_prompt(c.text, template) for c in captions]
+
+
+def caption_texts(record: TrainRecord, system_prompts: dict[str, SystemPrompt]) -> list[str]:
+    """All text variants a record can be trained with (system prompt per domain, Template C for grids)."""
+    return prompt_texts(record, training_captions(record), system_prompts)
 
 
 def choose_caption(
@@ -274,8 +294,7 @@ def choose_caption(
     captions = training_captions(record)
     if not captions:
         return ""
-    template = domain_template(record.domain, system_prompts)
-    texts = [apply_system_prompt(c.text, template) for c in captions]
+    texts = prompt_texts(record, captions, system_prompts)
     weights = [
         granularity_weights.get(c.granularity, 1.0) * language_weights.get(c.language, 1.0) for c in captions
     ]

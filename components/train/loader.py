@@ -37,6 +37,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from common.errors import ConfigError
 from components.latents.cache import (
     INDEX_COLUMNS,
+    OPTIONAL_SAMPLE_COLUMNS,
     SAMPLE_COLUMNS,
     TIER_COLUMNS,
     LatentStore,
@@ -108,6 +109,8 @@ def stage_rows(uri: str, flt: StageFilter, columns: Sequence[str] | None = None)
     keep = (frame["resolution"] == flt.resolution) & (frame["vae_fingerprint"] == flt.vae_fingerprint)
     if flt.stage is not None and flt.stage in frame.columns:
         keep &= frame[flt.stage].fillna(False).astype(bool)
+    elif flt.stage is not None and any(c in frame.columns for c in TIER_COLUMNS):
+        keep &= False  # a tiered index without this stage's flag (e.g. no grids: no unified rows)
     return frame[keep].reset_index(drop=True)
 
 
@@ -150,8 +153,10 @@ def unit_batches(
 
 def sample_record(row: dict) -> TrainRecord:
     captions = parse_captions(row["captions"])
+    fill = row.get("grid_fill")
     return TrainRecord(str(row["id"]), None, str(row.get("domain") or "real"), captions,
-                       height=int(row["height"]), width=int(row["width"]))  # fmt: skip
+                       height=int(row["height"]), width=int(row["width"]),
+                       grid_fill=fill if isinstance(fill, str) and fill else None)  # fmt: skip
 
 
 class UnitDataset(Dataset):
@@ -175,7 +180,8 @@ class UnitDataset(Dataset):
 
     def _frame(self, code: int) -> pd.DataFrame:
         if code not in self._frames:
-            self._frames[code] = stage_rows(self.files[code], self.flt, [*INDEX_COLUMNS, *SAMPLE_COLUMNS])
+            columns = [*INDEX_COLUMNS, *SAMPLE_COLUMNS, *OPTIONAL_SAMPLE_COLUMNS]
+            self._frames[code] = stage_rows(self.files[code], self.flt, columns)
             while len(self._frames) > 2:
                 self._frames.popitem(last=False)
         return self._frames[code]

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from common.errors import ConfigError
 from components.latents.cache import (
+    OPTIONAL_SAMPLE_COLUMNS,
     SAMPLE_COLUMNS,
     build_latents,
     index_files,
@@ -123,6 +124,7 @@ def _manifest_row(record: TrainRecord) -> dict:
         "height": record.height,
         "domain": record.domain,
         "captions": json.dumps(captions),
+        "grid_fill": record.grid_fill,
     }
 
 
@@ -130,7 +132,8 @@ def stage_records(files: Sequence[str], flt: StageFilter) -> list[TrainRecord]:
     """Every record of the stage (captions, domain, bucket) — for the text-feature cache only."""
     records = []
     for uri in files:
-        frame = stage_rows(uri, flt, columns=["id", "height", "width", *SAMPLE_COLUMNS])
+        columns = ["id", "height", "width", *SAMPLE_COLUMNS, *OPTIONAL_SAMPLE_COLUMNS]
+        frame = stage_rows(uri, flt, columns=columns)
         records += [sample_record(r) for r in frame.to_dict("records")]
     return records
 

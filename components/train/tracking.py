@@ -37,7 +37,10 @@ def start_tracking(
                 "stage": str(cfg.stage),
                 "profile": cfg.profile,
                 "git_sha": git_sha(),
-                "dataset_sha256": file_sha256(cfg.manifest),
+                # the unified stage of the pipeline has no manifest file: its rows are index rows
+                "dataset_sha256": file_sha256(cfg.manifest)
+                if cfg.manifest.is_file()
+                else "latent index only",
                 "init_from": str(cfg.init_from or "scratch"),
                 "world_size": str(world),
             }

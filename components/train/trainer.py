@@ -139,6 +139,8 @@ def stage_index(cfg: TrainConfig, pipe, flt: StageFilter) -> list[str]:
     if dist.get_rank() == 0:
         files = usable_index(cfg.latents, flt) if cfg.latents is not None else None
         if files is None:
+            if not cfg.manifest.is_file():
+                raise ConfigError(f"training manifest not found: {cfg.manifest} (and no usable latent index)")
             local = encode_manifest(cfg.manifest, cfg.image_root, pipe.vae, flt, cfg.resolved_cache_dir)
             files = index_files(local)
         else:
@@ -253,7 +255,7 @@ def start_stage(cfg: TrainConfig, tracker: MlflowTracker | None) -> StageRun:
     import deepspeed  # noqa: F401  imported late: it initialises its accelerator on import
 
     torch.manual_seed(cfg.seed)
-    if not cfg.manifest.is_file():
+    if not cfg.manifest.is_file() and cfg.latents is None:  # with an index, only its fallback needs one
         raise ConfigError(f"training manifest not found: {cfg.manifest}")
     cfg.output_dir.mkdir(parents=True, exist_ok=True)
     # a previous stage's export starts from its raw weights (official --init_from), not its EMA

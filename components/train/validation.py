@@ -30,10 +30,11 @@ from components.train.data import (
     iter_manifest,
     load_image,
     nearest_bucket,
+    prompt_texts,
     training_captions,
 )
 from model.flow import validation_loss
-from model.prompts import SystemPrompt, apply_system_prompt, domain_template
+from model.prompts import SystemPrompt
 from model.text import encode_prompts
 from model.vae import encode_pixels
 
@@ -77,7 +78,7 @@ def validation_caption(
     in_language = [c for c in captions if c.language == language]
     exact = [c for c in in_language if c.granularity == granularity]
     chosen = (exact or in_language or captions)[0]
-    return apply_system_prompt(chosen.text, domain_template(record.domain, system_prompts))
+    return prompt_texts(record, [chosen], system_prompts)[0]
 
 
 def encode_heldout(

@@ -1,9 +1,10 @@
 """Dual-panel (Template C) generation and image-conditioned generation by panel replacement.
 
 A Template C grid is one image of two panels, split ``upper-lower`` or ``left-right``: one panel
-shows an image, the other a map of it (depth map, canny edge map or sketch). Which panel holds what
-follows the template's wording: the *map* is the lower / right panel, the *image* the upper / left
-one ("the lower half displays a depth map, while the upper half retains the original image").
+shows an image, the other a map of it (depth map, canny edge map, sketch or segmentation mask).
+Which panel holds what follows the template's wording: the *map* is the lower / right panel, the
+*image* the upper / left one ("the lower half displays a depth map, while the upper half retains
+the original image").
 
 Image conditioning keeps a known panel: before the first solver step and after every step, the
 known panel's latents are replaced with the reference noised to the current model time on the flow
@@ -12,9 +13,9 @@ path, ``x_t = t * x_ref + (1 - t) * noise`` (:func:`model.flow.interpolate`; ``t
 initial latents. At the end (``t = 1``) the known panel is the reference exactly; the model only
 generates the other panel, seeing the known one at every step.
 
-- task ``depth`` / ``canny`` / ``sketch``: the image is known, the map is generated;
-- task ``image-from-depth`` / ``image-from-canny`` / ``image-from-sketch``: the map is known, the
-  image is generated.
+- task ``depth`` / ``canny`` / ``sketch`` / ``mask``: the image is known, the map is generated;
+- task ``image-from-depth`` / ``image-from-canny`` / ``image-from-sketch`` / ``image-from-mask``:
+  the map is known, the image is generated.
 """
 
 from __future__ import annotations
@@ -46,13 +47,15 @@ class Task(StrEnum):
     DEPTH = "depth"
     CANNY = "canny"
     SKETCH = "sketch"
+    MASK = "mask"  # segmentation mask: each object in its own colour on black (the grids' kind)
     IMAGE_FROM_DEPTH = "image-from-depth"
     IMAGE_FROM_CANNY = "image-from-canny"
     IMAGE_FROM_SKETCH = "image-from-sketch"
+    IMAGE_FROM_MASK = "image-from-mask"
 
     @property
     def kind(self) -> str:
-        """The map kind: ``depth``, ``canny`` or ``sketch``."""
+        """The map kind: ``depth``, ``canny``, ``sketch`` or ``mask``."""
         return self.value.removeprefix("image-from-")
 
     @property
