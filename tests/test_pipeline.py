@@ -183,7 +183,7 @@ def test_pod_launcher_trains_in_the_task_pod_on_gpus(tmp_path):
     executors = spec_doc["deploymentSpec"]["executors"]
     k8s = platform_doc["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     train = [label for label in executors if label.startswith("exec-train-stage-op")]
-    assert len(train) == 3
+    assert len(train) == 4  # lowres, highres, hq, unified
     for label in train:
         accelerator = executors[label]["container"]["resources"]["accelerator"]
         assert accelerator["resourceType"] == "nvidia.com/gpu" and accelerator["resourceCount"] == "2"
