@@ -496,3 +496,29 @@ def test_a_stage_run_continues_or_links_its_earlier_run(tmp_path, manifest, monk
     assert other.get_run(fresh.run_id).data.tags["previous_run"] == over.run_id
     for tracker in (first, over, fresh):
         tracker.finish()
+
+
+@pytest.mark.slow
+def test_unified_stage_trains_on_a_grids_manifest_with_template_c(tmp_path, trained_tiny):
+    """``--stage unified`` on a grids.parquet (the CLI path, no pipeline index): the grid rows'
+    latents are encoded at their grid bucket, every caption variant trained is Template C with the
+    row's fill-ins, and the stage starts from the previous stage's export."""
+    from components.grids.grid import build_grids, grid_caption_texts
+
+    rows = pd.read_parquet(trained_tiny.manifest).head(4)
+    rows["image_path"] = [str(trained_tiny.manifest.parent / p) for p in rows["image_path"]]
+    config = {
+        "kinds": {"canny": 1, "sketch": 1},
+        "layouts": {"upper-lower": 1, "left-right": 1},
+        "resolution": 128,
+    }
+    grids = build_grids(rows, tmp_path / "grids", config)
+    manifest, init = tmp_path / "grids" / "grids.parquet", trained_tiny.result.pipeline_dir
+    cfg = stage_config("unified", manifest=manifest, output_dir=tmp_path / "unified", init_from=init,
+                       steps=2, global_batch=2, micro_batch=2)  # fmt: skip
+    result = train_stage(cfg)
+    assert (result.pipeline_dir / "model_index.json").is_file() and len(result.losses) == 2
+    (cache,) = (tmp_path / "cache").glob("text-*.pt")
+    trained_texts = set(torch.load(cache)) - {""}
+    assert trained_texts == {t for g in grids for t in grid_caption_texts(g)}
+    assert all(t.startswith(("Generate a dual-panel", "生成一幅双联")) for t in trained_texts)
