@@ -340,3 +340,35 @@ def test_the_trainer_gives_grid_rows_template_c_with_their_fill_ins(tmp_path):
         with pytest.raises(ConfigError, match=match) as err:
             prompt_texts(replace(record, grid_fill=broken), record.captions)
         assert record.id in str(err.value) and "\n" not in str(err.value)
+
+
+def test_grid_step_reads_and_writes_shards_on_s3(s3, tmp_path):
+    """On a cluster the group's images and its grid shards live on object storage: the step reads
+    the tier images by range from S3 shards and writes the grids as S3 shards the latent step reads."""
+    import io
+
+    from components.grids.group import grids_group, unified_rows
+    from components.plan.plan import Group
+    from storage import write_parquet
+    from storage.shards import ShardWriter, read_member
+
+    prefix = "s3://lumina/plane/groups/g00000"
+    writer = ShardWriter(f"{prefix}/shards", "g00000")
+    rows = []
+    for i in range(3):
+        buf = io.BytesIO()
+        photo(tmp_path / f"p{i}.png").save(buf, format="PNG")
+        ref = writer.add(f"p{i}.png", buf.getvalue())
+        rows.append({**real_row(None, f"p{i}"), "image_path": None, **ref.as_row(), "width": 96, "height": 64,
+                     "lowres": True, "highres": True, "hq": True})  # fmt: skip
+    writer.flush()
+    write_parquet(pd.DataFrame(rows), f"{prefix}/tiers.parquet")
+    group = Group("g00000", f"{prefix}/listing.parquet", prefix, 3)
+    config = {"kinds": {"canny": 1}, "layouts": {"left-right": 1}, "ordinary_share": 0.0}
+    summary = grids_group(group, tmp_path / "out", profile="tiny", config=config)
+    grids, mixed = unified_rows(tmp_path / "out")
+    assert summary["grids"] == len(grids) == 3 and mixed == set()
+    for row in grids.to_dict("records"):
+        assert row["shard"].startswith(f"{prefix}/grids/") and row["image_path"] is None
+        image = Image.open(io.BytesIO(read_member(row)))
+        assert image.size == (row["width"], row["height"]) and image.width == 2 * image.height

@@ -38,10 +38,13 @@ def evaluate_op(
     held = held / "heldout.parquet" if held is not None and held.is_dir() else held
     held = held if held is not None and held.is_file() else None  # tiers from before the split: scenes
     before = baseline.path if baseline is not None and compare_baseline else None
-    result = run_evaluation(model.path, out, cfg, progress=False, heldout=held, baseline=before)
-    for key, value in result.metrics.items():
-        metrics.log_metric(key, value)
-    shutil.copy(result.report_path, report.path)
-    uri = mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
-    run_id = log_evaluation(result, out, uri, tags={"model": model.path}) if uri else ""
+    try:  # the images live on in MLflow (log_evaluation) and in the report; the folder goes
+        result = run_evaluation(model.path, out, cfg, progress=False, heldout=held, baseline=before)
+        for key, value in result.metrics.items():
+            metrics.log_metric(key, value)
+        shutil.copy(result.report_path, report.path)
+        uri = mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
+        run_id = log_evaluation(result, out, uri, tags={"model": model.path}) if uri else ""
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
     return json.dumps({"metrics": result.metrics, "run_id": run_id})

@@ -29,6 +29,7 @@ import pandas as pd
 
 from common.errors import ConfigError
 from components.grids.grid import GRID_COLUMNS, IMAGES, SUMMARY, GridConfig, build_grids, grid_config
+from components.ingest.merge import KEPT_FILE
 from components.plan.plan import Group
 from components.tier.tier import GROUP_TIERS_FILE
 from components.train.config import STAGE_DEFAULTS, Stage
@@ -40,7 +41,6 @@ log = logging.getLogger(__name__)
 
 UNIFIED_FILE = "unified.parquet"
 UNIFIED = str(Stage.UNIFIED)
-KEPT_FILE = "kept.parquet"  # components.ingest.merge.KEPT_FILE: the group's ingested files
 SAMPLE_COLUMNS = ("id", "width", "height", "image_path", "domain", "captions", *REF_COLUMNS)
 
 
