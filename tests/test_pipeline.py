@@ -312,7 +312,7 @@ def test_local_run_registers_and_failing_gate_keeps_champion(tmp_path):
 
     build_synthetic(tmp_path / "raw" / "synthetic", n=48, size=128)
     eval_cfg = json.dumps(
-        {"suite_size": 1, "synthetic_size": 4, "heldout": 8, "panels": 1, "sampler": {"steps": 4}}
+        {"suites": ["synthetic"], "synthetic_size": 4, "heldout": 8, "panels": 1, "sampler": {"steps": 4}}
     )
     args = {
         "profile": "tiny",

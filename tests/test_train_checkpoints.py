@@ -281,3 +281,23 @@ def test_a_configuration_error_is_not_run_again_by_a_retry(tmp_path, capsys):
     with pytest.raises(subprocess.CalledProcessError):  # a crash or a kill: the retry runs it again
         run_stage_process([sys.executable, "-c", "raise SystemExit(1)"], other, {})
     assert not (other / PERMANENT_FAILURE).exists()
+
+
+def test_the_train_task_counts_gpus_without_torch_on_a_machine_without_a_driver(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    import components.train.launch as launch
+
+    code = (
+        "import sys; import components.train.launch as launch; launch.GPU_DEVICE_FILES = ('/no/such/dev',); "
+        "print(launch.local_gpu_count(), 'torch' in sys.modules)"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert run.stdout.split() == ["0", "False"]  # no driver: torch is not imported
+    driver = tmp_path / "nvidiactl"
+    driver.touch()
+    monkeypatch.setattr(launch, "GPU_DEVICE_FILES", (str(driver),))  # a driver: torch counts the devices
+    import torch
+
+    assert launch.local_gpu_count() == torch.cuda.device_count()

@@ -64,11 +64,10 @@ def train_stage_op(
     import sys
     from pathlib import Path
 
-    import torch
-
     from components.train.launch import (
         base_model_source,
         launch_env,
+        local_gpu_count,
         run_stage_process,
         shared_copy,
         shared_init,
@@ -146,7 +145,7 @@ def train_stage_op(
             cmd, settings, run_id=run_id, stage=stage, nodes=nodes, gpus_per_node=gpus_per_node
         )
     else:
-        gpus = torch.cuda.device_count()
+        gpus = local_gpu_count()
         launcher_cmd = (
             [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={gpus}"]
             if gpus > 1

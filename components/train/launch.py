@@ -19,6 +19,19 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+GPU_DEVICE_FILES = ("/dev/nvidiactl", "/dev/kfd")  # the NVIDIA and ROCm drivers' control devices
+
+
+def local_gpu_count() -> int:
+    """The GPUs this process sees; on a machine without a GPU driver, 0 without importing torch (the
+    train task's own process only launches the stage; importing torch there costs ~2 s)."""
+    if not any(Path(device).exists() for device in GPU_DEVICE_FILES):
+        return 0
+    import torch
+
+    return torch.cuda.device_count()
+
+
 def stage_work_dir(work_root: str, run_id: str, stage: str) -> Path:
     """Where a pipeline's train step keeps a stage's outputs and checkpoints.
 
