@@ -9,6 +9,7 @@ So inference defaults to B, and training uses B for real images and A for synthe
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from enum import StrEnum
 
 from common.errors import ConfigError
@@ -165,3 +166,9 @@ def grid_system_prompt(fill: dict[str, str], language: str = "en") -> str:
 def apply_grid_prompt(caption: str, fill: dict[str, str], language: str = "en") -> str:
     """Prepend the grid's Template C (:func:`grid_system_prompt`) to ``caption``."""
     return f"{grid_system_prompt(fill, language)}{PROMPT_START}{caption}"
+
+
+def apply_grid_fills(caption: str, fills: Mapping[str, dict[str, str]], language: str = "en") -> str:
+    """:func:`apply_grid_prompt` with a grid row's fill-ins per language (``{"en": {...}, "zh":
+    {...}}``): the caption's own language's, else the English ones."""
+    return apply_grid_prompt(caption, fills.get(language, fills["en"]), language)

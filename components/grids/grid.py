@@ -27,7 +27,7 @@ the manifest schema parses them as before and the caption-kind and language weig
 apply to grids too), has ``domain = "grid"`` and ``system_prompt = "C"``, and carries the Template C
 fill-ins per caption language in ``grid_fill`` (JSON ``{"en": {...}, "zh": {...}}``:
 ``panels``, ``panel_a`` / ``panel_kind`` / ``panel_b`` for a dual panel, ``panel_maps`` /
-``panel_b`` for 2x2). :func:`model.prompts.apply_grid_prompt` turns a caption and its language's
+``panel_b`` for 2x2). :func:`model.prompts.apply_grid_fills` turns a caption and its language's
 fill-ins into the training text (:func:`grid_caption_texts` does it for a whole row), English
 template for English captions, the Chinese one for Chinese. Storing fill-ins rather than finished
 texts keeps one source of truth for the template wording (``model/prompts.py``), avoids a double
@@ -62,7 +62,7 @@ from components.grids.annotators import registry
 from components.grids.annotators.registry import MAP_KINDS, MODEL_PLUGINS, Annotator
 from components.grids.ground_truth import GROUND_TRUTH_KINDS, fit_objects, ground_truth_maps, scene_objects
 from components.train.data import bucket_sizes, decode_image, nearest_bucket
-from model.prompts import GRID_DOMAIN, SystemPrompt, apply_grid_prompt
+from model.prompts import GRID_DOMAIN, SystemPrompt, apply_grid_fills
 from storage.io import is_s3
 from storage.shards import image_bytes
 
@@ -335,10 +335,7 @@ def grid_caption_texts(row: Mapping[str, Any]) -> list[str]:
     """The training texts of a grid row: each caption with Template C and its language's fill-ins
     (the English fill-ins and template for a language without its own)."""
     fill = _json_cell(row["grid_fill"])
-    return [
-        apply_grid_prompt(c["text"], fill.get(c["language"], fill["en"]), c["language"])
-        for c in _json_cell(row["captions"])
-    ]
+    return [apply_grid_fills(c["text"], fill, c["language"]) for c in _json_cell(row["captions"])]
 
 
 # --- building ----------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ from PIL import Image, ImageOps
 
 from common.errors import ConfigError
 from components.recaption.schema import is_training_caption
-from model.prompts import GRID_DOMAIN, SystemPrompt, apply_grid_prompt, apply_system_prompt, domain_template
+from model.prompts import GRID_DOMAIN, SystemPrompt, apply_grid_fills, apply_system_prompt, domain_template
 from storage.io import is_s3
 from storage.shards import REF_COLUMNS, MemberRef, image_bytes
 
@@ -270,7 +270,7 @@ def prompt_texts(
             raise ConfigError(f"image {record.id}: grid_fill is not valid JSON ({exc.msg})") from None
         if not isinstance(fill, dict) or "en" not in fill:
             raise ConfigError(f"image {record.id}: grid_fill needs the English fill-ins (an 'en' entry)")
-        return [apply_grid_prompt(c.text, fill.get(c.language, fill["en"]), c.language) for c in captions]
+        return [apply_grid_fills(c.text, fill, c.language) for c in captions]
     template = domain_template(record.domain, system_prompts)
     return [apply_system_prompt(c.text, template) for c in captions]
 
