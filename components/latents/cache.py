@@ -33,6 +33,7 @@ SAMPLE_COLUMNS = ("captions", "domain")
 OPTIONAL_SAMPLE_COLUMNS = ("grid_fill",)
 # One flag per stage: whether the stage trains on the row (unified: grids and the ordinary share).
 TIER_COLUMNS = ("lowres", "highres", "hq", "unified")
+CARRIED_COLUMNS = (*SAMPLE_COLUMNS, *OPTIONAL_SAMPLE_COLUMNS, *TIER_COLUMNS)  # rows -> index, when present
 LATENT_DTYPE = torch.bfloat16
 
 
@@ -75,15 +76,14 @@ def build_latents(
     Images are streamed (``read_ahead`` in flight) and encoded ``batch_size`` per bucket; only this
     group's latents are held. An unreadable image is logged and left out (training encodes it, or
     reports it). Returns the index frame (:data:`INDEX_COLUMNS`; ``height`` / ``width`` are the
-    bucket's size in pixels), plus :data:`SAMPLE_COLUMNS` / :data:`TIER_COLUMNS` when ``rows`` has
-    them."""
+    bucket's size in pixels), plus those of :data:`CARRIED_COLUMNS` that ``rows`` has."""
     vae_fp = fingerprint(vae)
     uri = latent_file(out_prefix, resolution, vae_fp, name)
     buckets = bucket_sizes(resolution)
     tensors: dict[str, torch.Tensor] = {}
     index: list[dict[str, Any]] = []
     pending: dict[tuple[int, int], list[tuple[dict[str, Any], torch.Tensor]]] = {}
-    carried = [c for c in (*SAMPLE_COLUMNS, *OPTIONAL_SAMPLE_COLUMNS, *TIER_COLUMNS) if c in rows.columns]
+    carried = [c for c in CARRIED_COLUMNS if c in rows.columns]
 
     def encode(size: tuple[int, int]) -> None:
         batch = pending.pop(size, [])

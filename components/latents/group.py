@@ -25,9 +25,8 @@ from diffusers import AutoencoderKL
 from common.errors import ConfigError
 from components.grids.group import UNIFIED, unified_resolution, unified_rows
 from components.latents.cache import (
+    CARRIED_COLUMNS,
     INDEX_COLUMNS,
-    OPTIONAL_SAMPLE_COLUMNS,
-    SAMPLE_COLUMNS,
     TIER_COLUMNS,
     build_latents,
     latent_index_path,
@@ -120,7 +119,7 @@ def latents_group(
             )  # fmt: skip
             log.info("latents %s r%d: %d images", group.name, resolution, len(latents))
         # the latents are reusable; captions, domain and tier flags are always this run's
-        carried = [c for c in (*SAMPLE_COLUMNS, *OPTIONAL_SAMPLE_COLUMNS, *TIER_COLUMNS) if c in rows.columns]
+        carried = [c for c in CARRIED_COLUMNS if c in rows.columns]
         index = latents.merge(rows[["id", *carried]].astype({"id": str}), on="id", how="inner")
         write_latent_index(index, index_uri)
         local = out / f"{group.name}-r{resolution}.index.parquet"
