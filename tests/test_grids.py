@@ -347,7 +347,7 @@ def test_grid_step_reads_and_writes_shards_on_s3(s3, tmp_path):
     the tier images by range from S3 shards and writes the grids as S3 shards the latent step reads."""
     import io
 
-    from components.grids.group import grids_group, unified_rows
+    from components.grids.group import grids_group, unified_resolution, unified_rows
     from components.plan.plan import Group
     from storage import write_parquet
     from storage.shards import ShardWriter, read_member
@@ -368,6 +368,9 @@ def test_grid_step_reads_and_writes_shards_on_s3(s3, tmp_path):
     summary = grids_group(group, tmp_path / "out", profile="tiny", config=config)
     grids, mixed = unified_rows(tmp_path / "out")
     assert summary["grids"] == len(grids) == 3 and mixed == set()
+    assert summary["config"]["resolution"] == unified_resolution("tiny")  # the unified stage's buckets
+    again = grids_group(group, tmp_path / "again", profile="tiny", config=GridConfig(**config))
+    assert again["config"] == summary["config"]  # a GridConfig object: the same unset defaults
     for row in grids.to_dict("records"):
         assert row["shard"].startswith(f"{prefix}/grids/") and row["image_path"] is None
         image = Image.open(io.BytesIO(read_member(row)))

@@ -30,8 +30,7 @@ def grids_group_op(
     from components.plan.plan import Group
 
     plan_group = Group.from_json(group)
-    config = json.loads(config_json) if config_json else None
-    parse_grid_config(config_json)  # a one-line error for a bad config
+    config = parse_grid_config(config_json)  # a one-line error for bad JSON or a bad field
     summary = grids_group(plan_group, grids.path, profile=profile, config=config, seed=seed, enabled=enabled)
     grids.metadata.update({"group": plan_group.name, "grids": summary.get("grids", 0), "tiers": tiers_hash})
     return json.dumps(summary, ensure_ascii=False)

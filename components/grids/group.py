@@ -103,7 +103,8 @@ def grids_group(
     the summary written to ``grids.json``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    raw = dict(config.model_dump() if isinstance(config, GridConfig) else config or {})
+    # what the config sets; the rest defaults, the resolution to the profile's unified stage
+    raw = dict(config.model_dump(exclude_unset=True) if isinstance(config, GridConfig) else config or {})
     raw.setdefault("resolution", unified_resolution(profile))
     raw.setdefault("seed", seed)
     cfg = grid_config(raw)
