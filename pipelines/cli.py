@@ -63,7 +63,6 @@ def _arguments(
     return args
 
 
-PANEL_METRICS = ("panel_canny_f1", "panel_mask_iou")  # components.evaluate.panels
 LOCAL_GROUP_SIZE = 64  # the sample data in 4 groups, so the embedded default really fans out
 
 
@@ -146,7 +145,9 @@ def metric_lines(metrics: dict[str, float]) -> list[str]:
     scores = {k.removeprefix("synthetic_"): v for k, v in metrics.items() if k.startswith("synthetic_")}
     if scores:
         lines.append("compositional    : " + ", ".join(f"{k} {v:.2f}" for k, v in scores.items()))
-    panels = [(k, metrics[k], metrics.get(f"{k}_before")) for k in PANEL_METRICS if k in metrics]
+    from components.evaluate.report import PANEL_METRICS
+
+    panels = [(k, metrics[k], metrics.get(f"{k}_before")) for k, _ in PANEL_METRICS if k in metrics]
     if panels:
         shown = [f"{k.removeprefix('panel_')} {v:.2f}" + ("" if b is None else f" (before unified {b:.2f})")
                  for k, v, b in panels]  # fmt: skip

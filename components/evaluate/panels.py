@@ -34,6 +34,7 @@ from PIL import Image
 from scipy import ndimage
 from tqdm.auto import tqdm
 
+from components.evaluate.report import PANEL_KINDS
 from components.evaluate.suites import HELDOUT_SEED, synthetic_suite
 from model.prompts import SystemPrompt
 from model.sampler.conditioning import PANEL_MULTIPLE, Layout, PanelCondition, Task, fit_image
@@ -45,7 +46,7 @@ if TYPE_CHECKING:
 EDGE_THRESHOLD = 128  # luma (0-255) above which a pixel of a canny panel is an edge
 MASK_THRESHOLD = 64  # brightest channel (0-255) above which a pixel of a mask panel is foreground
 PANEL_TASKS = (Task.CANNY, Task.MASK)
-SCORE_NAMES = {"canny": "canny_f1", "mask": "mask_iou"}  # metric: ``panel_`` + the score name
+SCORE_NAMES = dict(PANEL_KINDS)  # map kind -> score; the metric is ``panel_`` + the score name
 PANEL_DIR = "panels"  # under the evaluation folder: scenes/, and one folder per model label
 PANEL_BATCH = 4  # grids generated per sampler call
 

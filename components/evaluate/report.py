@@ -197,8 +197,11 @@ def prompt_images(
 
 
 PANEL_HEADING = "Grid panels (before / after the unified phase)"
-PANEL_METRICS = (("panel_canny_f1", "canny edge F1"), ("panel_mask_iou", "mask IoU"))
-PANEL_KINDS = (("canny", "canny_f1"), ("mask", "mask_iou"))  # map kind, its score
+# The grid-panel scores (components.evaluate.panels, the run summary): map kind -> score name; the
+# metric is ``panel_`` + the score name (``_before`` for the model before the unified phase).
+PANEL_KINDS = (("canny", "canny_f1"), ("mask", "mask_iou"))
+PANEL_LABELS = {"canny_f1": "canny edge F1", "mask_iou": "mask IoU"}
+PANEL_METRICS = tuple((f"panel_{score}", PANEL_LABELS[score]) for _, score in PANEL_KINDS)
 
 
 @dataclass
