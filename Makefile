@@ -55,7 +55,7 @@ format: $(STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-bench: $(STAMP)
+bench: sample-data
 	mkdir -p bench/results
 	$(BIN)/python -m bench.sampler --out bench/results/sampler.json
 	$(BIN)/python -m bench.train --out bench/results/train.json
@@ -65,6 +65,7 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.text_features --out bench/results/text_features.json
 	$(BIN)/python -m bench.scale --out bench/results/scale.json
 	$(BIN)/python -m bench.loader --out bench/results/loader.json
+	$(BIN)/python -m bench.learning --out bench/results/learning.json
 
 sample-data: $(STAMP)
 	$(BIN)/python -m data_tools sample-data --out data/raw

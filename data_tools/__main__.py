@@ -13,7 +13,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="Sample data 
 @app.command("sample-data")
 def sample_data(
     out: Annotated[Path, typer.Option(help="root of the raw data")] = Path("data/raw"),
-    synthetic_n: Annotated[int, typer.Option(min=1, help="number of synthetic scenes")] = 128,
+    synthetic_n: Annotated[int, typer.Option(min=1, help="number of synthetic scenes")] = 512,
     size: Annotated[int, typer.Option(min=64, help="synthetic image side in pixels")] = 128,
     seed: int = 0,
     tuxpaint: Annotated[int, typer.Option(min=0, help="Tux Paint stamps with en/zh captions (0: none)")] = 64,

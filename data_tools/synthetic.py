@@ -91,6 +91,18 @@ def make_scene(rng: random.Random, size: int) -> list[SceneObject]:
     return objects
 
 
+def distinct_scene(rng: random.Random, size: int, seen: set[tuple], tries: int = 100) -> list[SceneObject]:
+    """A scene whose groups are not in ``seen`` (added to it), so a set of them holds no two equal
+    images (ingest would drop the copies); after ``tries`` repeats one is allowed (small spaces)."""
+    for _ in range(tries):
+        objects = make_scene(rng, size)
+        key = tuple(sorted(_groups(objects)))
+        if key not in seen:
+            break
+    seen.add(key)
+    return objects
+
+
 def _groups(objects: list[SceneObject]) -> list[tuple[str, str, str, int]]:
     seen: dict[str, list[SceneObject]] = {}
     for obj in objects:
@@ -144,14 +156,15 @@ def groups(objects: list[SceneObject]) -> list[tuple[str, str, str, int]]:
 
 
 def build_synthetic(out_dir: str | Path, n: int = 128, size: int = 128, seed: int = 0) -> Path:
-    """Write ``n`` scenes as PNGs plus ``metadata.jsonl`` and a training manifest
+    """Write ``n`` distinct scenes as PNGs plus ``metadata.jsonl`` and a training manifest
     (``manifest.parquet``) into ``out_dir``; returns the manifest path."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     meta_lines, rows = [], []
+    seen: set[tuple] = set()
     for i in tqdm(range(n), desc="synthetic scenes", leave=False):
-        objects = make_scene(rng, size)
+        objects = distinct_scene(rng, size, seen)
         image = render_scene(objects, size)
         name = f"synthetic_{i:05d}.png"
         image.save(out / name, optimize=False)

@@ -123,10 +123,14 @@ PROFILES: dict[str, ModelProfile] = {
             axes_lens=(300, 128, 128),
             cap_feat_dim=64,
         ),
+        # One layer: the transformer reads the second-to-last hidden state (as from Gemma-2-2B), which
+        # here is the token embeddings. A frozen *random* attention layer before it would blend every
+        # caption word with the ~20-token system prompt ahead of it, and the tiny model then barely
+        # learns which colour or shape a prompt names (README "The tiny profile", issue #12 probes).
         text_encoder=TextEncoderSpec(
             hidden_size=64,
             intermediate_size=128,
-            num_hidden_layers=2,
+            num_hidden_layers=1,
             num_attention_heads=2,
             num_key_value_heads=1,
             head_dim=32,

@@ -324,6 +324,7 @@ def test_local_run_registers_and_failing_gate_keeps_champion(tmp_path):
         "unified_steps": 4,
         "grid_config_json": json.dumps({"tier": "highres", "max_grids": 4}),
         "eval_config_json": eval_cfg,
+        "train_config_yaml": "val_prompts: 2\n",  # each stage's compositional check, kept short
     }
     env_before = dict(os.environ)
     first = run_local(tmp_path / "raw" / "synthetic", tmp_path / "out", args)
@@ -347,6 +348,9 @@ def test_local_run_registers_and_failing_gate_keeps_champion(tmp_path):
     ):
         assert version.tags.get(tag), f"tag {tag} missing on the model version"
     assert client.get_run(version.tags["run.hq"]).data.params["stage"] == "hq"
+    for stage in ("lowres", "highres", "hq", "unified"):  # each stage's held-out compositional scores
+        metrics = client.get_run(version.tags[f"run.{stage}"]).data.metrics
+        assert all(0.0 <= metrics[f"val_{k}"] <= 1.0 for k in ("colors", "presence", "counting", "position"))
     assert client.get_run(version.tags["run.unified"]).data.params["stage"] == "unified"
     grid_steps = sorted((tmp_path / "out").rglob("grids.json"))
     assert grid_steps and sum(json.loads(p.read_text())["grids"] for p in grid_steps) > 0
@@ -377,10 +381,13 @@ def test_local_run_registers_and_failing_gate_keeps_champion(tmp_path):
         str(gate),
         "--param",
         f"eval_config_json={eval_cfg}",
+        "--param",
+        "train_config_yaml=val_prompts: 2",
     )
     assert "not champion" in proc.stdout and "> max" in proc.stdout
     assert "held-out loss    : " in proc.stdout and "compositional    : presence " in proc.stdout
     assert "grid panels      : canny_f1 " in proc.stdout and "(before unified " not in proc.stdout
+    assert "by stage         : colors " in proc.stdout and " -> " in proc.stdout
     assert "SERVE_MODEL=models:/lumina-e2e/" in proc.stdout  # not champion: served by version
     champion = client.get_model_version_by_alias("lumina-e2e", "champion")
     challenger = client.get_model_version_by_alias("lumina-e2e", "challenger")
@@ -437,3 +444,29 @@ def test_a_failing_step_is_named_with_its_reason_and_log(tmp_path, cli):
     assert "Traceback" in (tmp_path / "out" / "pipeline.log").read_text()  # the details are kept there
     assert "Traceback" not in proc.stderr and "executor_output" not in proc.stdout
     assert "have no effect in the current local runner" not in proc.stderr  # kfp's per-task notices
+
+
+def test_a_local_tiny_run_gets_the_embedded_default_tiers(tmp_path, cli, monkeypatch):
+    """The embedded default (local, tiny) trains stage 2 on every image of its size and stage 3 on
+    the best quarter (the paper's 10 % / 1 % leave a sample set too few images); a given
+    ``tier_config_json`` wins, and a cluster run keeps the pipeline's own default."""
+    import pipelines.local
+    from common.errors import ConfigError
+    from pipelines.cli import LOCAL_GROUP_SIZE, LOCAL_TIERS
+
+    seen: dict = {}
+
+    def stop(source, out, args, **_):
+        seen.clear()
+        seen.update(args)
+        raise ConfigError("stopped before running")
+
+    monkeypatch.setattr(pipelines.local, "run_local", stop)
+    (tmp_path / "raw").mkdir()
+    base = ("pipelines.cli", "run", "--source", str(tmp_path / "raw"), "--out", str(tmp_path / "o"))
+    proc = cli(*base)
+    assert proc.returncode == 2 and "stopped before running" in proc.stderr
+    assert json.loads(seen["tier_config_json"]) == LOCAL_TIERS and seen["group_size"] == LOCAL_GROUP_SIZE
+    given = json.dumps({"highres_ratio": 0.5, "hq_ratio": 0.1})
+    cli(*base, "--param", f"tier_config_json={given}")
+    assert seen["tier_config_json"] == given

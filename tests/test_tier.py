@@ -60,12 +60,36 @@ def test_tiers_are_nested_respect_resolution_and_are_deterministic(seed):
 
 def test_ratios_follow_the_paper_with_floors():
     rng = np.random.default_rng(0)
-    frame = _frame(2000, rng)
+    frame = _frame(8000, rng)
     frame[["width", "height"]] = 1024
     tiers = assign_tiers(frame.drop(columns="nsfw"), TierConfig())
-    assert len(tiers["highres"]) == 200 and len(tiers["hq"]) == 20
-    small = assign_tiers(frame.head(40).drop(columns="nsfw"), TierConfig())
-    assert len(small["hq"]) == 8 and len(small["highres"]) == 16
+    assert len(tiers["highres"]) == 800 and len(tiers["hq"]) == 80
+    # a small set keeps usable tiers: the floors (128 high-res, 64 HQ images), never more than it has
+    small = assign_tiers(frame.head(400).drop(columns="nsfw"), TierConfig())
+    assert len(small["highres"]) == 128 and len(small["hq"]) == 64
+    tiny = assign_tiers(frame.head(40).drop(columns="nsfw"), TierConfig())
+    assert len(tiny["highres"]) == len(tiny["hq"]) == 40
+
+
+def test_tiers_keep_each_domain_s_share():
+    """Quality is ranked within a domain: a domain whose scores are all lower (flat synthetic art)
+    still gets its share of every tier; stratify_by=None cuts by the global score instead."""
+    rng = np.random.default_rng(1)
+    frame = _frame(1000, rng).drop(columns="nsfw")
+    frame[["width", "height"]] = 1024
+    frame["domain"] = ["synthetic" if i % 4 == 0 else "real" for i in range(len(frame))]
+    frame.loc[frame["domain"] == "synthetic", "score"] -= 2.0  # below every real image
+    cfg = TierConfig(highres_ratio=0.2, hq_ratio=0.1, min_highres_images=1, min_hq_images=1)
+    tiers = assign_tiers(frame, cfg)
+    for tier, size in (("highres", 200), ("hq", 100)):
+        shares = tiers[tier]["domain"].value_counts()
+        assert len(tiers[tier]) == size and shares["synthetic"] == size // 4, (tier, shares)
+        real = tiers[tier][tiers[tier]["domain"] == "real"]  # the best of each domain
+        pool = frame[frame["domain"] == "real"]["score"]
+        assert real["score"].min() >= pool.quantile(1 - size / 1000 - 0.01)
+    assert set(tiers["hq"]["id"]) <= set(tiers["highres"]["id"])
+    flat = assign_tiers(frame, cfg.model_copy(update={"stratify_by": None}))
+    assert (flat["highres"]["domain"] == "real").all()
 
 
 def test_bad_tier_config_is_rejected():
@@ -246,7 +270,8 @@ def test_text_in_an_image_does_not_lower_its_tier_and_is_routed(tmp_path):
     })  # fmt: skip
     scorers = [{"name": "sharpness", "version": "1"},
                {"name": "text_density", "version": "1", "higher_is_better": False}]  # fmt: skip
-    result, tiers = _tier_folders(tmp_path, manifest, scores, scorers, TierConfig(**NO_HELDOUT))
+    config = TierConfig(**NO_HELDOUT, min_highres_images=16, min_hq_images=8)  # tiers smaller than the set
+    result, tiers = _tier_folders(tmp_path, manifest, scores, scorers, config)
     for name in ("highres", "hq"):
         members = set(tiers[name]["id"])
         assert len(members) < 2 * n and all((f"p{i:03d}" in members) == (f"t{i:03d}" in members)

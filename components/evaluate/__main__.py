@@ -17,7 +17,7 @@ def run(
     out_dir: Annotated[Path, typer.Argument(help="output folder (images, metrics.json, report.html)")],
     suite: Annotated[list[str] | None, typer.Option(help="suites (default: all)")] = None,
     suite_size: Annotated[int, typer.Option(help="prompts per category per suite")] = 2,
-    synthetic_size: int = 16,
+    synthetic_size: Annotated[int, typer.Option(help="held-out synthetic prompts")] = 64,
     size: Annotated[int, typer.Option(help="image side in pixels")] = 128,
     steps: int = 20,
     mlflow_tracking_uri: Annotated[str, typer.Option(help="log the result to this MLflow")] = "",

@@ -36,7 +36,7 @@ from components.evaluate.panels import PANEL_DIR, merge_records, panel_scores
 from components.evaluate.report import write_report
 from components.evaluate.suites import SUITES, PromptItem, load_suite, synthetic_suite
 from model.flow import validation_loss
-from model.prompts import SystemPrompt, apply_system_prompt
+from model.prompts import DOMAIN_TEMPLATES, SystemPrompt, apply_system_prompt
 from model.sampler import LuminaSampler, SamplerConfig
 from model.text import encode_prompts
 from model.vae import encode_images
@@ -56,7 +56,9 @@ class EvalConfig(BaseModel):
 
     suites: list[str] = list(SUITES)
     suite_size: int | None = Field(2, ge=1, description="prompts per category per suite (None: all)")
-    synthetic_size: int = Field(16, ge=1)
+    synthetic_size: int = Field(
+        64, ge=1, description="held-out synthetic prompts the compositional scores average over"
+    )
     images_per_prompt: int = Field(1, ge=1, le=4, description="GenEval / T2I-CompBench samples per prompt")
     heldout: int = Field(
         32, ge=1, description="held-out images (manifest) or synthetic scenes for the validation loss"
@@ -72,6 +74,14 @@ class EvalConfig(BaseModel):
         "grids of height x height/2); 0 = off",
     )
     sampler: SamplerConfig = SamplerConfig(steps=20, system_prompt=SystemPrompt.B)
+    batch: int = Field(
+        8, ge=1, description="images generated at once (each prompt keeps its own seed's noise)"
+    )
+    synthetic_system_prompt: SystemPrompt = Field(
+        DOMAIN_TEMPLATES["synthetic"],
+        description="system prompt of the synthetic suite and its held-out loss: the template the"
+        " synthetic scenes are trained with (the benchmark suites use the sampler's)",
+    )
 
 
 @dataclass
@@ -85,11 +95,16 @@ class EvalResult:
 
 
 def heldout_loss(
-    sampler: LuminaSampler, n: int, size: int, seed: int = 0, manifest: str | Path | None = None
+    sampler: LuminaSampler,
+    n: int,
+    size: int,
+    seed: int = 0,
+    manifest: str | Path | None = None,
+    template: SystemPrompt = DOMAIN_TEMPLATES["synthetic"],
 ) -> float:
     """Flow-matching loss at fixed times and noise on the first ``n`` images of the held-out
     ``manifest`` (as the stages compute it, at ``size``'s buckets), or without one on ``n`` fresh
-    synthetic scenes from the held-out seed."""
+    synthetic scenes from the held-out seed, their prompts under ``template``."""
     if manifest is not None:
         from components.train.validation import heldout_val_loss
 
@@ -102,7 +117,7 @@ def heldout_loss(
 
     items = synthetic_suite(n, size)
     images = [render_scene(item.metadata["objects"], size) for item in items]
-    texts = [apply_system_prompt(item.prompt, SystemPrompt.B) for item in items]
+    texts = [apply_system_prompt(item.prompt, template) for item in items]
     with torch.no_grad():
         latents = encode_images(sampler.vae, images)
         emb = encode_prompts(texts, sampler.tokenizer, sampler.text_encoder)
@@ -121,32 +136,51 @@ def generate_suite(
     progress: bool,
     clip: ClipScorer | None = None,
 ) -> list[dict[str, Any]]:
-    """Generate and save every prompt's images; synthetic items are scored as well."""
+    """Generate and save every prompt's images; synthetic items are scored as well. Up to
+    ``cfg.batch`` images go through the sampler at once; each prompt keeps the noise of its own seed
+    (``cfg.seed + index``), so its images do not depend on the batching."""
+    synthetic = cfg.sampler.model_copy(update={"system_prompt": cfg.synthetic_system_prompt})
+    counts = [4 if item.suite == "dpg" else cfg.images_per_prompt for item in items]
+    chunks: list[list[int]] = []
+    for i, n in enumerate(counts):
+        if chunks and sum(counts[j] for j in chunks[-1]) + n <= cfg.batch:
+            chunks[-1].append(i)
+        else:
+            chunks.append([i])
     records = []
-    for item in tqdm(
-        items, desc=f"eval {items[0].suite if items else ''}", disable=not progress, leave=False
-    ):
-        n = 4 if item.suite == "dpg" else cfg.images_per_prompt
-        result = sampler.generate(
-            [item.prompt] * n,
-            height=cfg.height,
-            width=cfg.width,
-            seed=cfg.seed + item.index,
-            config=cfg.sampler,
-        )
-        paths = save_item(out, item, result.images)
-        record: dict[str, Any] = {
-            "index": item.index,
-            "prompt": item.prompt,
-            "category": item.category,
-            "images": [str(p.relative_to(out)) for p in paths],
-        }
-        if item.suite == "synthetic":
-            record["scores"] = score_image(result.images[0], [tuple(g) for g in item.metadata["groups"]])
-        if clip is not None:
-            record["clip_score"] = float(np.mean(clip.clip_score(result.images, [item.prompt] * n)))
-        records.append(record)
+    label = f"eval {items[0].suite if items else ''}"
+    with tqdm(total=len(items), desc=label, disable=not progress, leave=False) as bar:
+        for chunk in chunks:
+            prompts = [items[i].prompt for i in chunk for _ in range(counts[i])]
+            seeds = [(counts[i], cfg.seed + items[i].index) for i in chunk]
+            noise = torch.cat([sampler.initial_noise(n, cfg.height, cfg.width, seed) for n, seed in seeds])
+            config = synthetic if items[chunk[0]].suite == "synthetic" else cfg.sampler
+            images = sampler.generate(
+                prompts, height=cfg.height, width=cfg.width, config=config, noise=noise
+            ).images
+            for i in chunk:
+                item, own = items[i], images[: counts[i]]
+                images = images[counts[i] :]
+                records.append(item_record(item, save_item(out, item, own), own, out, clip))
+            bar.update(len(chunk))
     return records
+
+
+def item_record(
+    item: PromptItem, paths: list[Path], images: list, out: Path, clip: ClipScorer | None
+) -> dict[str, Any]:
+    """The report record of one prompt: its images (relative paths), scores and CLIP score."""
+    record: dict[str, Any] = {
+        "index": item.index,
+        "prompt": item.prompt,
+        "category": item.category,
+        "images": [str(p.relative_to(out)) for p in paths],
+    }
+    if item.suite == "synthetic":
+        record["scores"] = score_image(images[0], [tuple(g) for g in item.metadata["groups"]])
+    if clip is not None:
+        record["clip_score"] = float(np.mean(clip.clip_score(images, [item.prompt] * len(images))))
+    return record
 
 
 def run_evaluation(
@@ -169,7 +203,11 @@ def run_evaluation(
     sampler = LuminaSampler.load(model_dir)
     clip = ClipScorer(cfg.clip_model) if cfg.clip_model else None
     not_run = dict(NOT_RUN) if clip else {"clip_score": NO_CLIP, **NOT_RUN}
-    metrics: dict[str, float] = {"val_loss": heldout_loss(sampler, cfg.heldout, cfg.height, manifest=heldout)}
+    metrics: dict[str, float] = {
+        "val_loss": heldout_loss(
+            sampler, cfg.heldout, cfg.height, manifest=heldout, template=cfg.synthetic_system_prompt
+        )
+    }
     samples: dict[str, list[dict[str, Any]]] = {}
     for suite in cfg.suites:
         limit = cfg.synthetic_size if suite == "synthetic" else cfg.suite_size

@@ -14,6 +14,7 @@ from common.errors import ConfigError
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 SUITES = ("synthetic", "geneval", "dpg", "t2i-compbench")
 HELDOUT_SEED = 10_000  # the sample data uses seed 0: these scenes were never trained on
+SUITE_CAPTION = "medium"  # the synthetic suite's prompt: the caption kind that states every group's side
 
 
 @dataclass(frozen=True)
@@ -39,18 +40,22 @@ def _cap(items: list[PromptItem], limit: int | None) -> list[PromptItem]:
 
 
 def synthetic_suite(n: int, size: int, seed: int = HELDOUT_SEED) -> list[PromptItem]:
+    """``n`` held-out scenes with their English *medium* ground-truth caption as the prompt ("An
+    illustration of two red stars on the left and one purple circle on the right."): it states
+    every group's count, colour, shape and side, all of which the scorer checks (the short caption
+    names no side, so position and per-side counts could not be asked of a model)."""
     from data_tools.synthetic import captions, groups, make_scene
 
     rng = random.Random(seed)
     items = []
     for i in range(n):
         objects = make_scene(rng, size)
-        short = next(
-            c["text"] for c in captions(objects) if (c["granularity"], c["language"]) == ("short", "en")
+        prompt = next(
+            c["text"] for c in captions(objects) if (c["granularity"], c["language"]) == (SUITE_CAPTION, "en")
         )
         category = "two_groups" if len(groups(objects)) > 1 else "one_group"
         items.append(
-            PromptItem("synthetic", i, short, category, {"groups": groups(objects), "objects": objects})
+            PromptItem("synthetic", i, prompt, category, {"groups": groups(objects), "objects": objects})
         )
     return items
 

@@ -23,7 +23,9 @@ STAGES = ("lowres", "highres", "hq", "unified")
 OPTIONAL_STAGES = ("unified",)  # shown only when the run had them (the unified phase is optional)
 EVAL_ARTIFACTS = "evaluation"  # where log_evaluation puts the evaluate step's out_dir
 REPORT_ARTIFACT = "report.html"
-STAGE_METRICS = ("loss", "val_loss")  # the last values shown beside the curve
+STAGE_METRICS = ("loss", "val_loss", "val_colors", "val_presence", "val_counting", "val_position")
+"""The last values shown beside each stage's curve (the val_ scores: held-out synthetic prompts at the
+stage's resolution, components.train.validation.stage_compositional)."""
 MAX_GRIDS = 6  # intermediate (EMA) sample grids per stage, evenly spaced, besides the final one
 LINEAGE = (
     ("profile", "model profile"),

@@ -34,7 +34,7 @@ from components.train.resume import append_losses, checkpoint_due, read_losses, 
 from components.train.samples import log_ema_samples
 from components.train.sources import encode_manifest, text_feature_cache, usable_index
 from components.train.tracking import Throughput, finish_tracking, log_step, start_tracking, write_artifacts
-from components.train.validation import stage_val_loss
+from components.train.validation import stage_compositional, stage_val_loss
 from model.checkpoint import RAW_TRANSFORMER_DIR, build_pipeline, load_for_training, save_pipeline
 from model.flow import TimestepSampler, flow_matching_loss
 from model.text import encode_prompts
@@ -333,9 +333,10 @@ def finish_stage(cfg: TrainConfig, run: StageRun) -> StageResult:
         save_pipeline(run.pipe, export)
         raw.save_pretrained(export / RAW_TRANSFORMER_DIR, safe_serialization=True)
         val_loss = stage_val_loss(cfg, run.pipe, run.tracker, run.engine.device)  # held-out split
+        compositional = stage_compositional(cfg, run.pipe, run.tracker, run.engine.device)
         artifacts = write_artifacts(cfg, run.pipe, all_losses)
         run_id = run.tracker.run_id if run.tracker is not None else ""
-        summary = {"mlflow_run_id": run_id, "steps": cfg.steps, "val_loss": val_loss}
+        summary = {"mlflow_run_id": run_id, "steps": cfg.steps, "val_loss": val_loss, **compositional}
         (cfg.output_dir / "run.json").write_text(json.dumps(summary))
         finish_tracking(run.tracker, artifacts)
     last = all_losses[-1] if all_losses else float("nan")

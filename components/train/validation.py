@@ -11,6 +11,8 @@ the first training caption.
 
 :func:`stage_val_loss` is the hook at the end of a training stage (the EMA export, logged as
 ``val_loss``); the evaluate step calls :func:`heldout_val_loss` with the same settings.
+:func:`stage_compositional` is the second hook: the compositional scores on held-out synthetic
+prompts at the stage's resolution (``val_colors`` ...), so each stage's gain is on record.
 """
 
 from __future__ import annotations
@@ -166,3 +168,39 @@ def stage_val_loss(cfg, pipe, tracker=None, device: torch.device | str | None = 
     if tracker is not None:
         tracker.log_metrics({"val_loss": loss, "val_images": float(count)}, step=cfg.steps)
     return loss
+
+
+def stage_compositional(
+    cfg, pipe, tracker=None, device: torch.device | str | None = None
+) -> dict[str, float]:
+    """The end-of-stage compositional scores: ``val_presence`` / ``val_counting`` / ``val_colors`` /
+    ``val_position`` of ``pipe`` (the stage's export) on ``cfg.val_prompts`` held-out synthetic
+    prompts (:func:`components.evaluate.suites.synthetic_suite`) at the stage resolution, sampled and
+    scored as the evaluate step does (its default sampler, the synthetic domain's system prompt),
+    logged to the stage's MLflow run at the last step. Like ``val_loss``, it runs when the stage has
+    a held-out split (``cfg.heldout``: validation is on); empty without one or with ``val_prompts: 0``."""
+    if cfg.heldout is None or cfg.val_prompts <= 0:
+        return {}
+    import tempfile
+
+    import numpy as np
+
+    from components.evaluate.compositional import CATEGORIES
+    from components.evaluate.evaluate import EvalConfig, generate_suite
+    from components.evaluate.suites import synthetic_suite
+    from model.prompts import domain_template
+    from model.sampler import LuminaSampler
+
+    ev = EvalConfig(height=cfg.resolution, width=cfg.resolution,
+                    synthetic_system_prompt=domain_template("synthetic", cfg.system_prompts))  # fmt: skip
+    items = synthetic_suite(cfg.val_prompts, cfg.resolution)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    modules = [pipe.transformer, pipe.vae, pipe.text_encoder]
+    with on_device(modules, device), tempfile.TemporaryDirectory() as tmp:
+        records = generate_suite(LuminaSampler.from_pipeline(pipe), items, Path(tmp), ev, progress=False)
+    scores = {f"val_{c}": float(np.mean([r["scores"][c] for r in records])) for c in CATEGORIES}
+    log.info("stage %s: %s on %d held-out synthetic prompts", cfg.stage,
+             ", ".join(f"{k} {v:.2f}" for k, v in scores.items()), len(records))  # fmt: skip
+    if tracker is not None:
+        tracker.log_metrics(scores, step=cfg.steps)
+    return scores
