@@ -54,7 +54,7 @@ def trained_tiny(shapes_manifest, tmp_path_factory) -> TrainedTiny:
 
 
 SCENE_VAE_STEPS = 800
-"""The sample recipe (model.vae_training.VaeTraining) at half its steps: the tests' VAE (26.4 dB at
+"""The sample recipe (model.vae_training.VaeTraining) for fewer steps: the tests' VAE (26.4 dB at
 64 px, 24.4 dB at 128 px held out; ~75 s on 2 cores, once per session)."""
 
 

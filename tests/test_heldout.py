@@ -186,12 +186,17 @@ def test_a_stage_logs_and_returns_its_heldout_val_loss(
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     held = heldout_manifest.parent  # the tier folder is enough: its heldout.parquet is read
     cfg = stage_config("lowres", manifest=shapes_manifest, output_dir=tmp_path / "lowres", steps=2,
-                       global_batch=4, micro_batch=2, heldout=held, val_images=8)  # fmt: skip
+                       global_batch=4, micro_batch=2, heldout=held, val_images=8, val_prompts=4)  # fmt: skip
     result = train_stage(cfg)
     assert result.val_loss is not None and np.isfinite(result.val_loss)
     assert json.loads((cfg.output_dir / "run.json").read_text())["val_loss"] == result.val_loss
     metrics = MlflowClient(uri).get_run(result.run_id).data.metrics
     assert metrics["val_loss"] == pytest.approx(result.val_loss) and metrics["val_images"] == 8
+    # and its compositional scores on held-out synthetic prompts (4 here), in the run and run.json
+    summary = json.loads((cfg.output_dir / "run.json").read_text())
+    for kind in ("colors", "presence", "counting", "position"):
+        value = metrics[f"val_{kind}"]
+        assert value == summary[f"val_{kind}"] and value in (0.0, 0.25, 0.5, 0.75, 1.0)
     # the same number as recomputed from the export (the EMA weights, the stage's VAE)
     assert loss_of_first(load_pipeline(result.pipeline_dir), heldout_manifest, 8) == pytest.approx(
         result.val_loss, rel=1e-5
@@ -217,20 +222,20 @@ def loss_of_first(pipe, manifest: Path, limit: int) -> float:
 
 COLORS_MARGIN = 0.2
 """How much the trained model's ``synthetic_colors`` must exceed the untrained one's on 32 held-out
-synthetic prompts at 128 px (measured on 2 cores: 0.125 untrained -> 0.47 after 500 steps)."""
+synthetic prompts at 128 px (measured on 2 cores: 0.125 untrained -> 0.47 after 400 steps)."""
 
 
 @pytest.fixture(scope="module")
 def scene_model(scenes, scene_vae, tmp_path_factory) -> Path:
     """The tiny profile's first stage with its defaults (LR, caption mix, batch), trained on the
-    scenes with the suite's trained VAE for 500 steps at 128 px (~40 s on 2 cores)."""
+    scenes with the suite's trained VAE for 400 steps at 128 px (~35 s on 2 cores)."""
     from components.train.config import stage_config
     from components.train.trainer import train_stage
 
     out = tmp_path_factory.mktemp("scene-model") / "lowres"
     manifest = scenes / "synthetic" / "manifest.parquet"
-    cfg = stage_config("lowres", manifest=manifest, output_dir=out, vae=scene_vae, steps=500,
-                       resolution=128, checkpoint_every=500, track=False)  # fmt: skip
+    cfg = stage_config("lowres", manifest=manifest, output_dir=out, vae=scene_vae, steps=400,
+                       resolution=128, checkpoint_every=400, track=False)  # fmt: skip
     return train_stage(cfg).pipeline_dir
 
 

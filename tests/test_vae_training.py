@@ -30,9 +30,9 @@ from tests.conftest import SCENE_VAE_STEPS
 QUICK = VaeTraining(steps=3, batch=2)  # determinism and caching: the recipe, not the quality
 
 
-# The sample recipe (1,600 steps) reaches ~26-27 dB held-out PSNR in ~140 s on 2 cores (measured by
+# The sample recipe (1,300 steps) reaches ~26 dB held-out PSNR in ~2 minutes on 2 cores (measured by
 # `make sample-data`, which logs it and writes it to report.json); the suite's VAE (conftest
-# ``scene_vae``) is the same recipe at half the steps and must clear a margin over the
+# ``scene_vae``) is the same recipe for 800 steps and must clear a margin over the
 # random VAE.
 SHORT = VaeTraining(steps=SCENE_VAE_STEPS)
 SHORT_PSNR = 22.0  # measured 26.4 dB at 64 px, 24.4 dB at 128 px
