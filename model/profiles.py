@@ -126,7 +126,7 @@ PROFILES: dict[str, ModelProfile] = {
         # One layer: the transformer reads the second-to-last hidden state (as from Gemma-2-2B), which
         # here is the token embeddings. A frozen *random* attention layer before it would blend every
         # caption word with the ~20-token system prompt ahead of it, and the tiny model then barely
-        # learns which colour or shape a prompt names (README "The tiny profile", issue #12 probes).
+        # learns which colour or shape a prompt names (README "Does the embedded default learn?").
         text_encoder=TextEncoderSpec(
             hidden_size=64,
             intermediate_size=128,

@@ -58,12 +58,12 @@ DEFAULT_GRANULARITY_WEIGHTS: dict[str, float] = {
 
 
 # Scaled down so the four stages train on 2 CPU cores in about three minutes, and the tiny model
-# learns the synthetic scenes (issue #12; the probes behind these numbers are in the README, "The
-# tiny profile"). Not the paper's settings: no auxiliary loss (at 128 px the 4x-pooled latents are
-# 2 x 2 tokens, which teach nothing the main term does not, for a second forward pass), a higher LR,
-# and a caption mix that is mostly the English medium caption (a tiny model with a random text
-# encoder learns one caption style far sooner than twenty; the other kinds and Chinese stay in at a
-# small weight, and an image without a medium caption draws from its own kinds as usual).
+# learns the synthetic scenes (issue #12; the probes behind these numbers are in the README, "Does
+# the embedded default learn?"). Not the paper's settings: no auxiliary loss (at 128 px the 4x-pooled
+# latents are 2 x 2 tokens, which teach nothing the main term does not, for a second forward pass),
+# a higher LR, and a caption mix that is mostly the English medium caption (a tiny model with a
+# random text encoder learns one caption style far sooner than twenty; the other kinds and Chinese
+# stay in at a small weight, and an image without a medium caption draws from its own kinds).
 TINY_CAPTION_MIX: dict[str, Any] = {
     "granularity_weights": {**dict.fromkeys(DEFAULT_GRANULARITY_WEIGHTS, 0.01), "medium": 1.0},
     "language_weights": {"en": 1.0, "zh": 0.05},
