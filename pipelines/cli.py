@@ -160,18 +160,17 @@ def metric_lines(metrics: dict[str, float]) -> list[str]:
     return lines
 
 
-STAGE_ORDER = ("lowres", "highres", "hq", "unified")
-
-
 def stage_lines(tracking_uri: str, name: str, version: str) -> list[str]:
     """The summary's per-stage line: each stage's compositional scores on held-out synthetic prompts
     at its resolution (``val_*`` of the stage runs the registered version is tagged with)."""
     from mlflow.tracking import MlflowClient
 
+    from components.train.config import Stage
+
     try:
         client = MlflowClient(tracking_uri)
         tags = client.get_model_version(name, version).tags
-        runs = [client.get_run(tags[f"run.{s}"]).data.metrics for s in STAGE_ORDER if tags.get(f"run.{s}")]
+        runs = [client.get_run(tags[f"run.{s}"]).data.metrics for s in Stage if tags.get(f"run.{s}")]
     except Exception as exc:  # the summary must not fail a finished run
         return [f"by stage         : not available ({error_summary(exc, 120)})"]
     shown = [

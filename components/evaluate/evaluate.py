@@ -166,6 +166,11 @@ def generate_suite(
     return records
 
 
+def suite_scores(records: list[dict[str, Any]]) -> dict[str, float]:
+    """Each compositional category's (and ``overall``'s) mean over scored records."""
+    return {c: float(np.mean([r["scores"][c] for r in records])) for c in (*CATEGORIES, "overall")}
+
+
 def item_record(
     item: PromptItem, paths: list[Path], images: list, out: Path, clip: ClipScorer | None
 ) -> dict[str, Any]:
@@ -218,10 +223,7 @@ def run_evaluation(
         if clip is not None and samples[suite]:
             metrics[f"clip_score_{key}"] = float(np.mean([r["clip_score"] for r in samples[suite]]))
     if samples.get("synthetic"):
-        for category in (*CATEGORIES, "overall"):
-            metrics[f"synthetic_{category}"] = float(
-                np.mean([r["scores"][category] for r in samples["synthetic"]])
-            )
+        metrics.update({f"synthetic_{k}": v for k, v in suite_scores(samples["synthetic"]).items()})
     panels: list[dict[str, Any]] = []
     if cfg.panels > 0:
         after = panel_scores(sampler, cfg, cfg.panels, out_dir=out, label="after", progress=progress)

@@ -64,7 +64,7 @@ DEFAULT_GRANULARITY_WEIGHTS: dict[str, float] = {
 # a higher LR, and a caption mix that is mostly the English medium caption (a tiny model with a
 # random text encoder learns one caption style far sooner than twenty; the other kinds and Chinese
 # stay in at a small weight, and an image without a medium caption draws from its own kinds).
-TINY_CAPTION_MIX: dict[str, Any] = {
+TINY_SHARED: dict[str, Any] = {  # every tiny stage: caption mix, checkpoints, stage checks
     "granularity_weights": {**dict.fromkeys(DEFAULT_GRANULARITY_WEIGHTS, 0.01), "medium": 1.0},
     "language_weights": {"en": 1.0, "zh": 0.05},
     "checkpoint_every": 250,
@@ -77,7 +77,7 @@ TINY_STAGES: dict[Stage, dict[str, Any]] = {
     Stage.UNIFIED: {"resolution": 128, "steps": 30, "global_batch": 8, "lr": 2e-4, "aux_weight": 0.0},
 }
 for _stage in TINY_STAGES.values():
-    _stage.update(TINY_CAPTION_MIX)
+    _stage.update(TINY_SHARED)
 
 SMALL_STAGES: dict[Stage, dict[str, Any]] = {
     Stage.LOWRES: {"resolution": 128, "steps": 2000, "global_batch": 64, "lr": 5e-4, "aux_weight": 0.0},

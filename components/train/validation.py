@@ -183,10 +183,8 @@ def stage_compositional(
         return {}
     import tempfile
 
-    import numpy as np
-
     from components.evaluate.compositional import CATEGORIES
-    from components.evaluate.evaluate import EvalConfig, generate_suite
+    from components.evaluate.evaluate import EvalConfig, generate_suite, suite_scores
     from components.evaluate.suites import synthetic_suite
     from model.prompts import domain_template
     from model.sampler import LuminaSampler
@@ -198,7 +196,7 @@ def stage_compositional(
     modules = [pipe.transformer, pipe.vae, pipe.text_encoder]
     with on_device(modules, device), tempfile.TemporaryDirectory() as tmp:
         records = generate_suite(LuminaSampler.from_pipeline(pipe), items, Path(tmp), ev, progress=False)
-    scores = {f"val_{c}": float(np.mean([r["scores"][c] for r in records])) for c in CATEGORIES}
+    scores = {f"val_{c}": v for c, v in suite_scores(records).items() if c in CATEGORIES}
     log.info("stage %s: %s on %d held-out synthetic prompts", cfg.stage,
              ", ".join(f"{k} {v:.2f}" for k, v in scores.items()), len(records))  # fmt: skip
     if tracker is not None:
