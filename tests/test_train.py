@@ -17,9 +17,10 @@ from PIL import Image
 from common.errors import ConfigError, WeightsNotFoundError
 from components.latents import LatentStore
 from components.latents.cache import index_files
+from components.train.checkpoints import complete_checkpoints
 from components.train.config import load_config, stage_config
 from components.train.data import bucket_sizes, decode_image, fingerprint, read_manifest
-from components.train.loader import StageFilter, stage_rows
+from components.train.loader import LOADER_STATE, StageFilter, stage_rows
 from components.train.resume import read_losses
 from components.train.sources import encode_manifest
 from components.train.trainer import train_stage, velocity_model
@@ -275,9 +276,9 @@ def test_killed_run_resumes_with_identical_losses(tmp_path, manifest):
         time.sleep(0.02)
     assert killed.wait(timeout=60) == -signal.SIGKILL, "the run finished before it could be killed"
     assert len(read_losses(tmp_path / "resumed")) < 24
-    (saved,) = [json.loads(p.read_text()) for p in (tmp_path / "resumed").glob("checkpoints/*/loader.json")][
-        -1:
-    ]
+    # the kill may land mid-save: what resume reads is the newest *complete* checkpoint's position
+    newest = complete_checkpoints(tmp_path / "resumed" / "checkpoints")[0]  # newest first
+    saved = json.loads((newest.path / LOADER_STATE).read_text())
     assert saved["positions"][0] != {"epoch": 0, "cursor": 0, "batch": 0}  # killed mid-stream
 
     resumed = _train_cli(manifest, tmp_path / "resumed", config)

@@ -44,6 +44,7 @@ from components.latents.cache import (
     index_files,
     read_index_columns,
 )
+from components.train.checkpoints import write_atomic
 from components.train.data import TrainRecord, parse_captions
 
 log = logging.getLogger(__name__)
@@ -279,8 +280,9 @@ class StageStream:
 
 
 def save_positions(path: Path, positions: Sequence[Position]) -> None:
-    """Every rank's position (rank order) as JSON."""
-    path.write_text(json.dumps({"world_size": len(positions), "positions": [asdict(p) for p in positions]}))
+    """Every rank's position (rank order) as JSON, written atomically (whole or absent)."""
+    state = {"world_size": len(positions), "positions": [asdict(p) for p in positions]}
+    write_atomic(path, json.dumps(state))
 
 
 def load_position(path: Path, rank: int, world: int) -> Position | None:
