@@ -36,6 +36,19 @@ def test_committed_yaml_matches_the_code(compiled):
     assert fresh == committed, "pipelines/lumina_pipeline.yaml is stale: run `make pipeline-compile`"
 
 
+def test_every_step_runs_on_the_project_image_without_installing_anything(compiled):
+    """The image has kfp and the project installed: a step's command installs nothing at start."""
+    from components.image import BASE_IMAGE
+
+    spec_doc = next(yaml.safe_load_all(compiled.read_text()))
+    executors = spec_doc["deploymentSpec"]["executors"].values()
+    containers = [e["container"] for e in executors if "container" in e]
+    assert containers and all(c["image"] == BASE_IMAGE for c in containers)
+    for container in containers:
+        script = " ".join(container["command"] + container.get("args", []))
+        assert "pip install" not in script and "ensurepip" not in script, script[:300]
+
+
 def test_spec_parses_strictly_and_references_resolve(compiled):
     spec_doc, platform_doc = yaml.safe_load_all(compiled.read_text())
     spec = json_format.ParseDict(spec_doc, pipeline_spec_pb2.PipelineSpec())  # unknown fields raise

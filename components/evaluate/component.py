@@ -1,12 +1,11 @@
 """KFP wrapper for evaluation (no ``from __future__ import annotations``: KFP reads real annotations)."""
 
-from kfp import dsl
 from kfp.dsl import HTML, Dataset, Input, Metrics, Model, Output
 
-from components.image import BASE_IMAGE
+from components.image import lumina_component
 
 
-@dsl.component(base_image=BASE_IMAGE)
+@lumina_component
 def evaluate_op(
     model: Input[Model],
     metrics: Output[Metrics],

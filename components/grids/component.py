@@ -1,13 +1,12 @@
 """KFP wrapper for the per-group grid step (no ``from __future__ import annotations``: KFP reads
 real annotations)."""
 
-from kfp import dsl
 from kfp.dsl import Dataset, Output
 
-from components.image import BASE_IMAGE
+from components.image import lumina_component
 
 
-@dsl.component(base_image=BASE_IMAGE)
+@lumina_component
 def grids_group_op(
     group: str,
     tiers_hash: str,

@@ -5,13 +5,12 @@
 
 from typing import List
 
-from kfp import dsl
 from kfp.dsl import Dataset, Input, Output
 
-from components.image import BASE_IMAGE
+from components.image import lumina_component
 
 
-@dsl.component(base_image=BASE_IMAGE)
+@lumina_component
 def ingest_group_op(group: str, manifest: Output[Dataset], min_side: int = 32, shard_size: int = 1000) -> str:
     """Ingest one plan group into tar shards under its prefix; the artifact holds its candidate
     manifest and rejects. Returns the group name."""
@@ -31,7 +30,7 @@ def ingest_group_op(group: str, manifest: Output[Dataset], min_side: int = 32, s
     return result.group
 
 
-@dsl.component(base_image=BASE_IMAGE)
+@lumina_component
 def ingest_merge_op(
     groups: List[str],
     parts: Input[List[Dataset]],

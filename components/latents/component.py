@@ -1,13 +1,12 @@
 """KFP wrapper for the per-group latent step (no ``from __future__ import annotations``: KFP reads
 real annotations)."""
 
-from kfp import dsl
 from kfp.dsl import Dataset, Input, Output
 
-from components.image import BASE_IMAGE
+from components.image import lumina_component
 
 
-@dsl.component(base_image=BASE_IMAGE)
+@lumina_component
 def latents_group_op(
     group: str,
     tiers_hash: str,

@@ -2,13 +2,12 @@
 
 from typing import List
 
-from kfp import dsl
 from kfp.dsl import Dataset, Output
 
-from components.image import BASE_IMAGE
+from components.image import lumina_component
 
 
-@dsl.component(base_image=BASE_IMAGE)
+@lumina_component
 def plan_op(
     source: str,
     data_root: str,

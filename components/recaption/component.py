@@ -5,13 +5,12 @@
 
 from typing import List
 
-from kfp import dsl
 from kfp.dsl import Dataset, Input, Output
 
-from components.image import BASE_IMAGE
+from components.image import lumina_component
 
 
-@dsl.component(base_image=BASE_IMAGE)
+@lumina_component
 def recaption_group_op(
     group: str,
     dataset_hash: str,
@@ -37,7 +36,7 @@ def recaption_group_op(
     return result.dataset_hash
 
 
-@dsl.component(base_image=BASE_IMAGE)
+@lumina_component
 def captions_merge_op(groups: List[str], parts: Input[List[Dataset]], captions: Output[Dataset],
                       backend: str = "auto") -> str:  # fmt: skip
     """Fan-in: one captions table and training manifest, the caption gate on the whole; returns the

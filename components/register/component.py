@@ -2,13 +2,12 @@
 
 from typing import List, NamedTuple
 
-from kfp import dsl
 from kfp.dsl import HTML, Input, Model, Output
 
-from components.image import BASE_IMAGE
+from components.image import lumina_component
 
 
-@dsl.component(base_image=BASE_IMAGE)
+@lumina_component
 def register_op(
     model: Input[Model],
     report: Output[HTML],
@@ -67,7 +66,7 @@ def register_op(
     return json.dumps(asdict(result))
 
 
-@dsl.component(base_image=BASE_IMAGE)
+@lumina_component
 def new_data_op(
     groups: List[str], model_name: str, only_new_data: bool = False, mlflow_tracking_uri: str = ""
 ) -> NamedTuple("NewData", [("decision", str), ("fingerprint", str), ("reason", str)]):
@@ -97,7 +96,7 @@ def new_data_op(
     return result("unchanged", fingerprint, reason)
 
 
-@dsl.component(base_image=BASE_IMAGE)
+@lumina_component
 def nothing_new_op(reason: str) -> str:
     """The run's result when there was nothing new to train on (JSON ``{"skipped": reason}``)."""
     import json

@@ -5,13 +5,12 @@
 
 from typing import List
 
-from kfp import dsl
 from kfp.dsl import Dataset, Input, Output
 
-from components.image import BASE_IMAGE
+from components.image import lumina_component
 
 
-@dsl.component(base_image=BASE_IMAGE)
+@lumina_component
 def score_group_op(captions: Input[Dataset], scores: Output[Dataset]) -> str:
     """Score one group's captioned images (raw scores; ranks and quotas are the fan-in's)."""
     from common.logs import configure_logging_if_requested
@@ -23,7 +22,7 @@ def score_group_op(captions: Input[Dataset], scores: Output[Dataset]) -> str:
     return str(path)
 
 
-@dsl.component(base_image=BASE_IMAGE)
+@lumina_component
 def tier_op(
     captions: Input[List[Dataset]],
     scores: Input[List[Dataset]],

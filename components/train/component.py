@@ -15,13 +15,12 @@ time. ``launcher``:
 
 from typing import List
 
-from kfp import dsl
 from kfp.dsl import Dataset, Input, Metrics, Model, Output
 
-from components.image import BASE_IMAGE
+from components.image import lumina_component
 
 
-@dsl.component(base_image=BASE_IMAGE)
+@lumina_component
 def train_stage_op(
     manifest: Input[Dataset],
     pipeline: Output[Model],

@@ -71,7 +71,7 @@ TINY_SHARED: dict[str, Any] = {  # every tiny stage: caption mix, checkpoints, s
     "val_prompts": 16,  # each stage's compositional check: a few seconds of the budget, not ten
 }
 TINY_STAGES: dict[Stage, dict[str, Any]] = {
-    Stage.LOWRES: {"resolution": 64, "steps": 500, "global_batch": 16, "lr": 2e-3, "aux_weight": 0.0},
+    Stage.LOWRES: {"resolution": 64, "steps": 700, "global_batch": 16, "lr": 2e-3, "aux_weight": 0.0},
     Stage.HIGHRES: {"resolution": 128, "steps": 400, "global_batch": 16, "lr": 1e-3, "aux_weight": 0.0},
     Stage.HQ: {"resolution": 128, "steps": 100, "global_batch": 16, "lr": 2e-4, "aux_weight": 0.0},
     Stage.UNIFIED: {"resolution": 128, "steps": 30, "global_batch": 8, "lr": 2e-4, "aux_weight": 0.0},

@@ -69,12 +69,11 @@ def ensure_distributed_env() -> bool:
     return owned
 
 
-def skip_shared_memory_comm_alone() -> None:
-    """A one-process CPU run has no peer to share memory with: keep DeepSpeed from compiling its
-    shared-memory collectives op (``deepspeed_shm_comm``, ~25 s on 2 cores on a fresh machine) for
-    nothing; its collectives go through gloo. Several processes keep the op."""
-    if os.environ.get("WORLD_SIZE", "1") != "1":
-        return
+def skip_shared_memory_inference_op() -> None:
+    """On the CPU, keep DeepSpeed from compiling its shared-memory collectives op
+    (``deepspeed_shm_comm``: ~25 s on 2 cores, the first time on a machine) when its backend starts.
+    Only ``inference_all_reduce`` (tensor-parallel inference) uses that op; training's collectives
+    go through torch.distributed (gloo on the CPU) either way."""
     import deepspeed.ops
     from deepspeed.accelerator import get_accelerator
 
@@ -87,7 +86,7 @@ def init_distributed(owned_port: bool, attempts: int = 5, timeout_minutes: float
     attempt (and again if another process took it in between: EADDRINUSE), instead of failing."""
     import deepspeed
 
-    skip_shared_memory_comm_alone()
+    skip_shared_memory_inference_op()
     for attempt in range(attempts):
         if owned_port:
             os.environ["MASTER_PORT"] = str(free_port())
