@@ -43,7 +43,7 @@ class VaeTraining:
     """The recipe (part of the cache key: a changed recipe trains again)."""
 
     profile: str = "tiny"
-    steps: int = 1600
+    steps: int = 1400
     batch: int = 4
     crop: int = 64
     lr: float = 1e-3
