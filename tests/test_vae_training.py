@@ -30,7 +30,7 @@ from tests.conftest import SCENE_VAE_STEPS
 QUICK = VaeTraining(steps=3, batch=2)  # determinism and caching: the recipe, not the quality
 
 
-# The sample recipe (1,150 steps) reaches ~26 dB held-out PSNR in ~2 minutes on 2 cores (measured by
+# The sample recipe (1,400 steps) reaches ~26.3 dB held-out PSNR in ~2 minutes on 2 cores (measured by
 # `make sample-data`, which logs it and writes it to report.json); the suite's VAE (conftest
 # ``scene_vae``) is the same recipe for 800 steps and must clear a margin over the
 # random VAE.
