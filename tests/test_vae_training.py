@@ -32,7 +32,7 @@ QUICK = VaeTraining(steps=3, batch=2)  # determinism and caching: the recipe, no
 
 # The sample recipe (1,400 steps) reaches ~26.3 dB held-out PSNR in ~2 minutes on 2 cores (measured by
 # `make sample-data`, which logs it and writes it to report.json); the suite's VAE (conftest
-# ``scene_vae``) is the same recipe for 800 steps and must clear a margin over the
+# ``scene_vae``) is the same recipe for 700 steps and must clear a margin over the
 # random VAE.
 SHORT = VaeTraining(steps=SCENE_VAE_STEPS)
 SHORT_PSNR = 22.0  # measured 26.4 dB at 64 px, 24.4 dB at 128 px
