@@ -103,9 +103,9 @@ def main() -> None:
                 rows.append({"arm": arm, "stage": stage, "train_s": round(seconds, 1), **got})
     title = f"tiny default, held-out synthetic prompts at {args.size} px ({args.prompts} prompts)"
     table = Table(title=title)
-    for column in ("arm", "stage", *CATEGORIES, "overall", "val_loss", "train_s"):
-        table.add_column(column)
     columns = ("arm", "stage", *CATEGORIES, "overall", "val_loss", "train_s")
+    for column in columns:
+        table.add_column(column)
     for row in rows:
         table.add_row(*(f"{row[c]:.3f}" if isinstance(row[c], float) else str(row[c]) for c in columns))
     Console().print(table)
