@@ -14,6 +14,7 @@ from typer._click.exceptions import NoArgsIsHelpError
 
 from common.errors import LuminaError, validation_message
 from common.logs import configure_logging, log_format
+from common.process import skip_exit_collection
 
 # typer >= 0.2x ships its own copy of click: catch its exceptions and the real click's alike
 _CLICK_ERRORS = (click.ClickException, TyperClickException)
@@ -31,7 +32,8 @@ def fail(message: str, code: int = 2) -> NoReturn:
 
 def run_cli(app: typer.Typer) -> None:
     """Run a typer app with structured logs (:mod:`common.logs`) and one-line errors for what a user
-    can fix."""
+    can fix. The process skips the final garbage collection at exit (:func:`skip_exit_collection`)."""
+    skip_exit_collection()
     try:
         configure_logging()
     except LuminaError as exc:

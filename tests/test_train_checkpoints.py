@@ -233,6 +233,26 @@ def test_stage_work_dir_is_a_stable_key_on_the_work_root(tmp_path):
     assert tmp_path in first.parents  # no way out of the root
     temp = stage_work_dir("", "run-1", "hq")
     assert temp.is_dir() and tmp_path not in temp.parents and temp.name.startswith("train-hq-")
+    temp.rmdir()
+
+
+def test_a_temporary_stage_folder_is_removed_on_success_and_kept_on_failure(tmp_path, capsys):
+    """Without a work root (the embedded default) each stage trains in a temporary folder that
+    nothing resumes from: it is removed when the step succeeds (checkpoints of every run used to
+    pile up in /tmp), kept and named when it fails. A work-root folder stays for a retry."""
+    from components.train.launch import stage_work
+
+    with stage_work("", "run-1", "lowres") as work:
+        (work / "output").mkdir()
+        (work / "output" / "checkpoint.bin").write_bytes(b"x" * 1024)
+    assert not work.exists()
+    with pytest.raises(RuntimeError, match="boom"), stage_work("", "run-1", "highres") as failed:
+        raise RuntimeError("boom")
+    assert failed.is_dir() and f"kept for inspection: {failed}" in capsys.readouterr().err
+    failed.rmdir()
+    with stage_work(str(tmp_path), "run-1", "hq") as kept:
+        (kept / "losses.jsonl").write_text("{}\n")
+    assert kept == tmp_path / "run-1" / "hq" and (kept / "losses.jsonl").is_file()
 
 
 def test_the_train_step_never_inherits_a_rendezvous():

@@ -20,9 +20,9 @@ def evaluate_op(
     ``heldout``: the tier step's held-out manifest (or tier folder): ``val_loss`` on those images.
     ``baseline`` with ``compare_baseline`` (the unified phase ran): the model before that phase,
     whose grid-panel metrics are reported beside the final model's (``*_before``)."""
-    from common.logs import configure_logging_if_requested
+    from common.process import start_step
 
-    configure_logging_if_requested()  # JSON records on a cluster (LUMINA_LOG_FORMAT set on the task)
+    start_step()  # JSON records on a cluster (LUMINA_LOG_FORMAT set on the task), a quick exit
     import json
     import os
     import shutil

@@ -19,9 +19,9 @@ def grids_group_op(
     """Build one group's Template C grids and the unified phase's mix (``enabled``; else an empty
     output); the grid images go into shards beside the group's, the artifact holds the rows.
     ``config_json``: :class:`components.grids.grid.GridConfig` fields. Returns the summary JSON."""
-    from common.logs import configure_logging_if_requested
+    from common.process import start_step
 
-    configure_logging_if_requested()
+    start_step()
     import json
 
     from components.grids.grid import parse_grid_config

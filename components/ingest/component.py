@@ -14,9 +14,9 @@ from components.image import lumina_component
 def ingest_group_op(group: str, manifest: Output[Dataset], min_side: int = 32, shard_size: int = 1000) -> str:
     """Ingest one plan group into tar shards under its prefix; the artifact holds its candidate
     manifest and rejects. Returns the group name."""
-    from common.logs import configure_logging_if_requested
+    from common.process import start_step
 
-    configure_logging_if_requested()
+    start_step()
     from components.ingest.group import ingest_group
     from components.ingest.ingest import IngestOptions
     from components.plan.plan import Group
@@ -42,9 +42,9 @@ def ingest_merge_op(
 ) -> str:
     """Fan-in: global duplicate decisions, the caption sidecar and the great_expectations gate on
     the whole manifest; returns the dataset hash."""
-    from common.logs import configure_logging_if_requested
+    from common.process import start_step
 
-    configure_logging_if_requested()
+    start_step()
     from pathlib import Path
 
     import pandas as pd

@@ -21,9 +21,9 @@ def latents_group_op(
     shards; the artifact holds the group's latent indexes (``tiers_hash``: the tiers it follows).
     ``vae``: a trained VAE folder for the first stage ("": the profile's own). ``grids``: the
     group's grid step output (the unified phase's grids and mix), when the pipeline has one."""
-    from common.logs import configure_logging_if_requested
+    from common.process import start_step
 
-    configure_logging_if_requested()
+    start_step()
     from components.latents.group import latents_group
     from components.plan.plan import Group
 

@@ -19,9 +19,9 @@ def plan_op(
     """List ``source`` and split it into groups: returns the ParallelFor items (one JSON object per
     group). The listing's fingerprint, which keys every output written for it, is in the ``plan``
     artifact's metadata. (One unnamed output: kfp's local runner iterates only over ``Output``.)"""
-    from common.logs import configure_logging_if_requested
+    from common.process import start_step
 
-    configure_logging_if_requested()
+    start_step()
     import json
     from pathlib import Path
 

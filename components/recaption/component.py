@@ -22,9 +22,9 @@ def recaption_group_op(
     """Caption one group's kept images (``dataset_hash``: the ingest fan-in this depends on);
     ``vlm_config_json``: the captioner settings of :class:`RecaptionConfig` (perspectives,
     languages, pixel limits, batch size, new tokens) as JSON."""
-    from common.logs import configure_logging_if_requested
+    from common.process import start_step
 
-    configure_logging_if_requested()
+    start_step()
     from components.plan.plan import Group
     from components.recaption.config import RecaptionConfig
     from components.recaption.recaption import recaption_group, vlm_function
@@ -41,9 +41,9 @@ def captions_merge_op(groups: List[str], parts: Input[List[Dataset]], captions: 
                       backend: str = "auto") -> str:  # fmt: skip
     """Fan-in: one captions table and training manifest, the caption gate on the whole; returns the
     captions' content hash."""
-    from common.logs import configure_logging_if_requested
+    from common.process import start_step
 
-    configure_logging_if_requested()
+    start_step()
     from pathlib import Path
 
     import pandas as pd

@@ -32,9 +32,9 @@ def register_op(
     ``champion`` only if the promotion gate passes; ``report``: the evaluation report with the gate
     decision, challenger beside champion, loss curves and lineage (also ``report.html`` in the
     version's MLflow run). Returns the registration as JSON."""
-    from common.logs import configure_logging_if_requested
+    from common.process import start_step
 
-    configure_logging_if_requested()  # JSON records on a cluster (LUMINA_LOG_FORMAT set on the task)
+    start_step()  # JSON records on a cluster (LUMINA_LOG_FORMAT set on the task), a quick exit
     import json
     import os
     from dataclasses import asdict
@@ -72,19 +72,20 @@ def new_data_op(
 ) -> NamedTuple("NewData", [("decision", str), ("fingerprint", str), ("reason", str)]):
     """``decision``: ``train``, or (``only_new_data``, e.g. a recurring run) ``unchanged`` when a
     version of ``model_name`` was already registered from a source with this plan's fingerprint."""
-    from common.logs import configure_logging_if_requested
+    from common.process import start_step
 
-    configure_logging_if_requested()
+    start_step()
     import os
     from collections import namedtuple
 
     from components.plan.plan import source_fingerprint
-    from components.register.register import version_for_source
 
     result = namedtuple("NewData", ["decision", "fingerprint", "reason"])
     fingerprint = source_fingerprint(groups)
     if not only_new_data:
         return result("train", fingerprint, "")
+    from components.register.register import version_for_source  # MLflow and torch: 5 s of imports
+
     uri = mlflow_tracking_uri or os.environ["MLFLOW_TRACKING_URI"]
     version = version_for_source(model_name, fingerprint, uri)
     if version is None:

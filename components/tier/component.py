@@ -13,9 +13,9 @@ from components.image import lumina_component
 @lumina_component
 def score_group_op(captions: Input[Dataset], scores: Output[Dataset]) -> str:
     """Score one group's captioned images (raw scores; ranks and quotas are the fan-in's)."""
-    from common.logs import configure_logging_if_requested
+    from common.process import start_step
 
-    configure_logging_if_requested()
+    start_step()
     from components.tier.tier import score_group
 
     path = score_group(captions.path, scores.path, progress=False)
@@ -32,9 +32,9 @@ def tier_op(
 ) -> str:
     """Fan-in: nested tiers (lowres ⊇ highres ⊇ hq) with the 100:10:1 quotas over the whole set;
     returns the tiers' content hash."""
-    from common.logs import configure_logging_if_requested
+    from common.process import start_step
 
-    configure_logging_if_requested()
+    start_step()
     from components.plan.plan import Group
     from components.tier.tier import tier_groups
     from components.tier.tiering import TierConfig

@@ -8,7 +8,8 @@ import socket
 import subprocess
 import sys
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -44,6 +45,22 @@ def stage_work_dir(work_root: str, run_id: str, stage: str) -> Path:
     folder = Path(work_root) / run / stage
     folder.mkdir(parents=True, exist_ok=True)
     return folder
+
+
+@contextmanager
+def stage_work(work_root: str, run_id: str, stage: str) -> Iterator[Path]:
+    """:func:`stage_work_dir` for the train step. A temporary folder (no ``work_root``) holds the
+    stage's checkpoints, which nothing resumes from: it is removed when the step succeeds, and kept,
+    with its path on stderr, when the step fails. A ``work_root`` folder is always kept (resume)."""
+    work = stage_work_dir(work_root, run_id, stage)
+    try:
+        yield work
+    except BaseException:
+        if not work_root:
+            print(f"stage {stage} failed; its work folder is kept for inspection: {work}", file=sys.stderr)
+        raise
+    if not work_root:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 RENDEZVOUS_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")
