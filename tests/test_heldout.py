@@ -177,6 +177,7 @@ def test_a_stage_logs_and_returns_its_heldout_val_loss(
 ):
     from mlflow.tracking import MlflowClient
 
+    import components.evaluate.evaluate as evaluate
     from components.evaluate.evaluate import EvalConfig, run_evaluation
     from components.train.config import stage_config
     from components.train.trainer import train_stage
@@ -184,6 +185,12 @@ def test_a_stage_logs_and_returns_its_heldout_val_loss(
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    sizes, record = set(), evaluate.item_record
+    monkeypatch.setattr(
+        evaluate,
+        "item_record",
+        lambda i, p, images, *a: sizes.update(im.size for im in images) or record(i, p, images, *a),
+    )
     held = heldout_manifest.parent  # the tier folder is enough: its heldout.parquet is read
     cfg = stage_config("lowres", manifest=shapes_manifest, output_dir=tmp_path / "lowres", steps=2,
                        global_batch=4, micro_batch=2, heldout=held, val_images=8, val_prompts=4)  # fmt: skip
@@ -197,6 +204,8 @@ def test_a_stage_logs_and_returns_its_heldout_val_loss(
     for kind in ("colors", "presence", "counting", "position"):
         value = metrics[f"val_{kind}"]
         assert value == summary[f"val_{kind}"] and value in (0.0, 0.25, 0.5, 0.75, 1.0)
+    # a 64 px stage is checked at the tiny profile's val_resolution (128, where evaluate scores)
+    assert cfg.resolution == 64 and cfg.val_resolution == 128 and sizes == {(128, 128)}
     # the same number as recomputed from the export (the EMA weights, the stage's VAE)
     assert loss_of_first(load_pipeline(result.pipeline_dir), heldout_manifest, 8) == pytest.approx(
         result.val_loss, rel=1e-5

@@ -69,6 +69,7 @@ TINY_SHARED: dict[str, Any] = {  # every tiny stage: caption mix, checkpoints, s
     "language_weights": {"en": 1.0, "zh": 0.05},
     "checkpoint_every": 250,
     "val_prompts": 16,  # each stage's compositional check: a few seconds of the budget, not ten
+    "val_resolution": 128,  # every stage checked where the evaluate step scores (EvalConfig 128 px)
 }
 TINY_STAGES: dict[Stage, dict[str, Any]] = {
     Stage.LOWRES: {"resolution": 64, "steps": 700, "global_batch": 16, "lr": 2e-3, "aux_weight": 0.0},
@@ -190,7 +191,13 @@ class TrainConfig(BaseModel):
         32,
         ge=0,
         description="held-out synthetic prompts the stage's compositional scores (val_colors,"
-        " val_presence, val_counting, val_position) are measured on at its resolution; 0: off",
+        " val_presence, val_counting, val_position) are measured on; 0: off",
+    )
+    val_resolution: int | None = Field(
+        None,
+        ge=32,
+        description="resolution the compositional check samples and scores at; None: the stage's."
+        " One value for every stage makes the stages' scores comparable across a resolution change",
     )
 
     @field_validator("granularity_weights")

@@ -175,8 +175,9 @@ def stage_compositional(
 ) -> dict[str, float]:
     """The end-of-stage compositional scores: ``val_presence`` / ``val_counting`` / ``val_colors`` /
     ``val_position`` of ``pipe`` (the stage's export) on ``cfg.val_prompts`` held-out synthetic
-    prompts (:func:`components.evaluate.suites.synthetic_suite`) at the stage resolution, sampled and
-    scored as the evaluate step does (its default sampler, the synthetic domain's system prompt),
+    prompts (:func:`components.evaluate.suites.synthetic_suite`) at ``cfg.val_resolution`` (default:
+    the stage resolution), sampled and scored as the evaluate step does (its default sampler, the
+    synthetic domain's system prompt),
     logged to the stage's MLflow run at the last step. Like ``val_loss``, it runs when the stage has
     a held-out split (``cfg.heldout``: validation is on); empty without one or with ``val_prompts: 0``."""
     if cfg.heldout is None or cfg.val_prompts <= 0:
@@ -189,9 +190,10 @@ def stage_compositional(
     from model.prompts import domain_template
     from model.sampler import LuminaSampler
 
-    ev = EvalConfig(height=cfg.resolution, width=cfg.resolution,
+    size = cfg.val_resolution or cfg.resolution
+    ev = EvalConfig(height=size, width=size,
                     synthetic_system_prompt=domain_template("synthetic", cfg.system_prompts))  # fmt: skip
-    items = synthetic_suite(cfg.val_prompts, cfg.resolution)
+    items = synthetic_suite(cfg.val_prompts, size)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     modules = [pipe.transformer, pipe.vae, pipe.text_encoder]
     with on_device(modules, device), tempfile.TemporaryDirectory() as tmp:
