@@ -162,7 +162,8 @@ def metric_lines(metrics: dict[str, float]) -> list[str]:
 
 def stage_lines(tracking_uri: str, name: str, version: str) -> list[str]:
     """The summary's per-stage line: each stage's compositional scores on held-out synthetic prompts
-    at its resolution (``val_*`` of the stage runs the registered version is tagged with)."""
+    (``val_*`` of the stage runs the registered version is tagged with), and the resolution they
+    were sampled at (``val_resolution``: one for every stage, or each stage's own)."""
     from mlflow.tracking import MlflowClient
 
     from components.train.config import Stage
@@ -170,15 +171,19 @@ def stage_lines(tracking_uri: str, name: str, version: str) -> list[str]:
     try:
         client = MlflowClient(tracking_uri)
         tags = client.get_model_version(name, version).tags
-        runs = [client.get_run(tags[f"run.{s}"]).data.metrics for s in Stage if tags.get(f"run.{s}")]
+        runs = [client.get_run(tags[f"run.{s}"]).data for s in Stage if tags.get(f"run.{s}")]
     except Exception as exc:  # the summary must not fail a finished run
         return [f"by stage         : not available ({error_summary(exc, 120)})"]
     shown = [
-        f"{kind} " + " -> ".join(f"{m[f'val_{kind}']:.2f}" for m in runs)
+        f"{kind} " + " -> ".join(f"{r.metrics[f'val_{kind}']:.2f}" for r in runs)
         for kind in ("colors", "presence")
-        if runs and all(f"val_{kind}" in m for m in runs)
+        if runs and all(f"val_{kind}" in r.metrics for r in runs)
     ]
-    return ["by stage         : " + "; ".join(shown) + " (stage resolution)"] if shown else []
+    sizes = {r.params.get("val_resolution", "None") for r in runs}
+    where = (
+        f"at {sizes.pop()} px" if len(sizes) == 1 and "None" not in sizes else "at each stage's resolution"
+    )
+    return [f"by stage         : {'; '.join(shown)} ({where})"] if shown else []
 
 
 def check_services(source: str, mlflow_server: bool) -> None:

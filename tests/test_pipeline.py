@@ -401,6 +401,7 @@ def test_local_run_registers_and_failing_gate_keeps_champion(tmp_path):
     assert "held-out loss    : " in proc.stdout and "compositional    : presence " in proc.stdout
     assert "grid panels      : canny_f1 " in proc.stdout and "(before unified " not in proc.stdout
     assert "by stage         : colors " in proc.stdout and " -> " in proc.stdout
+    assert "(at 128 px)" in proc.stdout  # the tiny stages are checked at one resolution (val_resolution)
     assert "SERVE_MODEL=models:/lumina-e2e/" in proc.stdout  # not champion: served by version
     champion = client.get_model_version_by_alias("lumina-e2e", "champion")
     challenger = client.get_model_version_by_alias("lumina-e2e", "challenger")

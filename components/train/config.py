@@ -68,7 +68,7 @@ TINY_SHARED: dict[str, Any] = {  # every tiny stage: caption mix, checkpoints, s
     "granularity_weights": {**dict.fromkeys(DEFAULT_GRANULARITY_WEIGHTS, 0.01), "medium": 1.0},
     "language_weights": {"en": 1.0, "zh": 0.05},
     "checkpoint_every": 250,
-    "val_prompts": 16,  # each stage's compositional check: a few seconds of the budget, not ten
+    "val_prompts": 64,  # each stage's check on the evaluate step's 64 prompts: ~1 s per 16 at 128 px
     "val_resolution": 128,  # every stage checked where the evaluate step scores (EvalConfig 128 px)
 }
 TINY_STAGES: dict[Stage, dict[str, Any]] = {
