@@ -98,6 +98,8 @@ def test_bad_configs_are_clear_errors(tmp_path, manifest):
         stage_config("mid", manifest=manifest, output_dir=tmp_path)
     with pytest.raises(ConfigError, match="training config: invalid lr"):
         stage_config("lowres", manifest=manifest, output_dir=tmp_path, lr=-1)
+    with pytest.raises(ConfigError, match=r"invalid val_resolution.*multiple of 16"):  # before training
+        stage_config("lowres", manifest=manifest, output_dir=tmp_path, val_resolution=100)
     bad = tmp_path / "bad.yaml"
     bad.write_text("steps: [1, 2\n")
     with pytest.raises(ConfigError, match="not valid YAML"):

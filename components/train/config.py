@@ -195,7 +195,8 @@ class TrainConfig(BaseModel):
     )
     val_resolution: int | None = Field(
         None,
-        ge=32,
+        ge=64,
+        multiple_of=16,  # the sampler's grid: VAE factor 8 x patch 2 (checked before training, not after)
         description="resolution the compositional check samples and scores at; None: the stage's."
         " One value for every stage makes the stages' scores comparable across a resolution change",
     )
