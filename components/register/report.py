@@ -25,7 +25,7 @@ EVAL_ARTIFACTS = "evaluation"  # where log_evaluation puts the evaluate step's o
 REPORT_ARTIFACT = "report.html"
 STAGE_METRICS = ("loss", "val_loss", "val_colors", "val_presence", "val_counting", "val_position")
 """The last values shown beside each stage's curve (the val_ scores: held-out synthetic prompts at the
-stage's resolution, components.train.validation.stage_compositional)."""
+stage's ``val_resolution``, components.train.validation.stage_compositional)."""
 MAX_GRIDS = 6  # intermediate (EMA) sample grids per stage, evenly spaced, besides the final one
 LINEAGE = (
     ("profile", "model profile"),
