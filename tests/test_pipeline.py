@@ -484,3 +484,38 @@ def test_a_local_tiny_run_gets_the_embedded_default_tiers(tmp_path, cli, monkeyp
     given = json.dumps({"highres_ratio": 0.5, "hq_ratio": 0.1})
     cli(*base, "--param", f"tier_config_json={given}")
     assert seen["tier_config_json"] == given
+
+
+def test_the_by_stage_line_says_where_the_stages_were_scored(tmp_path):
+    """The summary's per-stage line reads each stage run's val_ scores and says whether they were
+    sampled at one resolution (comparable) or each at its stage's own."""
+    from mlflow import MlflowClient
+
+    from pipelines.cli import stage_lines
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("stages", artifact_location=(tmp_path / "artifacts").as_uri())
+
+    def stage_run(size: str, colors: float, presence: float) -> str:
+        run = client.create_run(experiment).info.run_id
+        client.log_param(run, "val_resolution", size)
+        client.log_metric(run, "val_colors", colors)
+        client.log_metric(run, "val_presence", presence)
+        return run
+
+    client.create_registered_model("m")
+
+    def version(*runs: str) -> str:
+        tags = {f"run.{stage}": run for stage, run in zip(("lowres", "highres", "hq"), runs, strict=False)}
+        return client.create_model_version("m", f"runs:/{runs[-1]}/model", tags=tags).version
+
+    one = version(stage_run("128", 0.38, 0.12), stage_run("128", 0.6, 0.2))
+    own = version(stage_run("None", 0.8, 0.4), stage_run("None", 0.5, 0.25), stage_run("None", 0.5, 0.25))
+    assert stage_lines(uri, "m", one) == [
+        "by stage         : colors 0.38 -> 0.60; presence 0.12 -> 0.20 (at 128 px)"
+    ]
+    assert stage_lines(uri, "m", own)[0].endswith(
+        "presence 0.40 -> 0.25 -> 0.25 (at each stage's resolution)"
+    )
+    assert stage_lines(uri, "m", "99")[0].startswith("by stage         : not available (")
