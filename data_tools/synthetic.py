@@ -8,6 +8,7 @@ invented). Deterministic for a seed.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import random
@@ -91,12 +92,43 @@ def make_scene(rng: random.Random, size: int) -> list[SceneObject]:
     return objects
 
 
-def distinct_scene(rng: random.Random, size: int, seen: set[tuple], tries: int = 100) -> list[SceneObject]:
-    """A scene whose groups are not in ``seen`` (added to it), so a set of them holds no two equal
-    images (ingest would drop the copies); after ``tries`` repeats one is allowed (small spaces)."""
-    for _ in range(tries):
+HELDOUT_SHARE = 4
+"""One scene in ``HELDOUT_SHARE`` (by its groups, :func:`is_heldout`) is held out: the sample data never
+draws it and the evaluation suites draw only those. A second seed alone would not do: the one-group
+space has 144 scenes, so 512 training scenes hold almost all of them and half of a seeded suite
+would be training scenes."""
+
+Scene = tuple[tuple[str, str, str, int], ...]
+
+
+def scene_key(objects: list[SceneObject]) -> Scene:
+    """What a scene's caption states: its sorted (shape, color, region, count) groups."""
+    return tuple(sorted(_groups(objects)))
+
+
+def is_heldout(key: Scene) -> bool:
+    """Whether a scene belongs to the held-out split: a stable hash of its groups (independent of
+    the image size, the seed and the Python process)."""
+    digest = hashlib.blake2b(repr(key).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") % HELDOUT_SHARE == 0
+
+
+def _scene_in_split(rng: random.Random, size: int, heldout: bool) -> list[SceneObject]:
+    while True:
         objects = make_scene(rng, size)
-        key = tuple(sorted(_groups(objects)))
+        if is_heldout(scene_key(objects)) == heldout:
+            return objects
+
+
+def distinct_scene(
+    rng: random.Random, size: int, seen: set[Scene], tries: int = 100, *, heldout: bool = False
+) -> list[SceneObject]:
+    """A scene of the training split (``heldout``: of the held-out split) whose groups are not in
+    ``seen`` (added to it), so a set of them holds no two equal images (ingest would drop the copies);
+    after ``tries`` repeats one is allowed (small spaces), never one of the other split."""
+    for _ in range(tries):
+        objects = _scene_in_split(rng, size, heldout)
+        key = scene_key(objects)
         if key not in seen:
             break
     seen.add(key)
@@ -156,13 +188,14 @@ def groups(objects: list[SceneObject]) -> list[tuple[str, str, str, int]]:
 
 
 def build_synthetic(out_dir: str | Path, n: int = 128, size: int = 128, seed: int = 0) -> Path:
-    """Write ``n`` distinct scenes as PNGs plus ``metadata.jsonl`` and a training manifest
-    (``manifest.parquet``) into ``out_dir``; returns the manifest path."""
+    """Write ``n`` distinct training-split scenes (never one :func:`is_heldout` picks) as PNGs plus
+    ``metadata.jsonl`` and a training manifest (``manifest.parquet``) into ``out_dir``; returns the
+    manifest path."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     meta_lines, rows = [], []
-    seen: set[tuple] = set()
+    seen: set[Scene] = set()
     for i in tqdm(range(n), desc="synthetic scenes", leave=False):
         objects = distinct_scene(rng, size, seen)
         image = render_scene(objects, size)

@@ -250,9 +250,9 @@ def scene_model(scenes, scene_vae, tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 def test_compositional_scores_of_trained_vs_untrained(scene_model, scene_vae, tmp_path):
-    """Issue #12 item 3, compositional half: on held-out synthetic prompts (a seed the scenes were
-    not drawn from) the trained model names the prompt's colours far more often than the untrained
-    one with the same VAE, and never scores lower in any category."""
+    """Issue #12 item 3, compositional half: on held-out synthetic prompts (scenes of the held-out
+    split, which the training scenes never are) the trained model names the prompt's colours far
+    more often than the untrained one with the same VAE, and never scores lower in any category."""
     from components.evaluate.evaluate import EvalConfig, run_evaluation
     from model.checkpoint import build_pipeline, save_pipeline
     from model.sampler import SamplerConfig

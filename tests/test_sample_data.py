@@ -6,12 +6,13 @@ import pytest
 from PIL import Image
 
 from common.errors import ConfigError
+from components.evaluate.suites import synthetic_suite
 from components.recaption.backends import alt_text_captions
 from components.train.data import read_manifest
 from data_tools import bundled
 from data_tools.bundled import IMAGES, build_bundled
 from data_tools.debian import SourceUnavailable
-from data_tools.synthetic import BACKGROUND, COLORS, build_synthetic
+from data_tools.synthetic import BACKGROUND, COLORS, SceneObject, build_synthetic, is_heldout, scene_key
 
 
 def _digest(folder) -> dict[str, str]:
@@ -24,6 +25,22 @@ def test_synthetic_set_is_deterministic(tmp_path):
     build_synthetic(tmp_path / "c", n=12, size=128, seed=4)
     assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
     assert _digest(tmp_path / "a") != _digest(tmp_path / "c")
+
+
+def test_the_evaluation_suite_never_asks_for_a_training_scene(tmp_path):
+    """The held-out split is by the scene's groups: with 600 training scenes (more than the sample
+    data's 512) the one-group space is exhausted, yet no suite prompt is a training scene."""
+    build_synthetic(tmp_path, n=600, size=64)
+    trained = set()
+    for line in (tmp_path / "metadata.jsonl").read_text().splitlines():
+        objects = [SceneObject(**{**o, "bbox": tuple(o["bbox"])}) for o in json.loads(line)["objects"]]
+        trained.add(scene_key(objects))
+    assert len(trained) == 600 and not any(is_heldout(key) for key in trained)
+    suite = [scene_key(item.metadata["objects"]) for item in synthetic_suite(64, 128)]
+    assert len(set(suite)) == 64 and all(is_heldout(key) for key in suite)
+    assert not trained & set(suite)
+    one_group = [key for key in suite if len(key) == 1]
+    assert 10 <= len(one_group) <= 40  # both kinds of scene are asked for
 
 
 def test_metadata_matches_the_rendered_pixels(tmp_path):

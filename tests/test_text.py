@@ -20,6 +20,18 @@ def test_tokenizer_is_deterministic_and_gemma_like(tokenizer):
     assert tokenizer.decode(ids, skip_special_tokens=True) == "two red cats"
 
 
+def test_system_prompts_are_whole_words(tokenizer):
+    """Every training caption starts with a system prompt: its words must be single tokens, or the
+    template, not the caption, makes up most of the tiny model's sequence (it did: 43 of 72 tokens)."""
+    caption = "An illustration of two red stars on the left and one purple circle on the right."
+    for template in (SystemPrompt.A, SystemPrompt.B):
+        text = apply_system_prompt(caption, template)
+        prefix = text[: text.index("<Prompt Start>")]
+        assert len(tokenizer(prefix, add_special_tokens=False).input_ids) <= len(prefix.split()) + 1
+        assert len(tokenizer(text).input_ids) <= len(text.split()) + 4
+        assert tokenizer.decode(tokenizer(text).input_ids, skip_special_tokens=True) == text
+
+
 def test_tokenizer_round_trips_unseen_text_via_byte_fallback(tokenizer):
     text = "两只红色的猫 🐈 Zebra-Quokka"
     ids = tokenizer(text).input_ids

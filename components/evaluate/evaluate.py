@@ -7,8 +7,8 @@ Held-out data (issue #12): given the tier step's held-out manifest, ``val_loss``
 those images (disjoint from training by id), computed by the same function and settings as each
 training stage's ``val_loss`` (:func:`components.train.validation.heldout_val_loss`); without one it
 falls back to freshly rendered synthetic scenes. The synthetic compositional suite always renders
-fresh scenes from the held-out seed (:data:`~components.evaluate.suites.HELDOUT_SEED`): they are
-not training images by construction (the training data's scenes come from other seeds).
+scenes of the held-out split (:func:`data_tools.synthetic.is_heldout`, by the scene's groups): the
+sample data never draws them, so no prompt of the suite is a training caption.
 
 Grid panels (issue #13): on ``panels`` held-out scenes, the model generates the canny edge map and
 the segmentation mask of a known image panel (:mod:`components.evaluate.panels`), scored against
@@ -104,7 +104,7 @@ def heldout_loss(
 ) -> float:
     """Flow-matching loss at fixed times and noise on the first ``n`` images of the held-out
     ``manifest`` (as the stages compute it, at ``size``'s buckets), or without one on ``n`` fresh
-    synthetic scenes from the held-out seed, their prompts under ``template``."""
+    synthetic scenes of the held-out split, their prompts under ``template``."""
     if manifest is not None:
         from components.train.validation import heldout_val_loss
 

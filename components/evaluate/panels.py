@@ -1,7 +1,7 @@
 """Grid-panel metrics (issue #13): on held-out synthetic scenes, how well a generated condition
 panel matches the scene's exact map.
 
-Each scene (rendered from the held-out seed, :data:`~components.evaluate.suites.HELDOUT_SEED`, like
+Each scene (a scene of the held-out split, :func:`data_tools.synthetic.is_heldout`, like
 the synthetic suite: never a training scene) is fitted to a square panel the way
 :meth:`~model.sampler.conditioning.PanelCondition.from_image` fits an image (cover-resize, centre
 crop); its ground-truth maps (:func:`components.grids.ground_truth.ground_truth_maps`) are drawn

@@ -13,7 +13,7 @@ from common.errors import ConfigError
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 SUITES = ("synthetic", "geneval", "dpg", "t2i-compbench")
-HELDOUT_SEED = 10_000  # the sample data uses seed 0: these scenes were never trained on
+HELDOUT_SEED = 10_000  # the suite's own draw of the held-out split (data_tools.synthetic.is_heldout)
 SUITE_CAPTION = "medium"  # the synthetic suite's prompt: the caption kind that states every group's side
 
 
@@ -40,16 +40,19 @@ def _cap(items: list[PromptItem], limit: int | None) -> list[PromptItem]:
 
 
 def synthetic_suite(n: int, size: int, seed: int = HELDOUT_SEED) -> list[PromptItem]:
-    """``n`` held-out scenes with their English *medium* ground-truth caption as the prompt ("An
-    illustration of two red stars on the left and one purple circle on the right."): it states
-    every group's count, colour, shape and side, all of which the scorer checks (the short caption
-    names no side, so position and per-side counts could not be asked of a model)."""
-    from data_tools.synthetic import captions, groups, make_scene
+    """``n`` distinct scenes of the held-out split (never in the sample data: the split is by the
+    scene's groups, :func:`data_tools.synthetic.is_heldout`) with their English *medium*
+    ground-truth caption as the prompt ("An illustration of two red stars on the left and one purple
+    circle on the right."): it states every group's count, colour, shape and side, all of which the
+    scorer checks (the short caption names no side, so position and per-side counts could not be
+    asked of a model)."""
+    from data_tools.synthetic import captions, distinct_scene, groups
 
     rng = random.Random(seed)
     items = []
+    seen: set = set()
     for i in range(n):
-        objects = make_scene(rng, size)
+        objects = distinct_scene(rng, size, seen, heldout=True)
         prompt = next(
             c["text"] for c in captions(objects) if (c["granularity"], c["language"]) == (SUITE_CAPTION, "en")
         )

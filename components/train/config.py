@@ -57,7 +57,7 @@ DEFAULT_GRANULARITY_WEIGHTS: dict[str, float] = {
 }
 
 
-# Scaled down so the four stages train on 2 CPU cores in about three minutes, and the tiny model
+# Scaled down so the four stages train on 2 CPU cores in about four minutes, and the tiny model
 # learns the synthetic scenes (issue #12; the probes behind these numbers are in the README, "Does
 # the embedded default learn?"). Not the paper's settings: no auxiliary loss (at 128 px the 4x-pooled
 # latents are 2 x 2 tokens, which teach nothing the main term does not, for a second forward pass),
@@ -72,8 +72,8 @@ TINY_SHARED: dict[str, Any] = {  # every tiny stage: caption mix, checkpoints, s
     "val_resolution": 128,  # every stage checked where the evaluate step scores (EvalConfig 128 px)
 }
 TINY_STAGES: dict[Stage, dict[str, Any]] = {
-    Stage.LOWRES: {"resolution": 64, "steps": 700, "global_batch": 16, "lr": 2e-3, "aux_weight": 0.0},
-    Stage.HIGHRES: {"resolution": 128, "steps": 400, "global_batch": 16, "lr": 1e-3, "aux_weight": 0.0},
+    Stage.LOWRES: {"resolution": 64, "steps": 1400, "global_batch": 16, "lr": 2e-3, "aux_weight": 0.0},
+    Stage.HIGHRES: {"resolution": 128, "steps": 800, "global_batch": 16, "lr": 1e-3, "aux_weight": 0.0},
     Stage.HQ: {"resolution": 128, "steps": 100, "global_batch": 16, "lr": 2e-4, "aux_weight": 0.0},
     Stage.UNIFIED: {"resolution": 128, "steps": 30, "global_batch": 8, "lr": 2e-4, "aux_weight": 0.0},
 }
