@@ -4,8 +4,9 @@ Trains the tiny profile's first two stages (its defaults: steps, LR, caption mix
 engine) on the sample data's synthetic scenes twice, once with their captions and once with the
 captions shuffled across images (a model that learns only "what these images look like"), and scores
 the untrained model, each stage and the control with the project's compositional scorer on
-held-out synthetic prompts (``components.evaluate``; a seed the scenes were not drawn from) at the
-evaluation resolution. Needs ``make sample-data`` (the scenes and the trained tiny VAE).
+held-out synthetic prompts (``components.evaluate``; scenes of the held-out split, which the
+sample data never draws) at the evaluation resolution. Needs ``make sample-data`` (the scenes and
+the trained tiny VAE).
 
 Run: ``python -m bench.learning --out bench/results/learning.json`` (about 5 minutes on 2 cores).
 """
