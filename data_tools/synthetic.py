@@ -113,11 +113,12 @@ def is_heldout(key: Scene) -> bool:
     return int.from_bytes(digest, "big") % HELDOUT_SHARE == 0
 
 
-def _scene_in_split(rng: random.Random, size: int, heldout: bool) -> list[SceneObject]:
+def _scene_in_split(rng: random.Random, size: int, heldout: bool) -> tuple[list[SceneObject], Scene]:
     while True:
         objects = make_scene(rng, size)
-        if is_heldout(scene_key(objects)) == heldout:
-            return objects
+        key = scene_key(objects)
+        if is_heldout(key) == heldout:
+            return objects, key
 
 
 def distinct_scene(
@@ -127,8 +128,7 @@ def distinct_scene(
     ``seen`` (added to it), so a set of them holds no two equal images (ingest would drop the copies);
     after ``tries`` repeats one is allowed (small spaces), never one of the other split."""
     for _ in range(tries):
-        objects = _scene_in_split(rng, size, heldout)
-        key = scene_key(objects)
+        objects, key = _scene_in_split(rng, size, heldout)
         if key not in seen:
             break
     seen.add(key)

@@ -7,12 +7,13 @@ from PIL import Image
 
 from common.errors import ConfigError
 from components.evaluate.suites import synthetic_suite
+from components.grids.ground_truth import scene_objects
 from components.recaption.backends import alt_text_captions
 from components.train.data import read_manifest
 from data_tools import bundled
 from data_tools.bundled import IMAGES, build_bundled
 from data_tools.debian import SourceUnavailable
-from data_tools.synthetic import BACKGROUND, COLORS, SceneObject, build_synthetic, is_heldout, scene_key
+from data_tools.synthetic import BACKGROUND, COLORS, build_synthetic, is_heldout, scene_key
 
 
 def _digest(folder) -> dict[str, str]:
@@ -33,8 +34,7 @@ def test_the_evaluation_suite_never_asks_for_a_training_scene(tmp_path):
     build_synthetic(tmp_path, n=600, size=64)
     trained = set()
     for line in (tmp_path / "metadata.jsonl").read_text().splitlines():
-        objects = [SceneObject(**{**o, "bbox": tuple(o["bbox"])}) for o in json.loads(line)["objects"]]
-        trained.add(scene_key(objects))
+        trained.add(scene_key(scene_objects(json.loads(line)["objects"])))
     assert len(trained) == 600 and not any(is_heldout(key) for key in trained)
     suite = [scene_key(item.metadata["objects"]) for item in synthetic_suite(64, 128)]
     assert len(set(suite)) == 64 and all(is_heldout(key) for key in suite)
