@@ -76,14 +76,19 @@ def _plural(shape: str, n: int) -> str:
     return shape if n == 1 else shape + "s"
 
 
+def object_side(size: int) -> int:
+    """The side of an object's square bounding box in a ``size`` image (up to 3 fit in a column of
+    one half)."""
+    return min(size // 2 - 8, size // 3 - 6)
+
+
 def make_scene(rng: random.Random, size: int) -> list[SceneObject]:
     """One or two groups (one per half of the image), each 1–3 objects of one shape and color."""
     regions = rng.sample(REGIONS, rng.choice((1, 2)))
     objects: list[SceneObject] = []
     for region in regions:
         shape, color, count = rng.choice(SHAPES), rng.choice(list(COLORS)), rng.randint(1, 3)
-        cell = size // 2
-        side = min(cell - 8, size // 3 - 6)
+        cell, side = size // 2, object_side(size)
         x_base = 0 if region == "left" else cell
         for k in range(count):
             y0 = k * (size // 3) + (size // 3 - side) // 2

@@ -24,6 +24,20 @@ def test_scorer_is_right_on_ground_truth_renders():
     assert all(r["overall"] == 1.0 for r in results)
 
 
+@pytest.mark.parametrize("shape", ["circle", "square", "triangle", "star"])
+def test_scorer_knows_shapes_with_soft_edges(shape):
+    """A decoder softens edges: the trained tiny VAE fills a star's notches until its bounding-box
+    fill (0.45) passes a triangle's threshold on fill alone; a blur of 1.5 px does the same."""
+    from PIL import ImageFilter
+
+    from data_tools.synthetic import SceneObject, object_side
+
+    side = object_side(128)
+    scene = [SceneObject(shape, "blue", "left", (10, 10, 10 + side, 10 + side))]
+    soft = render_scene(scene, 128).filter(ImageFilter.GaussianBlur(1.5))
+    assert [d.shape for d in detect(soft)] == [shape]
+
+
 def test_scorer_catches_wrong_images():
     rng = random.Random(7)
     objects = make_scene(rng, 128)

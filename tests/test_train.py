@@ -1,5 +1,6 @@
 """Stage training on the real DeepSpeed engine (CPU, gloo) with the tiny profile."""
 
+import itertools
 import json
 import os
 import signal
@@ -23,7 +24,7 @@ from components.train.data import bucket_sizes, decode_image, fingerprint, read_
 from components.train.loader import LOADER_STATE, StageFilter, stage_rows
 from components.train.resume import read_losses
 from components.train.sources import encode_manifest
-from components.train.trainer import train_stage, velocity_model
+from components.train.trainer import lr_factor, train_stage, velocity_model
 from model.checkpoint import (
     RAW_TRANSFORMER_DIR,
     build_pipeline,
@@ -91,6 +92,21 @@ def test_buckets_are_patch_aligned_within_budget():
         for h, w in bucket_sizes(res):
             assert h % 64 == 0 and w % 64 == 0 and h * w <= res * res
     assert (64, 64) in bucket_sizes(64) and (1024, 1024) in bucket_sizes(1024)
+
+
+def test_lr_schedule_warms_up_then_holds_or_anneals(tmp_path, manifest):
+    def factors(**kw):
+        cfg = stage_config("lowres", manifest=manifest, output_dir=tmp_path, steps=10, **kw)
+        return [lr_factor(cfg, step) for step in range(10)]
+
+    assert factors() == [1.0] * 10  # the default: constant, as the official trainer
+    assert factors(warmup_steps=4) == pytest.approx([0.25, 0.5, 0.75] + [1.0] * 7)
+    cosine = factors(lr_schedule="cosine", warmup_steps=2, min_lr_ratio=0.1)
+    assert cosine[:3] == pytest.approx([0.5, 1.0, 1.0]) and cosine[-1] == pytest.approx(0.1)
+    assert all(a > b for a, b in itertools.pairwise(cosine[2:]))  # annealing every step
+    assert factors(warmup_steps=50)[-1] == pytest.approx(1.0)  # a warmup longer than the stage: capped
+    with pytest.raises(ConfigError, match="lr_schedule"):
+        stage_config("lowres", manifest=manifest, output_dir=tmp_path, lr_schedule="step")
 
 
 def test_bad_configs_are_clear_errors(tmp_path, manifest):
@@ -275,6 +291,8 @@ def test_killed_run_resumes_with_identical_losses(tmp_path, manifest):
     config.write_text(
         "stage: lowres\nprofile: tiny\nsteps: 24\nglobal_batch: 4\nmicro_batch: 2\ncheckpoint_every: 5\n"
         "loader_unit: 8\nloader_workers: 2\n"
+        # the LR schedule's position must come back from the checkpoint too, or the losses differ
+        "lr_schedule: cosine\nwarmup_steps: 3\nmin_lr_ratio: 0.1\n"
     )
     straight = _train_cli(manifest, tmp_path / "straight", config)
     assert straight.wait(timeout=600) == 0, straight.stderr.read()
@@ -330,6 +348,8 @@ def test_stage_logs_to_a_real_mlflow_server(tmp_path, manifest):
                 micro_batch=2,
                 log_every=2,
                 sample_every=3,
+                lr_schedule="cosine",
+                warmup_steps=2,
             )
             train_stage(cfg)
         finally:
@@ -341,6 +361,9 @@ def test_stage_logs_to_a_real_mlflow_server(tmp_path, manifest):
         history = client.get_metric_history(run.info.run_id, "loss")
         assert [m.step for m in history] == [2, 4, 6]
         assert {"aux_loss", "grad_norm", "lr", "images_per_s", "tokens_per_s"} <= set(run.data.metrics)
+        lrs = [m.value for m in client.get_metric_history(run.info.run_id, "lr")]
+        assert lrs == pytest.approx([cfg.lr * lr_factor(cfg, done - 1) for done in (2, 4, 6)])
+        assert lrs[0] == pytest.approx(cfg.lr) and lrs[1] > lrs[2]  # warmed up (step 2 of 2), annealing
         names = {a.path for a in client.list_artifacts(run.info.run_id)}
         assert {"config.json", "loss_curve.png", "samples.png", "losses.jsonl", "samples"} <= names
         assert run.info.status == "FINISHED"

@@ -1,23 +1,27 @@
 """A deterministic GenEval-style scorer for the synthetic compositional set.
 
 It finds the flat coloured shapes in a generated image (palette colour masks → connected
-components → shape from the fill ratio of the bounding box) and checks the prompt's ground truth
-per GenEval category: object presence, counting, colors and position. No detector weights needed;
+components → shape from two measures of each blob) and checks the prompt's ground truth per
+GenEval category: object presence, counting, colors and position. No detector weights needed;
 it only understands the synthetic set's palette and shapes.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 from PIL import Image
 from scipy import ndimage
+from skimage.measure import regionprops
 
-from data_tools.synthetic import COLORS
+from data_tools.synthetic import BACKGROUND, COLORS, SHAPES, SceneObject, object_side, render_scene
 
 CATEGORIES = ("presence", "counting", "colors", "position")
 Group = tuple[str, str, str, int]  # shape, color, region, count
+Measures = tuple[float, float]  # extent (area / bounding box), solidity (area / convex hull)
 
 
 @dataclass(frozen=True)
@@ -28,15 +32,26 @@ class Detection:
     area: int
 
 
-def classify_shape(fill_ratio: float) -> str:
-    """Fill ratio of the bounding box: square ≈ 1, circle ≈ π/4, triangle ≈ ½, 5-point star ≈ 0.35."""
-    if fill_ratio >= 0.9:
-        return "square"
-    if fill_ratio >= 0.65:
-        return "circle"
-    if fill_ratio >= 0.43:
-        return "triangle"
-    return "star"
+@lru_cache(maxsize=8)
+def shape_prototypes(size: int) -> dict[str, Measures]:
+    """(extent, solidity) of each shape as the scene renderer draws it in a ``size`` image: square
+    ≈ (1, 1), circle ≈ (π/4, 1), triangle ≈ (½, 0.95), 5-point star ≈ (0.39, 0.56)."""
+    side, prototypes = object_side(size), {}
+    for shape in SHAPES:
+        image = render_scene([SceneObject(shape, "red", "left", (4, 4, 4 + side, 4 + side))], side + 8)
+        mask = np.any(np.asarray(image) != np.asarray(BACKGROUND, dtype=np.uint8), axis=-1)
+        prop = regionprops(mask.astype(np.uint8))[0]
+        prototypes[shape] = (float(prop.extent), float(prop.solidity))
+    return prototypes
+
+
+def classify_shape(measures: Measures, size: int = 128) -> str:
+    """The shape whose rendered (extent, solidity) is nearest. Extent alone (the bounding-box fill)
+    tells squares, circles and triangles apart; solidity tells a star from a triangle when a
+    decoder's soft edges fill the star's notches (its extent rises to a triangle's ½, its
+    solidity stays near 0.6 against the triangle's 0.95)."""
+    prototypes = shape_prototypes(size)
+    return min(prototypes, key=lambda shape: math.dist(measures, prototypes[shape]))
 
 
 MIN_AREA_FRAC = 0.012
@@ -58,19 +73,14 @@ def detect(
     found = []
     for name, value in COLORS.items():
         mask = np.linalg.norm(rgb - np.asarray(value, dtype=np.float32), axis=-1) < tolerance
-        labels, n = ndimage.label(mask)
-        for index, box in enumerate(ndimage.find_objects(labels), start=1):
-            if box is None:
+        labels, _ = ndimage.label(mask)
+        for blob in regionprops(labels):
+            if blob.area < min_area:
                 continue
-            area = int((labels[box] == index).sum())
-            if area < min_area:
-                continue
-            box_area = (box[0].stop - box[0].start) * (box[1].stop - box[1].start)
-            cx = (box[1].start + box[1].stop) / 2
-            found.append(
-                Detection(name, classify_shape(area / box_area), "left" if cx < width / 2 else "right", area)
-            )
-        del n
+            shape = classify_shape((float(blob.extent), float(blob.solidity)), width)
+            min_col, max_col = blob.bbox[1], blob.bbox[3]
+            region = "left" if (min_col + max_col) / 2 < width / 2 else "right"
+            found.append(Detection(name, shape, region, int(blob.area)))
     return found
 
 

@@ -149,6 +149,17 @@ class TrainConfig(BaseModel):
     weight_decay: float = 0.0
     grad_clip: float = 2.0
     ema_decay: float = Field(0.95, ge=0.0, lt=1.0)
+    # The official trainer keeps the LR constant (finetune.py: no scheduler), and so do the profiles'
+    # stages (on the tiny profile a cosine anneal scored lower: README "Does the embedded default
+    # learn?"); a warmup or an anneal is for fine-tuning released weights. A torch LambdaLR that
+    # DeepSpeed steps with the optimiser (trainer.lr_factor): its state is in every checkpoint.
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        "constant", description="constant: the LR after warmup; cosine: annealed to lr x min_lr_ratio"
+    )
+    warmup_steps: int = Field(
+        0, ge=0, description="steps of linear warmup from 0 to lr (0: none; at most the stage's steps)"
+    )
+    min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0, description="cosine: the last step's LR / lr")
     caption_dropout: float = Field(0.1, ge=0.0, le=1.0)
     aux_weight: float = Field(0.0, ge=0.0)
     system_prompts: dict[str, SystemPrompt] = Field(default_factory=lambda: dict(DOMAIN_TEMPLATES))

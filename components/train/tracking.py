@@ -96,16 +96,17 @@ class Throughput:
 
 
 def log_step(
-    tracker: MlflowTracker, engine, optimizer, meter: Throughput, done: int, loss: float, aux: float
+    tracker: MlflowTracker, engine, lr: float, meter: Throughput, done: int, loss: float, aux: float
 ) -> None:
-    """Step ``done``'s metrics; the throughput since the last logged step, then the meter restarts."""
+    """Step ``done``'s metrics (``lr``: the LR that step used); the throughput since the last logged
+    step, then the meter restarts."""
     elapsed = time.perf_counter() - meter.tick
     tracker.log_metrics(
         {
             "loss": loss,
             "aux_loss": aux,
             "grad_norm": float(engine.get_global_grad_norm() or 0.0),
-            "lr": optimizer.param_groups[0]["lr"],
+            "lr": lr,
             # this rank's throughput (multiply by the world size for the job's)
             "images_per_s": meter.images / max(elapsed, 1e-9),
             "tokens_per_s": meter.tokens / max(elapsed, 1e-9),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import math
 import os
 import random
 from collections.abc import Callable
@@ -109,6 +110,20 @@ def deepspeed_config(cfg: TrainConfig, world_size: int, bf16: bool) -> dict:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+
+
+def lr_factor(cfg: TrainConfig, step: int) -> float:
+    """The LR of optimiser step ``step`` (0-based) as a fraction of ``cfg.lr``: a linear warmup
+    over ``warmup_steps`` (the first step at lr / warmup), then constant or a cosine down to
+    ``min_lr_ratio`` at the last step."""
+    warmup = min(cfg.warmup_steps, cfg.steps)
+    if step < warmup:
+        return (step + 1) / warmup
+    if cfg.lr_schedule == "constant":
+        return 1.0
+    span = max(cfg.steps - 1 - warmup, 1)
+    progress = min((step - warmup) / span, 1.0)
+    return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def micro_batch(
@@ -218,6 +233,7 @@ def train_stage(cfg: TrainConfig, tracker: MlflowTracker | None = None) -> Stage
     schedule = checkpoints.CheckpointSchedule(cfg.checkpoint_every, cfg.steps, cfg.checkpoint_minutes)
     for step in range(run.start, cfg.steps):
         step_loss = step_aux = 0.0
+        lr = run.optimizer.param_groups[0]["lr"]  # this step's (the scheduler steps with the optimiser)
         for micro in range(accum):
             latents, texts, gen = micro_batch(cfg, stream, step, micro, rank)
             dev = engine.device
@@ -235,7 +251,7 @@ def train_stage(cfg: TrainConfig, tracker: MlflowTracker | None = None) -> Stage
         losses.append(step_loss)
         done = step + 1
         if tracker is not None and (done % cfg.log_every == 0 or done == cfg.steps):
-            log_step(tracker, engine, run.optimizer, meter, done, step_loss, step_aux)
+            log_step(tracker, engine, lr, meter, done, step_loss, step_aux)
         if tracker is not None and cfg.sample_every and done % cfg.sample_every == 0 and done < cfg.steps:
             log_ema_samples(cfg, tracker, run.pipe, ema, transformer, done)
         if checkpoint_due(schedule, done, engine.device):
@@ -313,8 +329,11 @@ def build_engine(cfg: TrainConfig, transformer: torch.nn.Module, world: int, bf1
     optimizer = torch.optim.AdamW(
         transformer.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay
     )
+    # DeepSpeed steps the scheduler with the optimiser and keeps its state in every checkpoint
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(cfg, step))
+    config = deepspeed_config(cfg, world, bf16)
     engine, *_ = deepspeed.initialize(
-        model=transformer, optimizer=optimizer, config=deepspeed_config(cfg, world, bf16)
+        model=transformer, optimizer=optimizer, lr_scheduler=schedule, config=config
     )
     return engine, optimizer
 
