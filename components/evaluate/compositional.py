@@ -45,11 +45,11 @@ def shape_prototypes(size: int) -> dict[str, Measures]:
     return prototypes
 
 
-def classify_shape(measures: Measures, size: int = 128) -> str:
-    """The shape whose rendered (extent, solidity) is nearest. Extent alone (the bounding-box fill)
-    tells squares, circles and triangles apart; solidity tells a star from a triangle when a
-    decoder's soft edges fill the star's notches (its extent rises to a triangle's ½, its
-    solidity stays near 0.6 against the triangle's 0.95)."""
+def classify_shape(measures: Measures, size: int) -> str:
+    """The shape whose rendering in a ``size`` image has the nearest (extent, solidity). Extent
+    alone (the bounding-box fill) tells squares, circles and triangles apart; solidity tells a star
+    from a triangle when a decoder's soft edges fill the star's notches (its extent rises to a
+    triangle's ½, its solidity stays near 0.6 against the triangle's 0.95)."""
     prototypes = shape_prototypes(size)
     return min(prototypes, key=lambda shape: math.dist(measures, prototypes[shape]))
 
