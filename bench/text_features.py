@@ -143,7 +143,10 @@ def main() -> None:
         return tr(x, t, c, m).sample
 
     def train_step() -> None:
-        out = flow_matching_loss(velocity, latents, cap, mask, generator=torch.Generator().manual_seed(0))
+        out = flow_matching_loss(
+            velocity, latents, cap, mask, patch_size=tr.config.patch_size,
+            generator=torch.Generator().manual_seed(0),
+        )  # fmt: skip
         out.loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

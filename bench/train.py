@@ -44,6 +44,7 @@ def bench_case(
     pipe.vae.to(device)
     pipe.text_encoder.to(device)
     tr = pipe.transformer.train()
+    patch = tr.config.patch_size
     bf16 = device == "cuda"
     opt = torch.optim.AdamW(tr.parameters(), lr=1e-4)
     engine, *_ = deepspeed.initialize(
@@ -73,7 +74,9 @@ def bench_case(
             lat = encode_pixels(pipe.vae, pixels)
             e = encode_prompts(texts, pipe.tokenizer, pipe.text_encoder, device=device)
             feats, mask = e.embeds, e.mask
-        out = flow_matching_loss(velocity, lat, feats, mask, aux_weight=1.0, generator=torch.Generator())
+        out = flow_matching_loss(
+            velocity, lat, feats, mask, aux_weight=1.0, patch_size=patch, generator=torch.Generator()
+        )
         engine.backward(out.loss)
         engine.step()
 

@@ -229,7 +229,8 @@ def train_stage(cfg: TrainConfig, tracker: MlflowTracker | None = None) -> Stage
     velocity = velocity_model(engine, torch.bfloat16 if run.bf16 else torch.float32)
 
     ckpt_dir, start, losses = cfg.output_dir / CKPT_DIR, run.start, []  # losses since the last checkpoint
-    meter = Throughput(transformer.config.patch_size)
+    patch = transformer.config.patch_size
+    meter = Throughput(patch)
     schedule = checkpoints.CheckpointSchedule(cfg.checkpoint_every, cfg.steps, cfg.checkpoint_minutes)
     for step in range(run.start, cfg.steps):
         step_loss = step_aux = 0.0
@@ -240,7 +241,7 @@ def train_stage(cfg: TrainConfig, tracker: MlflowTracker | None = None) -> Stage
             feats, mask = caption_features(cfg, run.text, run.pipe, texts, dev)
             out = flow_matching_loss(
                 velocity, latents.to(dev), feats.to(dev), mask.to(dev),
-                sampler=sampler, aux_weight=cfg.aux_weight, generator=gen,
+                sampler=sampler, aux_weight=cfg.aux_weight, patch_size=patch, generator=gen,
             )  # fmt: skip
             engine.backward(out.loss)
             engine.step()

@@ -29,7 +29,9 @@ from model.text import encode_prompts
 log = logging.getLogger(__name__)
 
 TEACACHE_FILE = "teacache.json"
-PIXEL_MULTIPLE = VAE_DOWNSAMPLE * 2  # VAE downsampling x patch size
+# VAE downsampling x the largest patch size of the profiles (2; the tiny profile's 1 divides it):
+# one size granularity for every model, so a request valid for one profile is valid for all
+PIXEL_MULTIPLE = VAE_DOWNSAMPLE * 2
 
 
 class SamplerConfig(BaseModel):
@@ -70,7 +72,9 @@ def check_size(height: int, width: int, transformer: Lumina2Transformer2DModel) 
     for name, value in (("height", height), ("width", width)):
         if value < PIXEL_MULTIPLE or value % PIXEL_MULTIPLE:
             raise ConfigError(f"{name} {value} must be a positive multiple of {PIXEL_MULTIPLE}")
-    max_h, max_w = ((n - 1) * PIXEL_MULTIPLE for n in transformer.config.axes_lens[1:3])
+    token = VAE_DOWNSAMPLE * transformer.config.patch_size  # pixels per image token along a side
+    rows, cols = transformer.config.axes_lens[1:3]
+    max_h, max_w = ((n - 1) * token // PIXEL_MULTIPLE * PIXEL_MULTIPLE for n in (rows, cols))
     if height > max_h or width > max_w:
         raise ConfigError(
             f"size {width}x{height} exceeds this model's RoPE range "
