@@ -242,3 +242,21 @@ def test_explicit_noise_matches_the_seed_and_is_checked(tiny_sampler):
     assert torch.equal(seeded.latents, given.latents)
     with pytest.raises(ConfigError, match="noise shape"):
         tiny_sampler.generate(["a"], height=64, width=64, config=cfg, noise=torch.zeros(2, 16, 8, 8))
+
+
+def test_rope_range_follows_the_patch_size():
+    """The largest size is the RoPE table's tokens x the pixels per token (VAE factor x patch),
+    rounded down to the size granularity (16): a 1 x 1-patch model reaches half as far."""
+    from types import SimpleNamespace
+
+    from model.sampler.sampler import check_size
+
+    def model(patch: int) -> SimpleNamespace:
+        return SimpleNamespace(config=SimpleNamespace(patch_size=patch, axes_lens=(300, 128, 128)))
+
+    check_size(2032, 64, model(2))
+    check_size(1008, 64, model(1))  # 127 tokens x 8 px = 1016 -> 1008
+    with pytest.raises(ConfigError, match=r"max height 1008 px, max width 1008 px"):
+        check_size(1024, 64, model(1))
+    with pytest.raises(ConfigError, match=r"max height 2032 px"):
+        check_size(2048, 64, model(2))

@@ -57,26 +57,24 @@ DEFAULT_GRANULARITY_WEIGHTS: dict[str, float] = {
 }
 
 
-# Scaled down so the four stages train on 2 CPU cores in about five minutes, and the tiny model
+# Scaled down so the four stages train on 2 CPU cores in about four minutes, and the tiny model
 # learns the synthetic scenes (issue #12; the probes behind these numbers are in the README, "Does
-# the embedded default learn?": with the profile's 1 x 1 patches a 128 px step costs about twice a
-# 2 x 2 one, so stage 2 is shorter than stage 1). Not the paper's settings: no auxiliary loss (at
-# 128 px the 4x-pooled latents are 4 x 4 pixels, which taught nothing the main term does not, for a
-# second forward pass), a higher LR, and a caption mix that is mostly the English medium caption (a
-# tiny model with a random text encoder learns one caption style far sooner than twenty; the other
-# kinds and Chinese stay in at a small weight, and an image without a medium caption draws from its
-# own kinds).
+# the embedded default learn?"). Not the paper's settings: no auxiliary loss (at 128 px the 4x-pooled
+# latents are 2 x 2 tokens, which teach nothing the main term does not, for a second forward pass),
+# a higher LR, and a caption mix that is mostly the English medium caption (a tiny model with a
+# random text encoder learns one caption style far sooner than twenty; the other kinds and Chinese
+# stay in at a small weight, and an image without a medium caption draws from its own kinds).
 TINY_SHARED: dict[str, Any] = {  # every tiny stage: caption mix, checkpoints, stage checks
     "granularity_weights": {**dict.fromkeys(DEFAULT_GRANULARITY_WEIGHTS, 0.01), "medium": 1.0},
     "language_weights": {"en": 1.0, "zh": 0.05},
     "checkpoint_every": 250,
-    "val_prompts": 32,  # each stage's check on the first 32 of the evaluate step's 64 prompts
+    "val_prompts": 64,  # each stage's check on the evaluate step's 64 prompts: ~1 s per 16 at 128 px
     "val_resolution": 128,  # every stage checked where the evaluate step scores (EvalConfig 128 px)
 }
 TINY_STAGES: dict[Stage, dict[str, Any]] = {
     Stage.LOWRES: {"resolution": 64, "steps": 1400, "global_batch": 16, "lr": 2e-3, "aux_weight": 0.0},
-    Stage.HIGHRES: {"resolution": 128, "steps": 520, "global_batch": 16, "lr": 1e-3, "aux_weight": 0.0},
-    Stage.HQ: {"resolution": 128, "steps": 40, "global_batch": 16, "lr": 2e-4, "aux_weight": 0.0},
+    Stage.HIGHRES: {"resolution": 128, "steps": 800, "global_batch": 16, "lr": 1e-3, "aux_weight": 0.0},
+    Stage.HQ: {"resolution": 128, "steps": 100, "global_batch": 16, "lr": 2e-4, "aux_weight": 0.0},
     Stage.UNIFIED: {"resolution": 128, "steps": 30, "global_batch": 8, "lr": 2e-4, "aux_weight": 0.0},
 }
 for _stage in TINY_STAGES.values():
