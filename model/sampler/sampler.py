@@ -29,7 +29,7 @@ from model.text import encode_prompts
 log = logging.getLogger(__name__)
 
 TEACACHE_FILE = "teacache.json"
-# VAE downsampling x the largest patch size of the profiles (2; the tiny profile's 1 divides it):
+# VAE downsampling x the profiles' patch size (2; a model with 1 x 1 patches takes these sizes too):
 # one size granularity for every model, so a request valid for one profile is valid for all
 PIXEL_MULTIPLE = VAE_DOWNSAMPLE * 2
 
