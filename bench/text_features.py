@@ -34,7 +34,7 @@ from safetensors.torch import save_file
 from components.train.config import STAGE_DEFAULTS, Stage, stage_config
 from components.train.data import pad_features
 from model.checkpoint import build_pipeline
-from model.flow import flow_matching_loss
+from model.flow import flow_matching_loss, image_seq_len
 from model.profiles import LATENT_CHANNELS, VAE_DOWNSAMPLE, get_profile
 from model.prompts import SystemPrompt, apply_system_prompt
 from model.text import MAX_TEXT_TOKENS, encode_prompts, tokenizer_corpus
@@ -169,7 +169,8 @@ def main() -> None:
     dit_params = 2.6e9
     full_ratio = {}
     for stage_name, stage_res in (("lowres", 256), ("highres", 1024)):
-        img_tokens = (stage_res // (VAE_DOWNSAMPLE * 2)) ** 2
+        side = stage_res // VAE_DOWNSAMPLE
+        img_tokens = image_seq_len(side, side, full.transformer.patch_size)
         full_ratio[stage_name] = (2 * gemma_params * MAX_TEXT_TOKENS) / (
             6 * dit_params * (img_tokens + MAX_TEXT_TOKENS)
         )

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
 from common.errors import ConfigError
+from model.flow import image_seq_len
 from model.profiles import PROFILES, VAE_DOWNSAMPLE
 from model.prompts import SystemPrompt, apply_system_prompt
 from model.sampler.conditioning import PanelCondition
@@ -155,8 +156,7 @@ class LuminaSampler:
     def sigmas(self, config: SamplerConfig, latent_hw: tuple[int, int]) -> torch.Tensor:
         """The noise-level schedule for these settings and latent size."""
         if config.shift is None and self.scheduler_config.get("use_dynamic_shifting", False):
-            patch = self.transformer.config.patch_size
-            seq_len = (latent_hw[0] // patch) * (latent_hw[1] // patch)
+            seq_len = image_seq_len(*latent_hw, self.transformer.config.patch_size)
             return flow_sigmas(config.steps, dynamic_seq_len=seq_len)
         shift = config.shift if config.shift is not None else float(self.scheduler_config.get("shift", 1.0))
         return flow_sigmas(config.steps, shift=shift)
