@@ -7,7 +7,8 @@ with ``x0 ~ N(0, I)``; the model predicts the velocity ``v = x1 - x0``. (diffuse
 
 Timestep sampling follows the official trainer: ``t = sigmoid(u), u ~ N(0, 1)`` ("lognorm") or
 uniform, then a resolution-dependent shift towards noise, ``mu`` linear in the image token count
-(0.5 at 256 tokens, 1.15 at 4096 tokens).
+(0.5 at 256 tokens, 1.15 at 4096 tokens); or (``static_shift``) one fixed shift ``s`` for every
+resolution, as the sampler's scheduler applies at inference.
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ class TimestepSampler:
 
     kind: TimestepKind = "lognorm"
     shift: bool = True
+    static_shift: float | None = None  # a fixed shift s in place of the resolution-dependent one
 
     def sample(self, n: int, seq_len: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """Draw ``n`` times for images of ``seq_len`` tokens (on the CPU, float32)."""
@@ -71,6 +73,8 @@ class TimestepSampler:
             t = torch.rand(n, generator=generator)
         else:
             raise ConfigError(f"unknown timestep sampling {self.kind!r}; choose lognorm or uniform")
+        if self.static_shift is not None:
+            return 1.0 - shift_sigma(1.0 - t, self.static_shift)
         if self.shift:
             t = shift_time(t, shift_mu(seq_len))
         return t

@@ -46,6 +46,21 @@ def test_timestep_sampler_is_seeded_and_shifts_towards_noise():
         TimestepSampler("cosine").sample(2, 256)  # type: ignore[arg-type]
 
 
+def test_static_shift_ignores_the_token_count_and_matches_the_schedulers_map():
+    """``static_shift=s``: the noise level sigma = 1 - t maps to s * sigma / (1 + (s - 1) * sigma)
+    (diffusers' FlowMatchEulerDiscreteScheduler with ``shift=s``), whatever the token count."""
+    gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    raw = TimestepSampler("lognorm", shift=False).sample(2000, 16, gen())
+    six = TimestepSampler("lognorm", static_shift=6.0)
+    small, large = six.sample(2000, 16, gen()), six.sample(2000, 4096, gen())
+    assert torch.equal(small, large)
+    sigma = 1 - raw
+    torch.testing.assert_close(1 - small, 6 * sigma / (1 + 5 * sigma))
+    official = TimestepSampler("lognorm").sample(2000, 16, gen())
+    assert small.mean() < official.mean() < raw.mean()  # towards noise, further than at 16 tokens
+    torch.testing.assert_close(TimestepSampler("lognorm", static_shift=1.0).sample(2000, 16, gen()), raw)
+
+
 def test_velocity_target_and_interpolation_convention():
     x1, x0 = torch.randn(3, 16, 8, 8), torch.randn(3, 16, 8, 8)
     t = torch.tensor([0.0, 0.5, 1.0])

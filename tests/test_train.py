@@ -105,6 +105,12 @@ def test_lr_schedule_warms_up_then_holds_or_anneals(tmp_path, manifest):
     assert cosine[:3] == pytest.approx([0.5, 1.0, 1.0]) and cosine[-1] == pytest.approx(0.1)
     assert all(a > b for a, b in itertools.pairwise(cosine[2:]))  # annealing every step
     assert factors(warmup_steps=50)[-1] == pytest.approx(1.0)  # a warmup longer than the stage: capped
+    # warmup-stable-decay: flat, then a straight line over the last 40 % down to the floor
+    wsd = factors(lr_schedule="wsd", decay_fraction=0.4, min_lr_ratio=0.2, warmup_steps=1)
+    assert wsd == pytest.approx([1.0] * 6 + [0.8, 0.6, 0.4, 0.2])
+    assert factors(lr_schedule="wsd", decay_fraction=1.0, warmup_steps=4)[:5] == pytest.approx(
+        [0.25, 0.5, 0.75, 1.0, 5 / 6]  # the decay starts after the warmup (6 steps left)
+    )
     with pytest.raises(ConfigError, match="lr_schedule"):
         stage_config("lowres", manifest=manifest, output_dir=tmp_path, lr_schedule="step")
 
@@ -114,6 +120,10 @@ def test_bad_configs_are_clear_errors(tmp_path, manifest):
         stage_config("mid", manifest=manifest, output_dir=tmp_path)
     with pytest.raises(ConfigError, match="training config: invalid lr"):
         stage_config("lowres", manifest=manifest, output_dir=tmp_path, lr=-1)
+    with pytest.raises(ConfigError, match="invalid time_shift"):
+        stage_config("lowres", manifest=manifest, output_dir=tmp_path, time_shift=0)
+    with pytest.raises(ConfigError, match="invalid decay_fraction"):
+        stage_config("lowres", manifest=manifest, output_dir=tmp_path, lr_schedule="wsd", decay_fraction=0)
     with pytest.raises(ConfigError, match=r"invalid val_resolution.*multiple of 16"):  # before training
         stage_config("lowres", manifest=manifest, output_dir=tmp_path, val_resolution=100)
     bad = tmp_path / "bad.yaml"

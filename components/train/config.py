@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from common.config_files import read_yaml_mapping
 from common.errors import ConfigError, validation_message
+from model.profiles import PROFILES
 from model.prompts import DOMAIN_TEMPLATES, SystemPrompt
 
 
@@ -70,6 +71,10 @@ TINY_SHARED: dict[str, Any] = {  # every tiny stage: caption mix, checkpoints, s
     "checkpoint_every": 250,
     "val_prompts": 64,  # each stage's check on the evaluate step's 64 prompts: ~1 s per 16 at 128 px
     "val_resolution": 128,  # every stage checked where the evaluate step scores (EvalConfig 128 px)
+    # train at the sampler's static shift (profile.scheduler_shift = 6): the official shift is
+    # resolution-dependent and meant for 256-4096 tokens; at the tiny profile's 16-64 tokens it is
+    # 1.6, and the model rarely sees the noise levels where the sampler lays out the scene
+    "time_shift": PROFILES["tiny"].scheduler_shift,
 }
 TINY_STAGES: dict[Stage, dict[str, Any]] = {
     Stage.LOWRES: {"resolution": 64, "steps": 1400, "global_batch": 16, "lr": 2e-3, "aux_weight": 0.0},
@@ -153,13 +158,17 @@ class TrainConfig(BaseModel):
     # stages (on the tiny profile a cosine anneal scored lower: README "Does the embedded default
     # learn?"); a warmup or an anneal is for fine-tuning released weights. A torch LambdaLR that
     # DeepSpeed steps with the optimiser (trainer.lr_factor): its state is in every checkpoint.
-    lr_schedule: Literal["constant", "cosine"] = Field(
-        "constant", description="constant: the LR after warmup; cosine: annealed to lr x min_lr_ratio"
+    lr_schedule: Literal["constant", "cosine", "wsd"] = Field(
+        "constant",
+        description="constant: the LR after warmup; cosine: annealed to lr x min_lr_ratio; wsd "
+        "(warmup-stable-decay): constant, then linear down to lr x min_lr_ratio over the last "
+        "decay_fraction of the steps",
     )
     warmup_steps: int = Field(
         0, ge=0, description="steps of linear warmup from 0 to lr (0: none; at most the stage's steps)"
     )
-    min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0, description="cosine: the last step's LR / lr")
+    min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0, description="cosine / wsd: the last step's LR / lr")
+    decay_fraction: float = Field(0.2, gt=0.0, le=1.0, description="wsd: the share of steps that decays")
     caption_dropout: float = Field(0.1, ge=0.0, le=1.0)
     aux_weight: float = Field(0.0, ge=0.0)
     system_prompts: dict[str, SystemPrompt] = Field(default_factory=lambda: dict(DOMAIN_TEMPLATES))
@@ -177,6 +186,12 @@ class TrainConfig(BaseModel):
     )
     language_weights: dict[str, float] = {"en": 1.0, "zh": 0.5}
     timestep_sampling: Literal["lognorm", "uniform"] = "lognorm"
+    time_shift: float | None = Field(
+        None,
+        gt=0.0,
+        description="a static shift of the training times towards noise (SD3-style s); "
+        "None: the official resolution-dependent shift (mu linear in the image token count)",
+    )
     seed: int = 0
     zero_stage: int = Field(1, ge=0, le=3)
     precision: Literal["auto", "fp32", "bf16"] = "auto"

@@ -114,13 +114,21 @@ def deepspeed_config(cfg: TrainConfig, world_size: int, bf16: bool) -> dict:
 
 def lr_factor(cfg: TrainConfig, step: int) -> float:
     """The LR of optimiser step ``step`` (0-based) as a fraction of ``cfg.lr``: a linear warmup
-    over ``warmup_steps`` (the first step at lr / warmup), then constant or a cosine down to
-    ``min_lr_ratio`` at the last step."""
+    over ``warmup_steps`` (the first step at lr / warmup), then constant, a cosine down to
+    ``min_lr_ratio`` at the last step, or (``wsd``) constant until the last ``decay_fraction`` of
+    the steps and a straight line down to ``min_lr_ratio`` at the last step over them."""
     warmup = min(cfg.warmup_steps, cfg.steps)
     if step < warmup:
         return (step + 1) / warmup
     if cfg.lr_schedule == "constant":
         return 1.0
+    if cfg.lr_schedule == "wsd":
+        decay = max(round(cfg.decay_fraction * cfg.steps), 1)
+        start = max(cfg.steps - decay, warmup)
+        if step < start:
+            return 1.0
+        progress = (step - start + 1) / max(cfg.steps - start, 1)
+        return 1.0 - (1.0 - cfg.min_lr_ratio) * min(progress, 1.0)
     span = max(cfg.steps - 1 - warmup, 1)
     progress = min((step - warmup) / span, 1.0)
     return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
@@ -224,7 +232,7 @@ def train_stage(cfg: TrainConfig, tracker: MlflowTracker | None = None) -> Stage
     run = start_stage(cfg, tracker)
     engine, ema, stream, tracker, rank = run.engine, run.ema, run.stream, run.tracker, run.rank
     transformer = run.transformer
-    sampler = TimestepSampler(cfg.timestep_sampling)
+    sampler = TimestepSampler(cfg.timestep_sampling, static_shift=cfg.time_shift)
     accum = cfg.gradient_accumulation(run.world)
     velocity = velocity_model(engine, torch.bfloat16 if run.bf16 else torch.float32)
 
