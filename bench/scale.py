@@ -11,7 +11,7 @@ the first child's start to the last one's end (process start-up and imports incl
 task pays them too). Each child runs with one decode thread and one BLAS/OpenMP thread.
 
 Reported: per N, P and step, images/s, images/s per process and peak RSS (MiB); the RSS at the largest
-N over the smallest per step (per-group steps should stay flat, < 1.3x; the fan-ins hold ~150 bytes a
+N over the smallest per step (per-group steps should stay flat, < 1.3x; the fan-ins hold ~550 bytes a
 kept image, so they grow); and images/s per core of the fanned-out ingest (plan + ingest + merge) next
 to the single-task ``ingest`` in one process. Nothing is hard-coded: every figure is measured here.
 

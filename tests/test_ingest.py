@@ -10,7 +10,7 @@ import zlib
 import numpy as np
 import pandas as pd
 import pytest
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from common.errors import ConfigError
 from components.ingest import ingest as ingest_module
@@ -19,10 +19,12 @@ from components.ingest.ingest import (
     IngestOptions,
     Item,
     NearDuplicateIndex,
+    color_signature,
     decode_stream,
     dhash,
     hamming,
     ingest,
+    same_colors,
 )
 from storage.shards import read_member
 
@@ -162,6 +164,43 @@ def test_broken_json_sidecar_gives_no_caption_and_unreadable_keeps_its_reason(tm
     unreadable = Item("s3://b/k.png", b"", caption="a caption", error="unreadable: AccessDenied")
     [(item, reason)] = list(decode_stream([unreadable], IngestOptions()))
     assert item is unreadable and reason == "unreadable: AccessDenied"
+
+
+def _flat_shape(shape: str, fill: str = "#1f4fd8") -> Image.Image:
+    """One flat shape on the right of a light 128 px canvas, as the synthetic scenes draw them."""
+    image = Image.new("RGB", (128, 128), "#f0f0ea")
+    box = (78, 46, 114, 82)
+    draw = ImageDraw.Draw(image)
+    if shape == "square":
+        draw.rectangle(box, fill=fill)
+    else:
+        draw.ellipse(box, fill=fill)
+    return image
+
+
+def test_flat_shapes_of_one_colour_are_not_near_duplicates(tmp_path):
+    square, circle = _flat_shape("square"), _flat_shape("circle")
+    # what made them "duplicates" before: the same dHash and the same 8 x 8 colour layout
+    assert hamming(dhash(square), dhash(circle)) <= 4
+    coarse = [bytes.fromhex(color_signature(im, grid=8)) for im in (square, circle)]
+    assert same_colors(*coarse)
+    src = tmp_path / "src"
+    src.mkdir()
+    square.save(src / "square.png")
+    circle.save(src / "circle.png")
+    copy = np.clip(np.asarray(square, dtype=np.int16) - 5, 0, 255).astype(np.uint8)
+    Image.fromarray(copy).save(src / "square_darker.png")  # still a near duplicate
+    result = ingest(src, tmp_path / "out")
+    rejects = read_rejects(result.rejects)
+    assert result.kept == 2 and set(rejects) == {"square_darker.png"}
+    manifest = pd.read_parquet(result.manifest)
+    square_id = manifest.loc[manifest["source_path"].str.endswith("/square.png"), "id"].item()
+    assert rejects["square_darker.png"] == f"near_duplicate_of:{square_id}"
+    # a signature in another layout (a manifest from before) leaves the decision to the hash
+    old = "00" * 192
+    assert same_colors(bytes.fromhex(old), bytes.fromhex(color_signature(square)))
+    with pytest.raises(ValueError, match="levels"):
+        color_signature(square, levels=32)
 
 
 def test_near_duplicate_index_finds_what_a_full_scan_finds():

@@ -95,18 +95,33 @@ def dhash(image: Image.Image, size: int = 8) -> int:
     return int(sum(1 << i for i, b in enumerate(bits) if b))
 
 
-def color_signature(image: Image.Image, grid: int = 8, levels: int = 8) -> str:
-    """Coarse colour layout (grid x grid mean RGB, quantised): dHash alone ignores colour, so two
-    flat illustrations that differ only in colour would look like duplicates."""
+def color_signature(image: Image.Image, grid: int = 16, levels: int = 8) -> str:
+    """Colour layout (grid x grid mean RGB, quantised to ``levels`` <= 16), two cells' levels per
+    byte, as hex. dHash alone ignores colour, so two flat illustrations that differ only in colour
+    would look like duplicates; and at 8 x 8 cells (the layout before) two flat shapes of one
+    colour at one place ("a blue square" / "a blue circle") agreed too: 16 x 16 cells tell them apart."""
+    if not 1 < levels <= 16:
+        raise ValueError(f"colour signature levels must be 2..16 (got {levels})")
     small = np.asarray(image.convert("RGB").resize((grid, grid), Image.BOX), dtype=np.int32)
-    return bytes((small * levels // 256).astype(np.uint8).flatten()).hex()
+    quantised = (small * levels // 256).astype(np.uint8).flatten()
+    if quantised.size % 2:
+        quantised = np.append(quantised, np.uint8(0))
+    return ((quantised[0::2] << 4) | quantised[1::2]).tobytes().hex()
 
 
-def same_colors(a: str, b: str, tolerance: int = 1) -> bool:
-    """Whether two colour signatures agree within ``tolerance`` quantisation levels everywhere."""
-    if not a or not b:
-        return True  # a manifest from before colour signatures: fall back to the hash alone
-    return max(abs(x - y) for x, y in zip(bytes.fromhex(a), bytes.fromhex(b), strict=True)) <= tolerance
+def signature_levels(sig: bytes) -> np.ndarray:
+    """The quantised levels of a packed colour signature (two per byte)."""
+    packed = np.frombuffer(sig, dtype=np.uint8)
+    return np.stack([packed >> 4, packed & 15], axis=1).flatten().astype(np.int8)
+
+
+def same_colors(a: bytes, b: bytes, tolerance: int = 1) -> bool:
+    """Whether two packed colour signatures agree within ``tolerance`` levels everywhere. Without
+    both signatures in one layout (a manifest from before them, or from the 8 x 8 layout) the
+    perceptual hash alone decides."""
+    if not a or not b or len(a) != len(b):
+        return True
+    return int(np.abs(signature_levels(a) - signature_levels(b)).max()) <= tolerance
 
 
 def hamming(a: int, b: int) -> int:
@@ -282,11 +297,12 @@ class NearDuplicateIndex:
         edges = [round(i * 64 / n) for i in range(n + 1)] if n else []
         self._bands = [(lo, (1 << (hi - lo)) - 1) for lo, hi in itertools.pairwise(edges)]
         self._tables: list[dict[int, list[int]]] = [{} for _ in self._bands]
-        self._entries: list[tuple[int, str, str]] = []
+        self._entries: list[tuple[int, bytes, str]] = []
 
     def add(self, phash: int, color_sig: str, image_id: str) -> None:
+        """Remember a kept image (``color_sig``: :func:`color_signature`'s hex, held as bytes)."""
         index = len(self._entries)
-        self._entries.append((phash, color_sig, image_id))
+        self._entries.append((phash, bytes.fromhex(color_sig), image_id))
         for table, (shift, mask) in zip(self._tables, self._bands, strict=True):
             table.setdefault((phash >> shift) & mask, []).append(index)
 
@@ -295,9 +311,10 @@ class NearDuplicateIndex:
         candidates: set[int] = set()
         for table, (shift, mask) in zip(self._tables, self._bands, strict=True):
             candidates.update(table.get((phash >> shift) & mask, ()))
+        sig = bytes.fromhex(color_sig)
         for index in sorted(candidates):
             other, other_sig, image_id = self._entries[index]
-            if hamming(other, phash) <= self.distance and same_colors(other_sig, color_sig):
+            if hamming(other, phash) <= self.distance and same_colors(other_sig, sig):
                 return image_id
         return None
 

@@ -4,8 +4,8 @@ The decisions are replayed in global source order (group name, then ``seq``): a 
 unless its content hash was kept before (``duplicate_of``) or a kept image is within the
 perceptual-hash distance with a matching colour layout (``near_duplicate_of``). This is exactly
 what one pass over the whole source decides, so the kept set does not depend on how the source was
-grouped. Memory: the replay holds the content hash, id and perceptual hash of each kept image
-(about 150 bytes an image); the full rows are read and written one group at a time.
+grouped. Memory: the replay holds the content hash, id, perceptual hash and colour signature of
+each kept image (about 550 bytes an image); the full rows are read and written one group at a time.
 
 Outputs: ``manifest.parquet`` (kept rows), ``rejects.csv`` (group rejects + merge decisions),
 ``dataset.json``; and ``<group prefix>/kept.parquet`` on storage for each group's later steps.
