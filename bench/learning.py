@@ -8,7 +8,7 @@ held-out synthetic prompts (``components.evaluate``; scenes of the held-out spli
 sample data never draws) at the evaluation resolution. Needs ``make sample-data`` (the scenes and
 the trained tiny VAE).
 
-Run: ``python -m bench.learning --out bench/results/learning.json`` (about 5 minutes on 2 cores).
+Run: ``python -m bench.learning --out bench/results/learning.json`` (about 6–7 minutes on 2 cores).
 """
 
 from __future__ import annotations
