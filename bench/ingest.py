@@ -12,8 +12,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
-from components.ingest.ingest import IngestOptions, NearDuplicateIndex, hamming, ingest
+from components.ingest.ingest import IngestOptions, NearDuplicateIndex, color_signature, hamming, ingest
 from data_tools.synthetic import build_synthetic
 
 
@@ -27,7 +28,7 @@ def near_duplicate_lookup(kept: int, queries: int, distance: int = 4, seed: int 
         for i, b in zip(rng.integers(0, kept, queries // 2), rng.integers(0, 64, queries // 2), strict=True)
     ]
     probes += [int(v) for v in rng.integers(0, 2**63, queries - len(probes), dtype=np.int64)]  # fmt: skip
-    sig = "00" * 8
+    sig = color_signature(Image.new("RGB", (64, 64)))  # the ingest's layout: every hash match is compared
     index = NearDuplicateIndex(distance)
     for i, h in enumerate(hashes):
         index.add(h, sig, str(i))
